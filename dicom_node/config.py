@@ -1,0 +1,318 @@
+"""config.toml -> one typed, frozen Config.
+
+Every key is declared here; an unknown key or a value of the wrong type stops the node with a message that
+names the key (``routes[0].send_to: unknown destination 'pac'``). Relative paths are resolved against the
+directory holding the config file so the node behaves the same whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from pydicom.datadict import tag_for_keyword
+
+AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire without backslash
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    ae_title: str = "DICOM_NODE"
+    port: int = 11112
+    bind: str = "0.0.0.0"
+    data_dir: str = "var"
+    database_url: str = ""
+    sqlite_synchronous: str = "FULL"  # FULL: an acknowledged instance survives power loss, not only a crash
+    min_free_mb: int = 1024  # refuse new instances (0xA700) below this much free space in data_dir
+    max_pdu_size: int = 262_144
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_instance_mb: int = 2048
+    duplicate_policy: str = "keep_first"  # keep_first | replace
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: any
+    require_called_ae_title: bool = True
+
+
+@dataclass(frozen=True)
+class CompletionSection:
+    stable_seconds: float = 30.0
+    poll_seconds: float = 1.0
+    # Instances that arrive after a study was processed re-open it; once it is quiet again the study is
+    # re-run and the new results supersede the earlier ones (same deterministic UIDs per series+model).
+    late_arrivals: str = "rerun"  # rerun | ignore
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    device: str = "auto"
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    retry_backoff_seconds: float = 30.0
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class SenderSection:
+    max_attempts: int = 20
+    backoff_seconds: float = 10.0
+    backoff_max_seconds: float = 600.0
+    poll_seconds: float = 1.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ResultsSection:
+    seg_series_number: int = 9001
+    sr_series_number: int = 9002
+    institution_name: str = ""
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = "INFO"
+    format: str = "logfmt"  # logfmt | json
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = ""  # empty: node.ae_title
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    bundle: str  # folder of a MONAI bundle; relative paths resolve against the config file's folder
+    device: str = ""  # empty: worker.device
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    models: tuple[str, ...]
+    send_to: tuple[str, ...]
+    match: dict[str, str] = field(default_factory=dict)  # DICOM keyword -> exact value or /regex/
+    series: str = "largest_axial"  # how to pick the series fed to the models
+    min_slices: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = NodeSection()
+    security: SecuritySection = SecuritySection()
+    completion: CompletionSection = CompletionSection()
+    worker: WorkerSection = WorkerSection()
+    sender: SenderSection = SenderSection()
+    results: ResultsSection = ResultsSection()
+    logging: LoggingSection = LoggingSection()
+    destinations: tuple[Destination, ...] = ()
+    models: tuple[ModelSpec, ...] = ()
+    routes: tuple[Route, ...] = ()
+    base_dir: Path = Path(".")
+
+    @property
+    def data_dir(self) -> Path:
+        return resolve_path(self.base_dir, self.node.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        if self.node.database_url:
+            return self.node.database_url
+        return f"sqlite:///{self.data_dir / 'node.db'}"
+
+    def destination(self, name: str) -> Destination:
+        return next(d for d in self.destinations if d.name == name)
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+    def bundle_path(self, name: str) -> Path:
+        return resolve_path(self.base_dir, self.model(name).bundle)
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+_TABLE_LISTS = {"destinations": Destination, "models": ModelSpec, "routes": Route}
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = {a for a in get_args(hint) if a is not Ellipsis}
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {str(k): _convert(v, str, f"{key}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{key}: unsupported type")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key" if key else f"{unknown[0]}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{sub}: required key is missing")
+            continue
+        kwargs[name] = _convert(raw[name], hints[name], sub)
+    return cls(**kwargs)
+
+
+def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
+    """Validate a parsed TOML document; every error names its key."""
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "base_dir"}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key")
+    hints = get_type_hints(Config)
+    kwargs: dict[str, Any] = {"base_dir": base_dir}
+    for name in sections:
+        if name not in data:
+            continue
+        if name in _TABLE_LISTS:
+            items = data[name]
+            if not isinstance(items, list):
+                raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
+            kwargs[name] = tuple(_build(_TABLE_LISTS[name], it, f"{name}[{i}]") for i, it in enumerate(items))
+        else:
+            kwargs[name] = _build(hints[name], data[name], name)
+    cfg = Config(**kwargs)
+    _validate(cfg)
+    return cfg
+
+
+def _unique(names: list[str], key: str) -> None:
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ConfigError(f"{key}[{i}].name: duplicate name {n!r}")
+        seen.add(n)
+
+
+def _check_ae(value: str, key: str) -> None:
+    if not AE_RE.match(value) or value.strip() == "":
+        raise ConfigError(f"{key}: invalid AE title {value!r} (1-16 characters, no backslash)")
+
+
+def _check_port(value: int, key: str) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key}: port {value} out of range 0-65535")
+
+
+def _validate(cfg: Config) -> None:
+    n = cfg.node
+    _check_ae(n.ae_title, "node.ae_title")
+    _check_port(n.port, "node.port")
+    if n.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise ConfigError(f"node.sqlite_synchronous: expected OFF, NORMAL, FULL or EXTRA, got {n.sqlite_synchronous!r}")
+    if n.duplicate_policy not in {"keep_first", "replace"}:
+        raise ConfigError(f"node.duplicate_policy: expected keep_first or replace, got {n.duplicate_policy!r}")
+    for k in ("max_pdu_size", "max_associations", "max_instance_mb"):
+        if getattr(n, k) <= 0:
+            raise ConfigError(f"node.{k}: must be positive")
+    if n.min_free_mb < 0:
+        raise ConfigError("node.min_free_mb: must not be negative")
+    for i, ae in enumerate(cfg.security.allowed_calling_ae_titles):
+        _check_ae(ae, f"security.allowed_calling_ae_titles[{i}]")
+    if cfg.completion.stable_seconds < 0:
+        raise ConfigError("completion.stable_seconds: must not be negative")
+    if cfg.completion.late_arrivals not in {"rerun", "ignore"}:
+        raise ConfigError(f"completion.late_arrivals: expected rerun or ignore, got {cfg.completion.late_arrivals!r}")
+    if cfg.worker.max_attempts < 1:
+        raise ConfigError("worker.max_attempts: must be at least 1")
+    if cfg.sender.max_attempts < 1:
+        raise ConfigError("sender.max_attempts: must be at least 1")
+    if cfg.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
+    if cfg.logging.format not in {"logfmt", "json"}:
+        raise ConfigError(f"logging.format: expected logfmt or json, got {cfg.logging.format!r}")
+    _unique([d.name for d in cfg.destinations], "destinations")
+    _unique([m.name for m in cfg.models], "models")
+    _unique([r.name for r in cfg.routes], "routes")
+    for i, d in enumerate(cfg.destinations):
+        _check_ae(d.ae_title, f"destinations[{i}].ae_title")
+        _check_port(d.port, f"destinations[{i}].port")
+        if d.calling_ae_title:
+            _check_ae(d.calling_ae_title, f"destinations[{i}].calling_ae_title")
+    model_names = {m.name for m in cfg.models}
+    dest_names = {d.name for d in cfg.destinations}
+    for i, m in enumerate(cfg.models):
+        if not (cfg.bundle_path(m.name) / "configs").is_dir():
+            raise ConfigError(f"models[{i}].bundle: no MONAI bundle at {cfg.bundle_path(m.name)} (configs/ missing)")
+    for i, r in enumerate(cfg.routes):
+        for j, m in enumerate(r.models):
+            if m not in model_names:
+                raise ConfigError(f"routes[{i}].models[{j}]: unknown model {m!r}")
+        for j, d in enumerate(r.send_to):
+            if d not in dest_names:
+                raise ConfigError(f"routes[{i}].send_to[{j}]: unknown destination {d!r}")
+        if r.series not in {"largest_axial"}:
+            raise ConfigError(f"routes[{i}].series: expected 'largest_axial', got {r.series!r}")
+        for kw, pattern in r.match.items():
+            if tag_for_keyword(kw) is None:
+                raise ConfigError(f"routes[{i}].match.{kw}: not a DICOM keyword")
+            if pattern.startswith("/") and pattern.endswith("/") and len(pattern) >= 2:
+                try:
+                    re.compile(pattern[1:-1])
+                except re.error as exc:
+                    raise ConfigError(f"routes[{i}].match.{kw}: invalid regex: {exc}") from exc
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {p}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return parse_config(data, p.resolve().parent)

@@ -1,0 +1,135 @@
+"""Received and produced DICOM files on disk: safe names, atomic durable writes.
+
+A file is visible under its final name only once its bytes are on disk (write to a temp file in the same
+folder, fsync, rename, fsync the folder). Names derive from UIDs that are validated first, so no input can
+point outside the storage root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+TMP_PREFIX = ".tmp-"
+
+
+class UnsafeNameError(ValueError):
+    """A UID cannot be used as a file name (not a valid DICOM UID)."""
+
+
+class StorageFullError(OSError):
+    """Free space is below the configured floor, or the disk is full."""
+
+
+def is_valid_uid(uid: str) -> bool:
+    return 0 < len(uid) <= 64 and UID_RE.match(uid) is not None
+
+
+def check_uid(uid: str, what: str) -> str:
+    if not isinstance(uid, str) or not is_valid_uid(uid):
+        raise UnsafeNameError(f"{what} is not a valid UID: {uid!r:.80}")
+    return uid
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Files under ``root``: ``incoming/<study>/<series>/<sop>.dcm`` and ``results/<study>/<sop>.dcm``."""
+
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._known_dirs: set[Path] = set()
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        check_uid(study_uid, "StudyInstanceUID")
+        check_uid(series_uid, "SeriesInstanceUID")
+        check_uid(sop_uid, "SOPInstanceUID")
+        return self.root / "incoming" / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def result_path(self, study_uid: str, sop_uid: str) -> Path:
+        check_uid(study_uid, "StudyInstanceUID")
+        check_uid(sop_uid, "SOPInstanceUID")
+        return self.root / "results" / study_uid / f"{sop_uid}.dcm"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def absolute(self, relative: str) -> Path:
+        p = (self.root / relative).resolve()
+        if not p.is_relative_to(self.root.resolve()):
+            raise UnsafeNameError(f"path escapes the storage root: {relative!r}")
+        return p
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        if self.min_free_bytes and self.free_bytes() - incoming_bytes < self.min_free_bytes:
+            raise StorageFullError(f"free space below the floor of {self.min_free_bytes // (1 << 20)} MiB")
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        created = []
+        p = folder
+        while not p.exists():
+            created.append(p)
+            p = p.parent
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for c in reversed(created):  # make the new directory entries themselves durable
+            _fsync_dir(c.parent)
+        self._known_dirs.add(folder)
+
+    def write_atomic(self, path: Path, chunks: bytes | memoryview | list[bytes]) -> int:
+        """Write bytes durably under ``path``; return the size. Leaves nothing behind on failure."""
+        self._ensure_dir(path.parent)
+        tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                parts = chunks if isinstance(chunks, list) else [chunks]
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        size += n
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            if exc.errno == 28:  # ENOSPC
+                raise StorageFullError(28, "no space left on device") from exc
+            raise
+        return size
+
+    def remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def clean_temp_files(self) -> int:
+        """Remove temp files left by a crash mid-write; none of them was ever acknowledged."""
+        n = 0
+        for p in self.root.rglob(f"{TMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+        return n
