@@ -1,0 +1,68 @@
+"""Study completion: a study is complete once no instance arrived for ``completion.stable_seconds``.
+
+Completing a study routes it and enqueues its jobs in one transaction (idempotent per study, route and
+generation). An instance arriving after completion re-opens the study with the next generation, so it is
+routed again once quiet and the new results supersede the old (see config ``completion.late_arrivals``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.config import Config
+from dicom_node.logs import log_event
+from dicom_node.routing import SeriesInfo, plan_jobs
+from storage.files import FileStore
+from storage.jobstore import JobStore
+from storage.records import InstanceRecord, NewJob, StudyRecord
+
+log = logging.getLogger("dicom_node.assembly")
+
+
+def series_infos(files: FileStore, instances: list[InstanceRecord]) -> list[SeriesInfo]:
+    by_series: dict[str, list[InstanceRecord]] = defaultdict(list)
+    for i in instances:
+        by_series[i.series_uid].append(i)
+    out = []
+    for series_uid, members in by_series.items():
+        first = min(members, key=lambda i: i.sop_instance_uid)
+        try:
+            header = dcmread(files.absolute(first.path), stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            log_event(log, "series_header_unreadable", logging.WARNING, study_uid=first.study_uid,
+                      series_uid=series_uid, error=str(exc))
+            continue
+        out.append(SeriesInfo(series_uid=series_uid, instance_count=len(members), header=header))
+    return out
+
+
+class Assembler:
+    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore) -> None:
+        self.cfg = cfg
+        self.files = files
+        self.jobs = jobs
+
+    def complete(self, study: StudyRecord) -> list[int]:
+        """Route one quiet study and enqueue its jobs; returns the job ids."""
+        infos = series_infos(self.files, self.jobs.instances_of_study(study.study_uid))
+        plan = plan_jobs(self.cfg.routes, infos)
+        routes = {r.name: r for r in self.cfg.routes}
+        new = [NewJob(route=name, series_uid=s.series_uid, models=routes[name].models,
+                      destinations=routes[name].send_to) for name, s in plan.items()]
+        jobs = self.jobs.complete_study(study.study_uid, study.generation, new)
+        log_event(log, "study_complete", study_uid=study.study_uid, generation=study.generation,
+                  instances=study.instance_count, series=len(infos),
+                  job_ids=",".join(str(j.id) for j in jobs) or "none",
+                  routes=",".join(plan) or "none")
+        return [j.id for j in jobs]
+
+    def run_once(self) -> int:
+        done = 0
+        for study in self.jobs.due_studies(self.cfg.completion.stable_seconds):
+            self.complete(study)
+            done += 1
+        return done

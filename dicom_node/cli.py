@@ -1,0 +1,215 @@
+"""`dicom-node` commands. The only place logging is configured."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node.config import Config, ConfigError, load_config
+from dicom_node.logs import configure_logging
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _ts(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    from dicom_node.service import serve
+
+    return serve(cfg)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from ai_models.bundle import read_metadata
+
+    for m in cfg.models:
+        read_metadata(cfg.bundle_path(m.name))
+    print(f"{args.config}: OK ({len(cfg.destinations)} destinations, {len(cfg.models)} models, "
+          f"{len(cfg.routes)} routes; listening as {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}; "
+          f"data in {cfg.data_dir})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dicom_node.service import open_runtime
+
+    rt = open_runtime(cfg)
+    counts = rt.jobs.counts()
+    jobs = rt.jobs.list_jobs(limit=args.limit)
+    if args.json:
+        print(json.dumps({"counts": counts, "jobs": [j.__dict__ for j in jobs]}, default=str))
+        return 0
+    print(f"instances: {counts['instances']['total']}")
+    for k in ("studies", "jobs", "deliveries"):
+        print(f"{k}: " + (", ".join(f"{s}={n}" for s, n in sorted(counts[k].items())) or "none"))
+    _print_jobs(rt, jobs)
+    return 0
+
+
+def _print_jobs(rt: object, jobs: Sequence[object]) -> None:
+    if not jobs:
+        print("no jobs")
+        return
+    print(f"{'job':>5}  {'state':<9} {'att':>3}  {'updated':<19}  {'route':<12} {'deliveries':<16} study / error")
+    for j in jobs:
+        dels = rt.jobs.deliveries_of_job(j.id)  # type: ignore[attr-defined]
+        done = sum(d.state == "done" for d in dels)
+        failed = sum(d.state == "failed" for d in dels)
+        dtxt = f"{done}/{len(dels)} sent" + (f", {failed} failed" if failed else "") if dels else "-"
+        print(f"{j.id:>5}  {j.state:<9} {j.attempts:>3}  {_ts(j.updated_at):<19}  {j.route[:12]:<12} "
+              f"{dtxt:<16} {j.study_uid}")
+        if j.error:
+            print(f"{'':>7}error: {j.error[:300]}")
+        for d in dels:
+            if d.state == "failed" or (d.state == "pending" and d.error):
+                print(f"{'':>7}{d.result.kind} -> {d.destination}: {d.state} {d.last_status} {d.error[:200]}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dicom_node.service import open_runtime
+
+    rt = open_runtime(cfg)
+    _print_jobs(rt, rt.jobs.list_jobs(state=args.state, limit=args.limit))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dicom_node.service import open_runtime
+    from storage.jobstore import JobStoreError
+
+    try:
+        job = open_runtime(cfg).jobs.retry_job(args.job)
+    except JobStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"job {job.id} queued again")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dicom_node.service import open_runtime
+    from storage.jobstore import JobStoreError
+
+    try:
+        job = open_runtime(cfg).jobs.cancel_job(args.job)
+    except JobStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"job {job.id} cancelled")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dicom_node.scu import echo
+
+    names = [d.name for d in cfg.destinations]
+    if args.destination not in names:
+        print(f"error: unknown destination {args.destination!r} (configured: {', '.join(names) or 'none'})",
+              file=sys.stderr)
+        return 2
+    from dicom_node.sender import Sender
+
+    peer = Sender(cfg, None, None, "echo").peer(args.destination)  # type: ignore[arg-type]
+    ok, detail = echo(peer)
+    print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: {'OK' if ok else 'FAILED'} ({detail})")
+    return 0 if ok else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from ai_models.bundle import read_metadata
+    from ai_models.device import resolve_device
+
+    print(f"{'name':<20} {'task':<15} {'version':<10} {'device':<8} labels")
+    for m in cfg.models:
+        info = read_metadata(cfg.bundle_path(m.name))
+        device = resolve_device(m.device or cfg.worker.device)
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
+        print(f"{m.name:<20} {info.task:<15} {info.version:<10} {device:<8} {labels}")
+    return 0
+
+
+def cmd_make_phantom(args: argparse.Namespace) -> int:
+    """Write a generated CT chest phantom study (for trying the node with storescu)."""
+    from pydicom import uid as pduid
+
+    from ai_models.phantom import generate_phantom
+    from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets, write_datasets
+
+    shape = tuple(int(v) for v in args.shape.split("x")) if args.shape else None
+    ph = generate_phantom(args.seed, shape=shape, n_nodules=args.nodules)  # type: ignore[arg-type]
+    ids = StudyIds.new(args.seed)
+    ts = getattr(pduid, args.transfer_syntax)
+    out = Path(args.out)
+    paths = write_datasets(phantom_datasets(ph, ids, transfer_syntax=ts), out)
+    if args.localizer:
+        paths += write_datasets(localizer_datasets(ph, ids), out)
+    print(f"wrote {len(paths)} files to {out} (study {ids.study_uid}, {len(ph.nodules)} nodules, "
+          f"shape {ph.hu.shape}, spacing {tuple(round(s, 3) for s in ph.spacing)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node: receive, infer, send SEG and SR")
+    p.add_argument("--config", default="config.toml", help="path to config.toml (default: ./config.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="path to config.toml")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("serve", cmd_serve, "run listener, worker and sender until SIGTERM or Ctrl-C")
+    sp = add("status", cmd_status, "queue counts and recent jobs")
+    sp.add_argument("--limit", type=int, default=10)
+    sp.add_argument("--json", action="store_true")
+    sp = add("jobs", cmd_jobs, "list jobs")
+    sp.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
+    sp.add_argument("--limit", type=int, default=50)
+    sp = add("retry", cmd_retry, "queue a failed or cancelled job again (and its failed deliveries)")
+    sp.add_argument("job", type=int)
+    sp = add("cancel", cmd_cancel, "cancel a queued or running job")
+    sp.add_argument("job", type=int)
+    sp = add("echo", cmd_echo, "C-ECHO a configured destination")
+    sp.add_argument("destination")
+    add("check-config", cmd_check_config, "validate config.toml and the model bundles it names")
+    add("models", cmd_models, "list installed models")
+    sp = add("make-phantom", cmd_make_phantom, "write a generated CT chest phantom study as DICOM files")
+    sp.add_argument("out")
+    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--nodules", type=int, default=None)
+    sp.add_argument("--shape", default="", help="ZxYxX, e.g. 120x256x256")
+    sp.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian",
+                    help="pydicom UID name, e.g. RLELossless, JPEG2000Lossless")
+    sp.add_argument("--localizer", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

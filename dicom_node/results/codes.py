@@ -1,0 +1,151 @@
+"""Codes for segments, findings and measurements.
+
+Label names from model bundles (``metadata.json`` channel names, e.g. the BTCV "Right Kidney",
+"Left Kideny", "IVC") map to SNOMED CT where a concept exists, following DICOM CID 7150 (category)
+and CID 7154 / 7151 (type): paired organs are the organ code plus a laterality modifier
+(SCT 24028007 Right / 7771000 Left), as DICOM does for kidneys and adrenal glands.
+
+Private coding scheme ``99DCMNODE`` (declared in each object's Coding Scheme Identification Sequence)
+is used only where no standard concept exists:
+
+- ``PORTSPLVEIN`` "Portal vein and splenic vein": BTCV labels the two veins as one structure; SNOMED
+  has each vein (32764006, 35819009) but no concept for the pair.
+- ``L-<10 hex>`` "<label name>": any label name not in the table; the value is a hash of the
+  normalised name, so the same name always gets the same code. Category ``UNSPECIFIED``.
+
+Choices worth knowing:
+
+- Pulmonary nodule is SCT 786838002 in category SCT 49755003 "Morphologically Abnormal Structure".
+- "Anatomical Structure" is SCT 91723000 (current CID 7150); 123037004 is the retired code whose
+  SNOMED meaning is now "Body structure".
+- Absent is SCT 272519000 (CID 240/241 Present-Absent; replaced the older 2667000).
+- Detection score and classification probability are DCM 111012 "Certainty of Finding" in percent
+  (UCUM "%"), as in DICOM CAD reports (0-100).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.codedict import codes
+
+PRIVATE_SCHEME = "99DCMNODE"
+
+
+def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+def _sct(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
+
+
+def coding_scheme_identification() -> list[CodingSchemeIdentificationItem]:
+    """Declares the private scheme so receivers can tell where its codes come from."""
+    return [
+        CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name="dicom-node local codes",
+            responsible_organization="dicom-node",
+        )
+    ]
+
+
+ANATOMICAL_STRUCTURE = hd.sr.CodedConcept.from_code(codes.SCT.AnatomicalStructure)  # 91723000
+MORPHOLOGICALLY_ABNORMAL = hd.sr.CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure)
+UNSPECIFIED_CATEGORY = _private("UNSPECIFIED", "Unspecified category")
+PULMONARY_NODULE = _sct("786838002", "Pulmonary nodule")
+PORTAL_AND_SPLENIC_VEIN = _private("PORTSPLVEIN", "Portal vein and splenic vein")
+
+PRESENT = hd.sr.CodedConcept.from_code(codes.SCT.Present)  # 52101004
+ABSENT = hd.sr.CodedConcept.from_code(codes.SCT.Absent)  # 272519000
+RIGHT = hd.sr.CodedConcept.from_code(codes.SCT.Right)
+LEFT = hd.sr.CodedConcept.from_code(codes.SCT.Left)
+
+VOLUME = hd.sr.CodedConcept.from_code(codes.SCT.Volume)  # 118565006
+MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+CERTAINTY_OF_FINDING = hd.sr.CodedConcept.from_code(codes.DCM.CertaintyOfFinding)  # DCM 111012
+PERCENT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
+
+
+@dataclass(frozen=True)
+class SegmentCoding:
+    """How one label is coded: segmented property category, type and optional laterality modifier."""
+
+    category: hd.sr.CodedConcept
+    type: hd.sr.CodedConcept
+    modifier: hd.sr.CodedConcept | None = None
+
+    @property
+    def display(self) -> str:
+        """Human-readable meaning including laterality, e.g. "Kidney, Right"."""
+        if self.modifier is None:
+            return self.type.meaning
+        return f"{self.type.meaning}, {self.modifier.meaning}"
+
+
+def _anat(code: object, modifier: hd.sr.CodedConcept | None = None) -> SegmentCoding:
+    concept = code if isinstance(code, hd.sr.CodedConcept) else hd.sr.CodedConcept.from_code(code)
+    return SegmentCoding(ANATOMICAL_STRUCTURE, concept, modifier)
+
+
+_NODULE = SegmentCoding(MORPHOLOGICALLY_ABNORMAL, PULMONARY_NODULE)
+
+# Keys are normalised names (see normalise_label).
+_TABLE: dict[str, SegmentCoding] = {
+    "lung": _anat(codes.SCT.Lung),
+    "lungs": _anat(codes.SCT.Lung),
+    "nodule": _NODULE,
+    "nodules": _NODULE,
+    "lung nodule": _NODULE,
+    "pulmonary nodule": _NODULE,
+    "spleen": _anat(codes.SCT.Spleen),
+    "liver": _anat(codes.SCT.Liver),
+    "kidney": _anat(codes.SCT.Kidney),
+    "right kidney": _anat(codes.SCT.Kidney, RIGHT),
+    "kidney right": _anat(codes.SCT.Kidney, RIGHT),
+    "left kidney": _anat(codes.SCT.Kidney, LEFT),
+    "kidney left": _anat(codes.SCT.Kidney, LEFT),
+    "gallbladder": _anat(codes.SCT.Gallbladder),
+    "gall bladder": _anat(codes.SCT.Gallbladder),
+    "esophagus": _anat(codes.SCT.Esophagus),
+    "oesophagus": _anat(codes.SCT.Esophagus),
+    "stomach": _anat(codes.SCT.Stomach),
+    "aorta": _anat(codes.SCT.Aorta),
+    "ivc": _anat(codes.SCT.InferiorVenaCava),
+    "inferior vena cava": _anat(codes.SCT.InferiorVenaCava),
+    "portal vein": _anat(codes.SCT.PortalVein),
+    "splenic vein": _anat(codes.SCT.SplenicVein),
+    "portal and splenic veins": _anat(PORTAL_AND_SPLENIC_VEIN),
+    "portal vein and splenic vein": _anat(PORTAL_AND_SPLENIC_VEIN),
+    "pancreas": _anat(codes.SCT.Pancreas),
+    "adrenal gland": _anat(codes.SCT.AdrenalGland),
+    "right adrenal gland": _anat(codes.SCT.AdrenalGland, RIGHT),
+    "adrenal gland right": _anat(codes.SCT.AdrenalGland, RIGHT),
+    "left adrenal gland": _anat(codes.SCT.AdrenalGland, LEFT),
+    "adrenal gland left": _anat(codes.SCT.AdrenalGland, LEFT),
+}
+
+# Known misspellings in published bundles (model-zoo swin_unetr_btcv: "Left Kideny").
+_TYPOS = {"kideny": "kidney"}
+
+
+def normalise_label(name: str) -> str:
+    """Lower-case, separators to spaces, known typos fixed: "Left_Kideny" -> "left kidney"."""
+    words = re.sub(r"[\s_\-]+", " ", name.strip().lower()).split(" ")
+    return " ".join(_TYPOS.get(w, w) for w in words if w)
+
+
+def segment_coding(label_name: str) -> SegmentCoding:
+    """Coding for a label name; unknown names get a stable private code (see module docstring)."""
+    key = normalise_label(label_name)
+    known = _TABLE.get(key)
+    if known is not None:
+        return known
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:10].upper()
+    meaning = label_name.strip()[:64] or "Unnamed label"
+    return SegmentCoding(UNSPECIFIED_CATEGORY, _private(f"L-{digest}", meaning))

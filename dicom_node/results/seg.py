@@ -1,0 +1,141 @@
+"""SegmentationResult -> DICOM SEG (binary), in the source study, referencing the source series.
+
+Segments: one per label that has at least one voxel, numbered 1..N in ascending label value. Empty labels
+get no segment (a segment without frames says nothing to a viewer, and an all-empty SEG cannot be
+encoded once empty frames are omitted); the SR reports them as "Absent" instead. Use
+``segment_numbers`` for the label -> segment mapping both objects share.
+
+highdicom gets a uint8 label map, never a one-hot array: its overlap check on one-hot input costs about
+3x the encode time (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+from ai_models.types import ModelIdentity, SegmentationResult
+
+from .codes import coding_scheme_identification, segment_coding
+from .equipment import NodeIdentity, equipment_kwargs, seg_algorithm_identification
+from .uids import derive_uid
+
+
+class EmptySegmentationError(ValueError):
+    """The mask has no labelled voxel, so there is nothing to put in a SEG (the SR says "Absent")."""
+
+
+def label_voxel_counts(mask: np.ndarray) -> np.ndarray:
+    """Voxel count per uint8 value (length 256), one slice at a time to keep memory flat.
+
+    ``np.bincount`` on the whole volume would first copy it to int64 (8 bytes per voxel).
+    """
+    if mask.dtype != np.uint8:
+        raise TypeError(f"segmentation mask must be uint8, got {mask.dtype}")
+    counts = np.zeros(256, dtype=np.int64)
+    for plane in mask.reshape(mask.shape[0], -1) if mask.ndim > 1 else (mask,):
+        counts += np.bincount(plane, minlength=256)
+    return counts
+
+
+def segment_numbers(result: SegmentationResult, counts: np.ndarray | None = None) -> dict[int, int]:
+    """Label value -> segment number for the labels present in the mask (ascending label value).
+
+    Raises ValueError if the mask holds a value that is not one of the model's labels.
+    """
+    counts = label_voxel_counts(result.mask) if counts is None else counts
+    present = [int(v) for v in np.flatnonzero(counts) if v != 0]
+    unknown = sorted(set(present) - set(result.identity.labels))
+    if unknown:
+        raise ValueError(f"mask holds values {unknown} that are not labels of model {result.identity.name}")
+    return {label: number for number, label in enumerate(present, start=1)}
+
+
+def _content_label(identity: ModelIdentity) -> str:
+    """ContentLabel is CS: upper case, digits, underscore, space; at most 16 characters."""
+    label = re.sub(r"[^A-Z0-9_ ]", "_", identity.name.upper())[:16].strip()
+    return label or "AI_SEGMENTATION"
+
+
+def segment_descriptions(
+    result: SegmentationResult, numbers: dict[int, int], sop_uid: str
+) -> list[hd.seg.SegmentDescription]:
+    algorithm = seg_algorithm_identification(result.identity)
+    descriptions = []
+    for label, number in numbers.items():
+        name = result.identity.labels[label]
+        coding = segment_coding(name)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name[:64],
+            segmented_property_category=coding.category,
+            segmented_property_type=coding.type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=derive_uid(sop_uid, "segment", str(label)),
+            tracking_id=f"{name} #{number}"[:64],
+        )
+        if coding.modifier is not None:
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                coding.modifier
+            ]
+        descriptions.append(description)
+    return descriptions
+
+
+def _check_grid(source: Sequence[pydicom.Dataset], mask: np.ndarray) -> None:
+    if not source:
+        raise ValueError("no source images")
+    expected = (len(source), int(source[0].Rows), int(source[0].Columns))
+    if mask.shape != expected:
+        raise ValueError(f"mask shape {mask.shape} does not match the source grid {expected}")
+
+
+def build_seg(
+    source: Sequence[pydicom.Dataset],
+    result: SegmentationResult,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    node: NodeIdentity,
+    series_description: str | None = None,
+) -> pydicom.Dataset:
+    """Encode ``result`` as a binary SEG on the grid of ``source`` (sorted in the mask's z order).
+
+    Raises EmptySegmentationError when no label is present, ValueError on a mask/grid mismatch.
+    """
+    mask = result.mask
+    _check_grid(source, mask)
+    counts = label_voxel_counts(mask)
+    numbers = segment_numbers(result, counts)
+    if not numbers:
+        raise EmptySegmentationError(f"segmentation by {result.identity.name} is empty")
+    if any(label != number for label, number in numbers.items()):
+        lut = np.zeros(256, dtype=np.uint8)
+        for label, number in numbers.items():
+            lut[label] = number
+        mask = lut[mask]
+    identity = result.identity
+    seg = hd.seg.Segmentation(
+        source_images=list(source),
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(result, numbers, sop_uid),
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        omit_empty_frames=True,
+        content_label=_content_label(identity),
+        content_description=f"{identity.name} {identity.version}"[:64],
+        content_creator_name="dicom-node^AI",
+        series_description=(series_description or f"AI SEG {identity.name} {identity.version}")[:64],
+        coding_schemes=coding_scheme_identification(),
+        **equipment_kwargs(node),
+    )
+    return seg

@@ -1,0 +1,316 @@
+"""Model results -> Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AI Results).
+
+Content, one measurement group per item, each with its own tracking identifier and the algorithm
+identification (TID 4019):
+
+- segmentation, per SEG segment: TID 1411 volumetric group referencing the segment, with its volume in
+  ml (voxel count x voxel volume);
+- segmentation, per model label with no voxel: TID 1501 group, qualitative evaluation "<label>: Absent";
+- detection, per box: TID 1411 volumetric group with the box as an axis-aligned SCOORD3D ELLIPSOID in
+  the source frame of reference and the score as DCM 111012 "Certainty of Finding" (%);
+- detection, per model label with no box: "<label>: Absent";
+- classification: TID 1501 group, "<finding>: Present/Absent" plus the probability as Certainty of
+  Finding (%); the decision threshold is an algorithm parameter.
+
+So a study without findings still gets an SR that says so. Observer context is the device (the node),
+VerificationFlag UNVERIFIED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from ai_models.types import (
+    ClassificationResult,
+    Detection,
+    DetectionResult,
+    ModelIdentity,
+    SegmentationResult,
+    Volume,
+)
+
+from .codes import (
+    ABSENT,
+    CERTAINTY_OF_FINDING,
+    MILLILITER,
+    PERCENT,
+    PRESENT,
+    VOLUME,
+    SegmentCoding,
+    coding_scheme_identification,
+    segment_coding,
+)
+from .equipment import NodeIdentity, equipment_kwargs, sr_algorithm_identification
+from .seg import label_voxel_counts, segment_numbers
+from .uids import derive_uid
+
+Group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+
+
+def segment_volumes_ml(result: SegmentationResult, spacing: Sequence[float]) -> dict[int, float]:
+    """Volume in ml of each label present in the mask: voxel count x voxel volume (mm^3 / 1000)."""
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must have 3 values, got {spacing!r}")
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    counts = label_voxel_counts(result.mask)
+    return {label: float(counts[label]) * voxel_ml for label in segment_numbers(result, counts)}
+
+
+def spacing_from_source(source: Sequence[pydicom.Dataset]) -> tuple[float, float, float]:
+    """(slice step, row spacing, column spacing) in mm from the sorted source headers."""
+    first = source[0]
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    if len(source) > 1:
+        orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+        normal = np.cross(orientation[:3], orientation[3:])
+        delta = np.asarray(source[1].ImagePositionPatient, float) - np.asarray(first.ImagePositionPatient, float)
+        step = abs(float(delta @ normal))
+    else:
+        step = float(first.SliceThickness)
+    return (step, row_spacing, col_spacing)
+
+
+def _tracking(sop_uid: str, *key: str, text: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=derive_uid(sop_uid, "tracking", *key), identifier=text[:64])
+
+
+def _finding_sites(coding: SegmentCoding) -> list[hd.sr.FindingSite] | None:
+    if coding.modifier is None:
+        return None
+    return [hd.sr.FindingSite(anatomic_location=coding.type, laterality=coding.modifier)]
+
+
+def _absent_group(
+    coding: SegmentCoding, tracking: hd.sr.TrackingIdentifier, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=coding.type,
+        finding_category=coding.category,
+        finding_sites=_finding_sites(coding),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=coding.type, value=ABSENT)],
+    )
+
+
+def _segmentation_groups(
+    result: SegmentationResult,
+    seg: pydicom.Dataset | None,
+    spacing: Sequence[float],
+    source_series_uid: str,
+    sop_uid: str,
+    node: NodeIdentity,
+) -> list[Group]:
+    identity = result.identity
+    algorithm = sr_algorithm_identification(identity, node)
+    counts = label_voxel_counts(result.mask)
+    numbers = segment_numbers(result, counts)
+    if numbers:
+        _check_seg_matches(seg, identity, numbers)
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    groups: list[Group] = []
+    for label, name in sorted(identity.labels.items()):
+        coding = segment_coding(name)
+        number = numbers.get(label)
+        if number is None:
+            groups.append(_absent_group(coding, _tracking(sop_uid, "seg", str(label), text=name), algorithm))
+            continue
+        assert seg is not None  # checked by _check_seg_matches
+        volume = hd.sr.Measurement(
+            name=VOLUME, value=float(counts[label]) * voxel_ml, unit=MILLILITER, algorithm_id=algorithm
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(sop_uid, "seg", str(label), text=f"{name} (segment {number})"),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+                ),
+                finding_type=coding.type,
+                finding_category=coding.category,
+                finding_sites=_finding_sites(coding),
+                algorithm_id=algorithm,
+                measurements=[volume],
+            )
+        )
+    return groups
+
+
+def _check_seg_matches(seg: pydicom.Dataset | None, identity: ModelIdentity, numbers: dict[int, int]) -> None:
+    """The SR may only reference segments that exist in the SEG it is given."""
+    if seg is None:
+        raise ValueError("segmentation has labelled voxels but no SEG was given to reference")
+    labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    expected = {number: identity.labels[label][:64] for label, number in numbers.items()}
+    if labels != expected:
+        raise ValueError(f"SEG segments {labels} do not match the segmentation result {expected}")
+
+
+def ellipsoid_lps(detection: Detection, geometry: Volume) -> np.ndarray:
+    """(6, 3) LPS axis end points of the ellipsoid inscribed in the (inclusive) voxel box.
+
+    Axes follow the volume's axes, longest first as SCOORD3D ELLIPSOID requires (major axis first).
+    """
+    lo = np.asarray(detection.box_min, dtype=np.float64)
+    hi = np.asarray(detection.box_max, dtype=np.float64)
+    if np.any(hi < lo):
+        raise ValueError(f"detection box min {detection.box_min} exceeds max {detection.box_max}")
+    centre = (lo + hi) / 2.0
+    half = (hi - lo + 1.0) / 2.0  # inclusive voxel indices: a 1-voxel box is 1 voxel wide
+    order = np.argsort(-half * np.asarray(geometry.spacing), kind="stable")
+    points = []
+    for axis in order:
+        offset = np.zeros(3)
+        offset[axis] = half[axis]
+        points.extend([centre - offset, centre + offset])
+    return geometry.index_to_lps(np.asarray(points))
+
+
+def _detection_groups(
+    result: DetectionResult,
+    geometry: Volume | None,
+    source_series_uid: str,
+    frame_of_reference_uid: str,
+    sop_uid: str,
+    node: NodeIdentity,
+) -> list[Group]:
+    identity = result.identity
+    algorithm = sr_algorithm_identification(identity, node)
+    groups: list[Group] = []
+    if result.detections and geometry is None:
+        raise ValueError("detections need the volume geometry to be placed in the frame of reference")
+    for index, detection in enumerate(result.detections, start=1):
+        assert geometry is not None
+        coding = segment_coding(detection.label)
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
+            graphic_data=ellipsoid_lps(detection, geometry).astype(np.float32),
+            frame_of_reference_uid=frame_of_reference_uid,
+            source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+        )
+        score = hd.sr.Measurement(
+            name=CERTAINTY_OF_FINDING, value=100.0 * float(detection.score), unit=PERCENT, algorithm_id=algorithm
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(
+                    sop_uid, "det", identity.name, str(index), text=f"{coding.display} {index}"
+                ),
+                referenced_volume_surface=surface,
+                finding_type=coding.type,
+                finding_category=coding.category,
+                finding_sites=_finding_sites(coding),
+                algorithm_id=algorithm,
+                measurements=[score],
+            )
+        )
+    found = {segment_coding(d.label).type for d in result.detections}
+    for label, name in sorted(identity.labels.items()):
+        coding = segment_coding(name)
+        if coding.type not in found:
+            tracking = _tracking(sop_uid, "det-absent", identity.name, str(label), text=name)
+            groups.append(_absent_group(coding, tracking, algorithm))
+    return groups
+
+
+def _classification_group(result: ClassificationResult, sop_uid: str, node: NodeIdentity) -> Group:
+    coding = segment_coding(result.label)
+    algorithm = sr_algorithm_identification(result.identity, node, [f"threshold={result.threshold:g}"])
+    probability = hd.sr.Measurement(
+        name=CERTAINTY_OF_FINDING, value=100.0 * float(result.probability), unit=PERCENT, algorithm_id=algorithm
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(sop_uid, "cls", result.identity.name, result.label, text=result.label),
+        finding_type=coding.type,
+        finding_category=coding.category,
+        finding_sites=_finding_sites(coding),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=coding.type, value=PRESENT if result.present else ABSENT)
+        ],
+        measurements=[probability],
+    )
+
+
+def _observer_context(node: NodeIdentity, identities: Sequence[ModelIdentity]) -> hd.sr.ObservationContext:
+    names = ", ".join(dict.fromkeys(i.name for i in identities)) or node.model_name
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid("device", node.manufacturer, node.model_name, node.device_serial_number),
+        name=names,
+        manufacturer_name=node.manufacturer,
+        model_name=node.model_name,
+        serial_number=node.device_serial_number,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def build_sr(
+    source: Sequence[pydicom.Dataset],
+    volume_geometry: Volume | None,
+    *,
+    seg: pydicom.Dataset | None,
+    segmentation: SegmentationResult | None,
+    detections: Sequence[DetectionResult],
+    classifications: Sequence[ClassificationResult],
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    node: NodeIdentity,
+) -> pydicom.Dataset:
+    """One TID 1500 Comprehensive 3D SR for everything a job found (or did not find) in ``source``."""
+    if not source:
+        raise ValueError("no source images")
+    first = source[0]
+    source_series_uid = str(first.SeriesInstanceUID)
+    frame_uid = str(getattr(first, "FrameOfReferenceUID", "")) or (
+        volume_geometry.frame_of_reference_uid if volume_geometry else ""
+    )
+    spacing = volume_geometry.spacing if volume_geometry is not None else None
+    groups: list[Group] = []
+    identities: list[ModelIdentity] = []
+    if segmentation is not None:
+        identities.append(segmentation.identity)
+        groups += _segmentation_groups(
+            segmentation, seg, spacing or spacing_from_source(source), source_series_uid, sop_uid, node
+        )
+    for result in detections:
+        identities.append(result.identity)
+        groups += _detection_groups(result, volume_geometry, source_series_uid, frame_uid, sop_uid, node)
+    for result in classifications:
+        identities.append(result.identity)
+        groups.append(_classification_group(result, sop_uid, node))
+    if not groups:
+        raise ValueError("no results to report: give a segmentation, detections or classifications")
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer_context(node, identities),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    evidence = [*source, seg] if seg is not None else list(source)
+    names = " ".join(dict.fromkeys(i.name for i in identities))
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=f"AI SR {names}"[:64],
+        coding_schemes=coding_scheme_identification(),
+        **equipment_kwargs(node),
+    )

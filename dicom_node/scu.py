@@ -1,0 +1,139 @@
+"""C-STORE client with a typed outcome per instance and every timeout set.
+
+Only the SOP classes being sent are proposed (with the file's own transfer syntax and the two
+little-endian ones), so a PACS with a small set of accepted contexts still takes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom import uid as pduid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+log = logging.getLogger("dicom_node.scu")
+
+
+class Outcome(Enum):
+    SUCCESS = "success"
+    WARNING = "warning"  # stored, with a warning (0xB000, 0xB006, 0xB007): counts as delivered
+    RETRYABLE = "retryable"  # out of resources, no association, abort, timeout
+    PERMANENT = "permanent"  # refused for good (0xA9xx, 0xCxxx, unknown failures)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    outcome: Outcome
+    status: str  # "0x0000", or "" when no response came
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 60.0
+
+
+def classify(status: int) -> Outcome:
+    if status == 0x0000:
+        return Outcome.SUCCESS
+    if 0xB000 <= status <= 0xBFFF:
+        return Outcome.WARNING
+    if 0xA700 <= status <= 0xA7FF:
+        return Outcome.RETRYABLE
+    return Outcome.PERMANENT
+
+
+def _nodelay(event: Any) -> None:
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _ae(peer: Peer) -> AE:
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = peer.acse_timeout
+    ae.dimse_timeout = peer.dimse_timeout
+    ae.network_timeout = peer.network_timeout
+    ae.connection_timeout = min(peer.network_timeout, 10.0)
+    return ae
+
+
+def echo(peer: Peer) -> tuple[bool, str]:
+    ae = _ae(peer)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    if not assoc.is_established:
+        return False, _association_failure(assoc)
+    try:
+        status = assoc.send_c_echo()
+        if status and "Status" in status:
+            return status.Status == 0, f"0x{status.Status:04X}"
+        return False, "no response"
+    finally:
+        assoc.release()
+
+
+def _association_failure(assoc: Any) -> str:
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        if rsp is not None:
+            return f"association rejected (result {rsp.result}, source {rsp.result_source}, reason {rsp.diagnostic})"
+        return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted"
+    return "no association (peer down or unreachable)"
+
+
+def send_files(peer: Peer, paths: Sequence[Path]) -> list[SendResult]:
+    """Send files over one association; every path gets a SendResult."""
+    datasets = [dcmread(p) for p in paths]
+    ae = _ae(peer)
+    contexts: dict[str, set[str]] = {}
+    for ds in datasets:
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        contexts.setdefault(str(ds.SOPClassUID), set()).update(
+            {ts, str(pduid.ExplicitVRLittleEndian), str(pduid.ImplicitVRLittleEndian)})
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    if not assoc.is_established:
+        why = _association_failure(assoc)
+        return [SendResult(p, Outcome.RETRYABLE, "", why) for p in paths]
+    out: list[SendResult] = []
+    try:
+        for p, ds in zip(paths, datasets, strict=True):
+            if not assoc.is_established:
+                out.append(SendResult(p, Outcome.RETRYABLE, "", "association lost"))
+                continue
+            try:
+                rsp = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:  # no accepted context for this class/syntax
+                out.append(SendResult(p, Outcome.PERMANENT, "", f"cannot send: {exc}"))
+                continue
+            if rsp is None or "Status" not in rsp:
+                detail = "association aborted" if assoc.is_aborted else "no response (timeout or abort)"
+                out.append(SendResult(p, Outcome.RETRYABLE, "", detail))
+                continue
+            status = int(rsp.Status)
+            comment = str(rsp.get("ErrorComment", "") or "")
+            out.append(SendResult(p, classify(status), f"0x{status:04X}", comment))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out

@@ -1,0 +1,132 @@
+"""`dicom-node serve`: listener, assembler, worker and sender in one process, stopped cleanly by a signal.
+
+On SIGTERM or Ctrl-C the listener stops accepting, the worker gets ``shutdown_grace_seconds`` to finish
+its job and otherwise gives its lease back, and in-flight deliveries are released, so a restart finds no
+job left "running" by this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicom_node import __version__
+from dicom_node.assembly import Assembler
+from dicom_node.config import Config
+from dicom_node.logs import log_event
+from dicom_node.models import ModelCache
+from dicom_node.results.equipment import NodeIdentity
+from dicom_node.scp import start_listener
+from dicom_node.sender import Sender
+from dicom_node.worker import Worker
+from storage.db import make_engine
+from storage.files import FileStore
+from storage.jobstore import JobStore
+
+log = logging.getLogger("dicom_node.service")
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    files: FileStore
+    jobs: JobStore
+
+
+def open_runtime(cfg: Config) -> Runtime:
+    """The process's one engine and file store; creates the schema on first use."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(cfg.data_dir, 0o700)
+    files = FileStore(cfg.data_dir / "files", min_free_bytes=cfg.node.min_free_mb << 20)
+    jobs = JobStore(make_engine(cfg.database_url, synchronous=cfg.node.sqlite_synchronous))
+    jobs.create_schema()
+    return Runtime(files=files, jobs=jobs)
+
+
+def node_identity() -> NodeIdentity:
+    return NodeIdentity(software_version=__version__, device_serial_number=socket.gethostname()[:64] or "unknown")
+
+
+def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event) -> None:
+    """Run ``step`` until stopped; sleep ``poll`` only when it found nothing to do."""
+    while not stop.is_set():
+        try:
+            busy = step()
+        except Exception:  # one bad iteration must not kill the loop; the job store keeps the state
+            log.exception(f"{name}_loop_error")
+            busy = False
+        if not busy:
+            stop.wait(poll)
+
+
+class Node:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rt = open_runtime(cfg)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stop = threading.Event()
+        self.worker_stop = threading.Event()
+        self.models = ModelCache(cfg)
+        self.assembler = Assembler(cfg, self.rt.files, self.rt.jobs)
+        self.worker = Worker(cfg, self.rt.files, self.rt.jobs, self.models, node_identity(), self.owner)
+        self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner)
+        self.server = None
+        self.ae = None
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        removed = self.rt.files.clean_temp_files()
+        if removed:
+            log_event(log, "temp_files_removed", count=removed)
+        self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
+        c = self.cfg
+        for name, step, poll, stop in (
+            ("assembler", self.assembler.run_once, c.completion.poll_seconds, self.stop),
+            ("worker", self.worker.run_once, c.worker.poll_seconds, self.worker_stop),
+            ("sender", self.sender.run_once, c.sender.poll_seconds, self.stop),
+        ):
+            t = threading.Thread(target=_loop, args=(name, step, poll, stop), name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+        log_event(log, "node_started", owner=self.owner, database=self.rt.jobs.engine.dialect.name,
+                  models=",".join(m.name for m in c.models), routes=",".join(r.name for r in c.routes))
+
+    def shutdown(self) -> None:
+        log_event(log, "node_stopping")
+        if self.server is not None:
+            self.server.shutdown()
+        self.stop.set()
+        self.worker_stop.set()
+        for t in self.threads:
+            t.join(timeout=SHUTDOWN_GRACE_SECONDS if t.name == "worker" else 5)
+        job = self.worker.current_job
+        if job is not None and self.rt.jobs.release_job(job, self.owner):
+            log_event(log, "job_lease_released", job_id=job)
+        released = self.rt.jobs.release_deliveries(self.owner)
+        if released:
+            log_event(log, "deliveries_released", count=released)
+        self.rt.jobs.engine.dispose()
+        log_event(log, "node_stopped")
+
+
+def serve(cfg: Config) -> int:
+    node = Node(cfg)
+    stopping = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log_event(log, "signal_received", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node.start()
+    while not stopping.wait(1.0):
+        pass
+    node.shutdown()
+    return 0

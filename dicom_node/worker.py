@@ -1,0 +1,229 @@
+"""The worker: claim a job, load its series, run its models, encode SEG and SR, record results.
+
+Result UIDs derive from (source series, model identity, the set of input instances), so a re-run after a
+crash writes the same objects again (the PACS keeps one copy), while a re-run after late arrivals changed
+the input makes new instances in the same result series that supersede the earlier ones.
+Every written object is read back and checked before its deliveries are recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ai_models.types import (
+    ClassificationResult,
+    DetectionResult,
+    InvalidGeometryError,
+    ModelError,
+    ModelResult,
+    SegmentationResult,
+    Volume,
+)
+from ai_models.volume import load_series
+from dicom_node.config import Config
+from dicom_node.logs import log_event
+from dicom_node.models import ModelCache
+from dicom_node.results.equipment import NodeIdentity
+from dicom_node.results.seg import EmptySegmentationError, build_seg
+from dicom_node.results.sr import build_sr
+from dicom_node.results.uids import derive_uid
+from storage.files import FileStore
+from storage.jobstore import JobStore
+from storage.records import JobRecord, NewResult
+
+log = logging.getLogger("dicom_node.worker")
+
+
+class PermanentJobError(Exception):
+    """Retrying cannot help (invalid geometry, no readable instances): fail the job at once."""
+
+
+class LeaseLostError(Exception):
+    """Our lease ran out and another worker took the job, or it was cancelled."""
+
+
+@dataclass
+class Timings:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, name: str, fn: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def input_digest(sop_uids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()[:32]
+
+
+def _read_back(data: bytes, kind: str, sop_uid: str) -> None:
+    """Parse what was written as the viewer will; anything odd stops the job before sending."""
+    ds = dcmread(BytesIO(data))
+    if str(ds.SOPInstanceUID) != sop_uid:
+        raise ModelError(f"{kind} read back with SOP Instance UID {ds.SOPInstanceUID}, expected {sop_uid}")
+    if kind == "seg":
+        hd.seg.Segmentation.from_dataset(ds, copy=False)
+    else:
+        hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class Worker:
+    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore, models: ModelCache, node: NodeIdentity,
+                 owner: str) -> None:
+        self.cfg = cfg
+        self.files = files
+        self.jobs = jobs
+        self.models = models
+        self.node = node
+        self.owner = owner
+        self.current_job: int | None = None
+
+    # ---- loop --------------------------------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when none was due."""
+        job = self.jobs.claim_job(self.owner, self.cfg.worker.lease_seconds)
+        if job is None:
+            return False
+        self.current_job = job.id
+        try:
+            self.process(job)
+        finally:
+            self.current_job = None
+        return True
+
+    def process(self, job: JobRecord) -> None:
+        log_event(log, "job_started", study_uid=job.study_uid, job_id=job.id, attempt=job.attempts,
+                  series_uid=job.series_uid, models=",".join(job.models))
+        stop_beat = threading.Event()
+        lost = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop_beat, lost), daemon=True,
+                                name=f"heartbeat-{job.id}")
+        beat.start()
+        try:
+            results, timings = self._run(job, lost)
+        except (PermanentJobError, InvalidGeometryError) as exc:
+            self._fail(job, str(exc), permanent=True)
+            return
+        except LeaseLostError as exc:
+            log_event(log, "job_lease_lost", logging.WARNING, study_uid=job.study_uid, job_id=job.id, error=str(exc))
+            return
+        except Exception as exc:  # model crash, OOM, encoder bug: retry with backoff, then fail
+            log.exception("job_attempt_failed", extra={"fields": {"study_uid": job.study_uid, "job_id": job.id}})
+            self._fail(job, f"{type(exc).__name__}: {exc}", permanent=False)
+            return
+        finally:
+            stop_beat.set()
+            beat.join(timeout=5)
+        if lost.is_set() or not self.jobs.finish_job(job.id, self.owner, results, json.dumps(timings.stages)):
+            log_event(log, "job_lease_lost", logging.WARNING, study_uid=job.study_uid, job_id=job.id)
+            return
+        log_event(log, "job_done", study_uid=job.study_uid, job_id=job.id,
+                  results=",".join(r.kind for r in results), **{f"t_{k}": v for k, v in timings.stages.items()})
+
+    def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event) -> None:
+        interval = max(0.5, self.cfg.worker.lease_seconds / 3)
+        while not stop.wait(interval):
+            if not self.jobs.heartbeat(job_id, self.owner, self.cfg.worker.lease_seconds):
+                lost.set()
+                return
+
+    def _fail(self, job: JobRecord, error: str, *, permanent: bool) -> None:
+        max_attempts = job.attempts if permanent else self.cfg.worker.max_attempts
+        state = self.jobs.fail_job(job.id, self.owner, error, max_attempts=max_attempts,
+                                   backoff_seconds=self.cfg.worker.retry_backoff_seconds)
+        log_event(log, "job_failed" if state == "failed" else "job_retry_scheduled", logging.ERROR,
+                  study_uid=job.study_uid, job_id=job.id, attempt=job.attempts, state=state, error=error[:500])
+
+    # ---- one job -----------------------------------------------------------------------------------------
+
+    def _run(self, job: JobRecord, lost: threading.Event) -> tuple[list[NewResult], Timings]:
+        t = Timings()
+        instances = self.jobs.instances_of_series(job.series_uid)
+        if not instances:
+            raise PermanentJobError(f"no instances of series {job.series_uid}")
+        paths = [self.files.absolute(i.path) for i in instances]
+        volume: Volume = t.measure("load", lambda: load_series(paths))  # type: ignore[assignment]
+        headers = self._headers(paths, volume)
+        digest = input_digest(volume.sop_instance_uids)
+        model_results: list[ModelResult] = []
+        for name in job.models:
+            if lost.is_set():
+                raise LeaseLostError("lease lost before inference")
+            model = t.measure("model_load", lambda name=name: self.models.get(name))
+            model_results.append(t.measure("inference", lambda m=model: m.run(volume)))  # type: ignore[attr-defined]
+        if lost.is_set():
+            raise LeaseLostError("lease lost after inference")
+        return t.measure("encode", lambda: self._encode_results(job, volume, headers, digest, model_results)), t  # type: ignore[return-value]
+
+    def _headers(self, paths: Sequence[Path], volume: Volume) -> list[Dataset]:
+        by_uid: dict[str, Dataset] = {}
+        for p in paths:
+            try:
+                ds = dcmread(p, stop_before_pixels=True)
+            except (InvalidDicomError, OSError) as exc:
+                raise PermanentJobError(f"unreadable instance {p.name}: {exc}") from exc
+            by_uid[str(ds.SOPInstanceUID)] = ds
+        return [by_uid[uid] for uid in volume.sop_instance_uids]
+
+    def _write(self, ds: Dataset, kind: str, model: str) -> NewResult:
+        data = _encode(ds)
+        _read_back(data, kind, str(ds.SOPInstanceUID))
+        path = self.files.result_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+        self.files.write_atomic(path, data)
+        return NewResult(kind=kind, model=model, study_uid=str(ds.StudyInstanceUID),
+                         series_uid=str(ds.SeriesInstanceUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                         sop_class_uid=str(ds.SOPClassUID), path=self.files.relative(path))
+
+    def _encode_results(self, job: JobRecord, volume: Volume, headers: list[Dataset], digest: str,
+                        model_results: list[ModelResult]) -> list[NewResult]:
+        rc = self.cfg.results
+        out: list[NewResult] = []
+        segs = [r for r in model_results if isinstance(r, SegmentationResult)]
+        dets = [r for r in model_results if isinstance(r, DetectionResult)]
+        clss = [r for r in model_results if isinstance(r, ClassificationResult)]
+        seg_ds: pydicom.Dataset | None = None
+        seg_result: SegmentationResult | None = None
+        for i, r in enumerate(segs):
+            ident = r.identity
+            key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
+            try:
+                ds = build_seg(headers, r, series_uid=derive_uid("seg-series", *key),
+                               sop_uid=derive_uid("seg", *key, digest), series_number=rc.seg_series_number + i,
+                               node=self.node, series_description=f"AI SEG {ident.name}"[:64])
+            except EmptySegmentationError:
+                log_event(log, "segmentation_empty", study_uid=job.study_uid, job_id=job.id, model=ident.name)
+                continue
+            out.append(self._write(ds, "seg", ident.name))
+            if seg_ds is None:
+                seg_ds, seg_result = ds, r
+        idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
+        sr_key = (volume.series_instance_uid, job.route, *idents)
+        sr = build_sr(headers, volume, seg=seg_ds, segmentation=seg_result if seg_ds is not None else
+                      (segs[0] if segs else None), detections=dets, classifications=clss,
+                      series_uid=derive_uid("sr-series", *sr_key), sop_uid=derive_uid("sr", *sr_key, digest),
+                      series_number=rc.sr_series_number, node=self.node)
+        out.append(self._write(sr, "sr", ""))
+        return out
