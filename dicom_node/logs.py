@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from typing import Any
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
@@ -60,3 +61,10 @@ def configure_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO with AE titles and (for some events) dataset summaries: keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom logs each copied module at INFO with source UIDs; MONAI warns about deprecated defaults of
+    # the bundles' transforms on every load. Neither is an event an admin acts on.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module=r"monai\..*")
+    logging.captureWarnings(True)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite on a fresh Debian machine (the README's second command; CI runs it).
+# Installs the real peers the tests use (DCMTK, dicom3tools, Orthanc), a venv with the CPU build of torch,
+# then runs ruff and pytest. Every service a test needs is started by that test, on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in dcmtk dicom3tools orthanc; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # never let a package start its service (Orthanc would listen on all interfaces)
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch pinned in the same step: pip takes the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test]'
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
