@@ -53,6 +53,16 @@ def node_identity() -> NodeIdentity:
     return NodeIdentity(software_version=__version__, device_serial_number=socket.gethostname()[:64] or "unknown")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event) -> None:
     """Run ``step`` until stopped; sleep ``poll`` only when it found nothing to do."""
     while not stop.is_set():
@@ -84,6 +94,9 @@ class Node:
         removed = self.rt.files.clean_temp_files()
         if removed:
             log_event(log, "temp_files_removed", count=removed)
+        jobs, deliveries = self.rt.jobs.recover_dead_owners(socket.gethostname(), _pid_alive)
+        if jobs or deliveries:
+            log_event(log, "leases_recovered", jobs=jobs, deliveries=deliveries)
         self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
         c = self.cfg
         for name, step, poll, stop in (

@@ -7,6 +7,7 @@ encode here, with optional localizer series so routing has something to skip.
 from __future__ import annotations
 
 import datetime as dt
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,9 @@ class StudyIds:
 
     @staticmethod
     def new(seed: int | str) -> StudyIds:
+        short = f"{zlib.crc32(str(seed).encode()):08X}"  # IDs stay within SH/LO lengths whatever the seed
         return StudyIds(study_uid=generate_uid(prefix=_PREFIX, entropy_srcs=[f"study-{seed}"]),
-                        patient_id=f"PH{seed}", accession=f"ACC{seed}")
+                        patient_id=f"PH{short}", accession=f"ACC{short}")
 
 
 def _base(ids: StudyIds, series_uid: str, series_number: int, modality: str, description: str) -> Dataset:

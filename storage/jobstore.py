@@ -9,7 +9,7 @@ again, which is how work survives a killed process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, func, select, update
@@ -395,6 +395,34 @@ class JobStore:
                                    attempts=r.attempts, not_before=r.not_before, last_status=r.last_status,
                                    error=r.error, result=_result(s.get(ResultRow, r.result_id)))  # type: ignore[arg-type]
                     for r in rows]
+
+    # ---- recovery --------------------------------------------------------------------------------------
+
+    def recover_dead_owners(self, host: str, is_alive: Callable[[int], bool]) -> tuple[int, int]:
+        """Free leases held by dead processes of this host (owner "host:pid:..."), without waiting them out.
+
+        Their attempts stay counted. Leases of other hosts still run out on their own.
+        """
+        prefix = f"{host}:"
+
+        def dead(owner: str) -> bool:
+            if not owner.startswith(prefix):
+                return False
+            try:
+                return not is_alive(int(owner[len(prefix):].split(":", 1)[0]))
+            except ValueError:
+                return False
+
+        now = time.time()
+        with self._tx() as s:
+            jobs = [r for r in s.scalars(select(JobRow).where(JobRow.state == "running")).all() if dead(r.lease_owner)]
+            for r in jobs:
+                r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "queued", "", 0.0, now
+            dels = [r for r in s.scalars(select(DeliveryRow).where(DeliveryRow.state == "sending")).all()
+                    if dead(r.lease_owner)]
+            for r in dels:
+                r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "pending", "", 0.0, now
+            return len(jobs), len(dels)
 
     # ---- overview --------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 DCIODVFY = "/usr/bin/dciodvfy"
+SHIPPED_SEG_BUNDLE = Path(os.environ.get("DICOM_NODE_TEST_SEG_BUNDLE", REPO / "ai_models" / "bundles" / "chest_ct_seg"))
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on otherwise (~100x slower on loopback)
 
 
@@ -98,7 +99,7 @@ def write_config(path: Path, *, port: int, data_dir: Path, destinations: Sequenc
     dest = "\n".join(
         f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d.get("ae_title", "PACS")}"\n'
         f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in destinations)
-    bundle = REPO / "ai_models" / "bundles" / "chest_ct_seg"
+    bundle = SHIPPED_SEG_BUNDLE
     models = models if models is not None else f'[[models]]\nname = "chest-ct-seg"\nbundle = "{bundle}"\n'
     names = ", ".join(f'"{d["name"]}"' for d in destinations)
     routes = routes if routes is not None else (

@@ -136,3 +136,22 @@ def test_deliveries_claim_retry_and_done(tmp_path: Path) -> None:
         assert not js.delivery_outcome(d.id, "S2", state="done")  # S2 no longer owns them
         js.delivery_outcome(d.id, "S", state="done", status="0x0000")
     assert js.counts()["deliveries"] == {"done": 2, "pending": 2}
+
+
+def test_leases_of_dead_local_processes_are_recovered_at_once(tmp_path: Path) -> None:
+    js = _store(tmp_path)
+    js.record_instance(_inst("1.1"), now=1.0)
+    js.complete_study("1.2.3", 0, [_job("a"), _job("b")])
+    dead = js.claim_job("host1:111:x", 600)
+    alive = js.claim_job("host1:222:y", 600)
+    js.finish_job(alive.id, "host1:222:y", [
+        NewResult("sr", "", "1.2.3", "9.8", "9.8.1", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm")])
+    (d,) = js.claim_deliveries("host1:111:x", 600)
+    other_host = js.enqueue_job("1.2.3", 5, _job("c"))
+    js.claim_job("host2:111:z", 600)
+    assert js.recover_dead_owners("host1", lambda pid: pid != 111) == (1, 1)
+    job = js.get_job(dead.id)
+    assert job.state == "queued" and job.attempts == 1  # the attempt that died still counts
+    assert js.get_job(other_host.id).state == "running"  # another host's lease runs out on its own
+    assert js.deliveries_of_job(alive.id)[0].state == "pending"
+    assert d.id == js.deliveries_of_job(alive.id)[0].id
