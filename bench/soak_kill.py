@@ -102,7 +102,9 @@ def check_store(data_dir: Path, datasets: dict[str, Dataset], acked: set[str]) -
             continue
         stored = dcmread(root / row.path)
         sent = datasets[sop]
-        if stored.PixelData != sent.PixelData or stored.SOPInstanceUID != sent.SOPInstanceUID or len(stored) != len(sent):
+        same = (stored.PixelData == sent.PixelData and stored.SOPInstanceUID == sent.SOPInstanceUID
+                and len(stored) == len(sent))
+        if not same:
             lost.append(sop)
     orphans = [sop for sop, r in rows.items() if not (root / r.path).is_file()]
     temps = len(list(root.rglob(".tmp-*")))

@@ -47,7 +47,7 @@ def _pacs_uids(pacs: StoreSCP) -> dict[str, str]:
 
 
 def test_kill_9_during_inference_reruns_the_job_and_sends_once(tmp_path: Path) -> None:
-    paths, study_uid, pacs, node, cfg = _setup(tmp_path, "inference")
+    paths, _study_uid, pacs, node, cfg = _setup(tmp_path, "inference")
     with running(pacs, node):
         node.start()
         storescu(node.port, paths)
@@ -67,7 +67,7 @@ def test_kill_9_during_inference_reruns_the_job_and_sends_once(tmp_path: Path) -
 
 
 def test_kill_9_during_sending_resends_same_uids_without_reinference(tmp_path: Path) -> None:
-    paths, study_uid, pacs, node, cfg = _setup(tmp_path, "sending")
+    paths, _study_uid, pacs, node, cfg = _setup(tmp_path, "sending")
     pacs.stop()  # the PACS is down: results are built, deliveries wait
     with running(pacs, node):
         node.start()
@@ -86,7 +86,7 @@ def test_kill_9_during_sending_resends_same_uids_without_reinference(tmp_path: P
 
 
 def test_sigterm_leaves_no_job_running_and_work_resumes(tmp_path: Path) -> None:
-    paths, study_uid, pacs, node, cfg = _setup(tmp_path, "sigterm")
+    paths, _study_uid, pacs, node, cfg = _setup(tmp_path, "sigterm")
     with running(pacs, node):
         node.start()
         storescu(node.port, paths)
@@ -98,6 +98,6 @@ def test_sigterm_leaves_no_job_running_and_work_resumes(tmp_path: Path) -> None:
         assert job.state in ("done", "queued"), job.state  # finished in the grace period, or lease given back
         node2 = NodeProcess(cfg, node.port, tmp_path / "node-2.log").start()
         with running(node2):
-            wait_for(lambda: js.deliveries_of_job(job.id) and all(d.state == "done" for d in js.deliveries_of_job(job.id)),
+            wait_for(lambda: (dels := js.deliveries_of_job(job.id)) and all(d.state == "done" for d in dels),
                      300, "results after the restart")
         assert sorted(_pacs_uids(pacs).values()) == ["SG", "SR"]
