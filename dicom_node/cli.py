@@ -96,7 +96,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     except JobStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"job {job.id} queued again")
+    print(f"job {job.id} queued again" if job.state == "queued" else f"job {job.id}: results queued for re-sending")
     return 0
 
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("jobs", cmd_jobs, "list jobs")
     sp.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
     sp.add_argument("--limit", type=int, default=50)
-    sp = add("retry", cmd_retry, "queue a failed or cancelled job again (and its failed deliveries)")
+    sp = add("retry", cmd_retry, "run a failed or cancelled job again; for a done job, re-send its results")
     sp.add_argument("job", type=int)
     sp = add("cancel", cmd_cancel, "cancel a queued or running job")
     sp.add_argument("job", type=int)

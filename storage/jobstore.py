@@ -301,16 +301,20 @@ class JobStore:
             return True
 
     def retry_job(self, job_id: int) -> JobRecord:
-        """Admin: queue a failed or cancelled job again (fresh attempt count); failed deliveries too."""
+        """Admin: run a failed or cancelled job again (fresh attempt count) and re-send its failed deliveries;
+        for a done job, send all its results again (same UIDs, so the PACS keeps one copy)."""
         with self._tx() as s:
             row = s.get(JobRow, job_id)
             if row is None:
                 raise JobStoreError(f"no job {job_id}")
+            resend = DeliveryRow.state == "failed"
             if row.state in ("failed", "cancelled"):
                 row.state, row.attempts, row.not_before, row.error = "queued", 0, 0.0, ""
-            elif row.state != "done":
+            elif row.state == "done":
+                resend = DeliveryRow.state.in_(("failed", "done"))
+            else:
                 raise JobStoreError(f"job {job_id} is {row.state}; only failed, cancelled or done jobs can be retried")
-            s.execute(update(DeliveryRow).where(DeliveryRow.job_id == job_id, DeliveryRow.state == "failed")
+            s.execute(update(DeliveryRow).where(DeliveryRow.job_id == job_id, resend)
                       .values(state="pending", attempts=0, not_before=0.0, error=""))
             row.updated_at = time.time()
             return _job(row)

@@ -101,12 +101,12 @@ def _check_study(study: SentStudy, results: dict[str, Path]) -> None:
         assert _dice(labels == 2, truth == 2) > 0.5, f"{study.name}: nodule mask does not overlap the truth"
         seg_labels = {seg.get_segment_description(n).segment_label for n in seg.segment_numbers}
         assert seg_labels == {"lung", "nodule"}
-        nodule_groups = [g for g in groups if g.referenced_segment is not None
-                         and int(g.referenced_segment.referenced_segment_numbers[0] if hasattr(
-                             g.referenced_segment, "referenced_segment_numbers") else 0) >= 0]
-        assert len(nodule_groups) >= 2
-        volumes = [m.value for g in groups for m in g.get_measurements()]
-        assert all(v > 0 for v in volumes)
+        seg_groups = [g for g in groups if g.referenced_segment is not None]
+        referenced = {n for g in seg_groups for n in g.referenced_segment.referenced_segment_numbers}
+        assert referenced == set(seg.segment_numbers)  # one volume measurement per SEG segment
+        for g in seg_groups:
+            (volume,) = g.get_measurements()
+            assert volume.value > 0
     else:
         assert (labels == 2).sum() < 20, f"{study.name}: false nodule voxels"
         assert "272519000" in text  # SCT Absent: the SR says no nodule was found
