@@ -60,9 +60,10 @@ class Assembler:
                   routes=",".join(plan) or "none")
         return [j.id for j in jobs]
 
-    def run_once(self) -> int:
+    def run_once(self, now: float | None = None) -> int:
+        """Complete every study quiet for stable_seconds as of ``now`` (default: the clock)."""
         done = 0
-        for study in self.jobs.due_studies(self.cfg.completion.stable_seconds):
+        for study in self.jobs.due_studies(self.cfg.completion.stable_seconds, now=now):
             self.complete(study)
             done += 1
         return done

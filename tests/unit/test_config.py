@@ -1,0 +1,60 @@
+"""config.toml: defaults that work, every error names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, load_config, parse_config
+from tests.peers import REPO
+
+
+def test_shipped_config_loads_with_working_defaults() -> None:
+    cfg = load_config(REPO / "config.toml")
+    assert cfg.node.ae_title == "DICOM_NODE" and cfg.node.port == 11112
+    assert cfg.database_url.startswith("sqlite:///") and cfg.database_url.endswith("var/node.db")
+    assert cfg.bundle_path("chest-ct-seg") == REPO / "ai_models" / "bundles" / "chest_ct_seg"
+    assert [r.name for r in cfg.routes] == ["chest-ct"]
+    assert cfg.routes[0].send_to == ("pacs",)
+
+
+def test_empty_config_is_valid() -> None:
+    cfg = parse_config({}, Path("/tmp"))
+    assert cfg.completion.stable_seconds == 30
+    assert cfg.data_dir == Path("/tmp/var")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"nodee": {}}, "nodee: unknown key"),
+    ({"node": {"portt": 1}}, "node.portt: unknown key"),
+    ({"node": {"port": "11112"}}, "node.port: expected an integer"),
+    ({"node": {"port": 70000}}, "node.port: port 70000 out of range"),
+    ({"node": {"ae_title": "A" * 17}}, "node.ae_title: invalid AE title"),
+    ({"node": {"sqlite_synchronous": "SOMETIMES"}}, "node.sqlite_synchronous"),
+    ({"completion": {"stable_seconds": -1}}, "completion.stable_seconds"),
+    ({"destinations": [{"name": "p", "ae_title": "P", "host": "h"}]}, "destinations[0].port: required key"),
+    ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1, "colour": "red"}]},
+     "destinations[0].colour: unknown key"),
+    ({"routes": [{"name": "r", "models": [], "send_to": ["pac"]}]}, "routes[0].send_to[0]: unknown destination 'pac'"),
+    ({"routes": [{"name": "r", "models": ["nope"], "send_to": []}]}, "routes[0].models[0]: unknown model 'nope'"),
+    ({"routes": [{"name": "r", "models": [], "send_to": [], "match": {"Modalty": "CT"}}]},
+     "routes[0].match.Modalty: not a DICOM keyword"),
+    ({"routes": [{"name": "r", "models": [], "send_to": [], "match": {"Modality": "/CT(/"}}]},
+     "routes[0].match.Modality: invalid regex"),
+    ({"models": [{"name": "m", "bundle": "/nonexistent"}]}, "models[0].bundle: no MONAI bundle"),
+    ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1},
+                       {"name": "p", "ae_title": "Q", "host": "h", "port": 2}]}, "destinations[1].name: duplicate"),
+])
+def test_errors_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        parse_config(data, Path("/tmp"))
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text("[node\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
