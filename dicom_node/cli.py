@@ -43,7 +43,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from dicom_node.service import open_runtime
+    from dicom_node.runtime import open_runtime
 
     rt = open_runtime(cfg)
     counts = rt.jobs.counts()
@@ -79,7 +79,7 @@ def _print_jobs(rt: object, jobs: Sequence[object]) -> None:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from dicom_node.service import open_runtime
+    from dicom_node.runtime import open_runtime
 
     rt = open_runtime(cfg)
     _print_jobs(rt, rt.jobs.list_jobs(state=args.state, limit=args.limit))
@@ -88,7 +88,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from dicom_node.service import open_runtime
+    from dicom_node.runtime import open_runtime
     from storage.jobstore import JobStoreError
 
     try:
@@ -102,7 +102,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from dicom_node.service import open_runtime
+    from dicom_node.runtime import open_runtime
     from storage.jobstore import JobStoreError
 
     try:

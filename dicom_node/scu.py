@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -16,6 +18,8 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom import uid as pduid
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -58,10 +62,31 @@ def classify(status: int) -> Outcome:
     return Outcome.PERMANENT
 
 
+# A-ASSOCIATE-RJ (result source, reason) -> words (PS3.8 9.3.4), so an admin reads why without the table
+_REJECT_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized", (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+
+
 def _nodelay(event: Any) -> None:
     sock = event.assoc.dul.socket.socket
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _associate(ae: AE, peer: Peer) -> tuple[Any, threading.Event]:
+    """Request an association; the event tells whether a TCP connection was made at all."""
+    connected = threading.Event()
+
+    def on_open(event: Any) -> None:
+        connected.set()
+        _nodelay(event)
+
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    return assoc, connected
 
 
 def _ae(peer: Peer) -> AE:
@@ -76,9 +101,9 @@ def _ae(peer: Peer) -> AE:
 def echo(peer: Peer) -> tuple[bool, str]:
     ae = _ae(peer)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc, connected = _associate(ae, peer)
     if not assoc.is_established:
-        return False, _association_failure(assoc)
+        return False, _association_failure(assoc, connected.is_set())
     try:
         status = assoc.send_c_echo()
         if status and "Status" in status:
@@ -88,52 +113,78 @@ def echo(peer: Peer) -> tuple[bool, str]:
         assoc.release()
 
 
-def _association_failure(assoc: Any) -> str:
+def _association_failure(assoc: Any, connected: bool) -> str:
+    if not connected:  # pynetdicom reports a refused connection as an abort: say what happened
+        return "no association: cannot connect (peer down or unreachable)"
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is not None:
-            return f"association rejected (result {rsp.result}, source {rsp.result_source}, reason {rsp.diagnostic})"
+            kind = {1: "permanent", 2: "transient"}.get(rsp.result, "")
+            why = _REJECT_REASONS.get((rsp.result_source, rsp.diagnostic), "unknown reason")
+            return (f"association rejected ({kind}: {why}; result {rsp.result}, source {rsp.result_source}, "
+                    f"reason {rsp.diagnostic})")
         return "association rejected"
     if assoc.is_aborted:
-        return "association aborted"
-    return "no association (peer down or unreachable)"
+        return "no association: aborted by the peer during negotiation"
+    return "no association: no answer to the association request (timeout)"
 
 
 def send_files(peer: Peer, paths: Sequence[Path]) -> list[SendResult]:
     """Send files over one association; every path gets a SendResult."""
-    datasets = [dcmread(p) for p in paths]
+    datasets: list[Dataset | None] = []
+    unreadable: dict[Path, str] = {}
+    for p in paths:
+        try:
+            datasets.append(dcmread(p))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:  # never retried: it cannot get better
+            datasets.append(None)
+            unreadable[p] = f"result file unreadable: {type(exc).__name__}: {exc}"
     ae = _ae(peer)
     contexts: dict[str, set[str]] = {}
     for ds in datasets:
+        if ds is None:
+            continue
         ts = str(ds.file_meta.TransferSyntaxUID)
         contexts.setdefault(str(ds.SOPClassUID), set()).update(
             {ts, str(pduid.ExplicitVRLittleEndian), str(pduid.ImplicitVRLittleEndian)})
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    if not contexts:
+        return [SendResult(p, Outcome.PERMANENT, "", unreadable[p]) for p in paths]
+    assoc, connected = _associate(ae, peer)
     if not assoc.is_established:
-        why = _association_failure(assoc)
+        why = _association_failure(assoc, connected.is_set())
         return [SendResult(p, Outcome.RETRYABLE, "", why) for p in paths]
     out: list[SendResult] = []
+    broken = False  # a C-STORE went unanswered: the association is unusable even if not yet marked aborted
     try:
         for p, ds in zip(paths, datasets, strict=True):
-            if not assoc.is_established:
-                out.append(SendResult(p, Outcome.RETRYABLE, "", "association lost"))
+            if ds is None:
+                out.append(SendResult(p, Outcome.PERMANENT, "", unreadable[p]))
                 continue
+            if broken or not assoc.is_established:
+                out.append(SendResult(p, Outcome.RETRYABLE, "", "not sent: association lost"))
+                continue
+            t0 = time.monotonic()
             try:
                 rsp = assoc.send_c_store(ds)
             except (ValueError, RuntimeError) as exc:  # no accepted context for this class/syntax
                 out.append(SendResult(p, Outcome.PERMANENT, "", f"cannot send: {exc}"))
                 continue
             if rsp is None or "Status" not in rsp:
-                detail = "association aborted" if assoc.is_aborted else "no response (timeout or abort)"
+                broken = True
+                if time.monotonic() - t0 >= peer.dimse_timeout:
+                    detail = f"no response within dimse_timeout ({peer.dimse_timeout:g} s): association aborted"
+                else:
+                    detail = "association aborted by the peer before it answered"
                 out.append(SendResult(p, Outcome.RETRYABLE, "", detail))
                 continue
             status = int(rsp.Status)
             comment = str(rsp.get("ErrorComment", "") or "")
             out.append(SendResult(p, classify(status), f"0x{status:04X}", comment))
     finally:
-        if assoc.is_established:
+        if broken:
+            assoc.abort()
+        elif assoc.is_established:
             assoc.release()
     return out

@@ -14,7 +14,6 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from dicom_node import __version__
 from dicom_node.assembly import Assembler
@@ -22,31 +21,13 @@ from dicom_node.config import Config
 from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
 from dicom_node.results.equipment import NodeIdentity
+from dicom_node.runtime import open_runtime
 from dicom_node.scp import start_listener
 from dicom_node.sender import Sender
 from dicom_node.worker import Worker
-from storage.db import make_engine
-from storage.files import FileStore
-from storage.jobstore import JobStore
 
 log = logging.getLogger("dicom_node.service")
 SHUTDOWN_GRACE_SECONDS = 20.0
-
-
-@dataclass(frozen=True)
-class Runtime:
-    files: FileStore
-    jobs: JobStore
-
-
-def open_runtime(cfg: Config) -> Runtime:
-    """The process's one engine and file store; creates the schema on first use."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(cfg.data_dir, 0o700)
-    files = FileStore(cfg.data_dir / "files", min_free_bytes=cfg.node.min_free_mb << 20)
-    jobs = JobStore(make_engine(cfg.database_url, synchronous=cfg.node.sqlite_synchronous))
-    jobs.create_schema()
-    return Runtime(files=files, jobs=jobs)
 
 
 def node_identity() -> NodeIdentity:
