@@ -1,0 +1,1 @@
+"""Training scripts for the models dicom-node ships (run by hand; CI only smoke-tests them)."""
