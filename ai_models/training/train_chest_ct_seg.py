@@ -214,7 +214,7 @@ def train(
         loss.backward()
         optimiser.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         with torch.no_grad():
             pred = logits.argmax(1)
             hits += int(((pred == 2) & (y[:, 0] == 2)).sum())
@@ -236,7 +236,7 @@ def train(
 def evaluate(bundle: Path, opts: Options) -> dict[str, Any]:
     """Held-out phantoms through LoadedModel.run; Dice on the source grid."""
     model = load_model(bundle, device="cpu")
-    lung, nodule, seconds, fp_free = [], [], [], 0
+    lung, nodule, seconds, fp_free, without = [], [], [], 0, 0
     for i in range(opts.eval_cases):
         ph = _phantom(eval_seed(opts.seed, i), np.random.default_rng(i), opts.case_shape, 1 + i % 4)
         start = time.perf_counter()
@@ -249,6 +249,7 @@ def evaluate(bundle: Path, opts: Options) -> dict[str, Any]:
         if ph.nodules and d_nod is not None:
             nodule.append(d_nod)
         elif not ph.nodules:
+            without += 1
             fp_free += int(not (mask == 2).any())
         log.info(
             "eval %d shape %s spacing %s nodules %s: dice lung %.4f nodule %s, %.1f s",
@@ -265,6 +266,8 @@ def evaluate(bundle: Path, opts: Options) -> dict[str, Any]:
         "mean_dice_nodule": round(float(np.mean(nodule)), 4) if nodule else None,
         "min_dice_nodule": round(float(np.min(nodule)), 4) if nodule else None,
         "eval_cases": opts.eval_cases,
+        "cases_without_nodules": without,
+        "nodule_free_cases_without_false_positives": fp_free,
         "eval_seeds": f"{eval_seed(opts.seed, 0)}..{eval_seed(opts.seed, max(opts.eval_cases - 1, 0))}",
         "eval_grid": "source (DICOM) grid, via LoadedModel.run",
         "mean_inference_seconds_cpu": round(float(np.mean(seconds)), 2) if seconds else None,
