@@ -8,6 +8,7 @@ directory holding the config file so the node behaves the same whatever the work
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -41,10 +42,25 @@ class NodeSection:
     duplicate_policy: str = "keep_first"  # keep_first | replace
 
 
+ANY_AE = "*"  # key of security.allowed_hosts applying to every AE title without an entry of its own
+TLS_VERSIONS = ("1.2", "1.3")
+
+
 @dataclass(frozen=True)
 class SecuritySection:
+    """Who may associate, from where, and over what transport (see dicom_node/security.py)."""
+
     allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: any
     require_called_ae_title: bool = True
+    # AE title (or "*") -> IP addresses / CIDR blocks it may connect from; AE titles without an entry (and
+    # no "*") may connect from anywhere. A refused host gets A-ASSOCIATE-RJ permanent, service-user, reason 3.
+    allowed_hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # DICOM TLS (PS3.15 BCP 195). With tls_cert_file set, node.port speaks TLS only.
+    tls_cert_file: str = ""  # PEM server certificate (chain); relative paths resolve against the config folder
+    tls_key_file: str = ""  # PEM private key of that certificate
+    tls_ca_file: str = ""  # PEM CA bundle that client certificates must chain to
+    tls_require_client_cert: bool = False  # true: refuse clients without a certificate from tls_ca_file
+    tls_min_version: str = "1.2"  # "1.2" | "1.3"
 
 
 @dataclass(frozen=True)
@@ -183,7 +199,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return {str(k): _convert(v, str, f"{key}.{k}") for k, v in value.items()}
+        value_hint = get_args(hint)[1]
+        return {str(k): _convert(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type")  # pragma: no cover - schema bug
 
 
@@ -262,6 +279,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.min_free_mb: must not be negative")
     for i, ae in enumerate(cfg.security.allowed_calling_ae_titles):
         _check_ae(ae, f"security.allowed_calling_ae_titles[{i}]")
+    _validate_security(cfg)
     if cfg.completion.stable_seconds < 0:
         raise ConfigError("completion.stable_seconds: must not be negative")
     if cfg.completion.late_arrivals not in {"rerun", "ignore"}:
@@ -304,6 +322,39 @@ def _validate(cfg: Config) -> None:
                     re.compile(pattern[1:-1])
                 except re.error as exc:
                     raise ConfigError(f"routes[{i}].match.{kw}: invalid regex: {exc}") from exc
+
+
+def _validate_security(cfg: Config) -> None:
+    s = cfg.security
+    listed = set(s.allowed_calling_ae_titles)
+    for ae, hosts in s.allowed_hosts.items():
+        key = f"security.allowed_hosts.{ae}"
+        if ae != ANY_AE:
+            _check_ae(ae, key)
+            if listed and ae not in listed:
+                raise ConfigError(f"{key}: AE title not in security.allowed_calling_ae_titles")
+        if not hosts:
+            raise ConfigError(f"{key}: empty list (remove the entry to allow any host)")
+        for i, h in enumerate(hosts):
+            try:
+                ipaddress.ip_network(h.strip(), strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"{key}[{i}]: not an IP address or CIDR block: {h!r}") from exc
+    if s.tls_min_version not in TLS_VERSIONS:
+        raise ConfigError(f"security.tls_min_version: expected \"1.2\" or \"1.3\", got {s.tls_min_version!r}")
+    if not s.tls_cert_file:
+        for k in ("tls_key_file", "tls_ca_file", "tls_require_client_cert"):
+            if getattr(s, k):
+                raise ConfigError(f"security.{k}: set without security.tls_cert_file")
+        return
+    if not s.tls_key_file:
+        raise ConfigError("security.tls_key_file: required with security.tls_cert_file")
+    if s.tls_require_client_cert and not s.tls_ca_file:
+        raise ConfigError("security.tls_ca_file: required with security.tls_require_client_cert")
+    for k in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+        v = getattr(s, k)
+        if v and not resolve_path(cfg.base_dir, v).is_file():
+            raise ConfigError(f"security.{k}: file not found: {resolve_path(cfg.base_dir, v)}")
 
 
 def load_config(path: str | Path) -> Config:

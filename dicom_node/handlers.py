@@ -1,27 +1,27 @@
-"""Thin DIMSE handlers: check, write, record, answer a status. Nothing else happens here.
+"""Thin C-STORE handling: stream to a temp file, check the header, place and index, answer a status.
 
-Success (0x0000) is answered only after the bytes are on disk (fsync + rename) and the index row is
-committed. Every failure answers a DICOM failure status and leaves neither a partial file nor a row.
+Success (0x0000) is answered only after the bytes are on disk (fsync, rename, fsync of the folder) and
+the index row is committed (see group_commit). Every failure answers a DICOM failure status and leaves
+neither a partial file nor a row. Data fragments go to disk as they arrive, so memory stays bounded
+whatever the instance size.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import os
 from dataclasses import dataclass
-from io import BytesIO
-from typing import Any
+from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.logs import log_event
+from dicom_node import __version__
+from dicom_node.dataset_check import MalformedDataset, check_structure, inflated_head
+from dicom_node.header_sniff import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, sniff_uids
+from dicom_node.upper_layer import file_meta
 from storage.files import FileStore, StorageFullError, UnsafeNameError, check_uid
-from storage.jobstore import JobStore
 from storage.records import NewInstance
-
-log = logging.getLogger("dicom_node.listener")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -32,7 +32,16 @@ INVALID_UID = 0xC211
 UID_MISMATCH = 0xC212
 MISSING_UID = 0xC213
 
-_HEADER_TAGS = [0x00080016, 0x00080018, 0x0020000D, 0x0020000E]  # SOPClass, SOPInstance, Study, Series
+IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1234.1"
+IMPLEMENTATION_VERSION = f"DICOMNODE_{__version__}"[:16]
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+SNIFF_BYTES = 64 << 10  # the identifying UIDs sit near the start; beyond this pydicom reads the file
+
+_KEYWORDS = {SOP_CLASS: "SOPClassUID", SOP_INSTANCE: "SOPInstanceUID", STUDY: "StudyInstanceUID",
+             SERIES: "SeriesInstanceUID"}
+_HEADER_TAGS = list(_KEYWORDS)
 
 
 class RejectedInstance(Exception):
@@ -51,30 +60,24 @@ class StoreSettings:
     max_instance_bytes: int = 2048 << 20
 
 
-def _status(code: int, comment: str = "") -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
+@dataclass(frozen=True)
+class Pending:
+    """A complete, fsynced temp file whose header passed the checks: ready to be placed and indexed."""
+
+    tmp: Path
+    path: Path
+    instance: NewInstance
 
 
-def parse_header(raw: bytes, command_sop_uid: str, command_class_uid: str) -> tuple[str, str, str, str]:
-    """Return (study, series, sop, sop class) UIDs after checking them against the command and UID syntax."""
+def check_header(values: dict[int, str], command_sop_uid: str, command_class_uid: str) -> tuple[str, str, str, str]:
+    """(study, series, sop, sop class) after checking presence, UID syntax and agreement with the command."""
+    for tag in (STUDY, SERIES, SOP_INSTANCE, SOP_CLASS):
+        if not values.get(tag):
+            raise RejectedInstance(MISSING_UID, f"missing {_KEYWORDS[tag]}")
+    study, series, sop, sop_class = values[STUDY], values[SERIES], values[SOP_INSTANCE], values[SOP_CLASS]
     try:
-        ds = dcmread(BytesIO(raw), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        values = {kw: ds.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, OverflowError) as exc:
-        raise RejectedInstance(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}") from exc
-    for kw, v in values.items():
-        if v is None or str(v) == "":
-            raise RejectedInstance(MISSING_UID, f"missing {kw}")
-    study, series, sop, sop_class = (str(values[k]) for k in
-                                     ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
-    try:
-        for uid, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID"), (sop, "SOPInstanceUID"),
-                          (sop_class, "SOPClassUID")):
-            check_uid(uid, what)
+        for tag in (STUDY, SERIES, SOP_INSTANCE, SOP_CLASS):
+            check_uid(values[tag], _KEYWORDS[tag])
     except UnsafeNameError as exc:
         raise RejectedInstance(INVALID_UID, str(exc)) from exc
     if sop != command_sop_uid:
@@ -84,70 +87,138 @@ def parse_header(raw: bytes, command_sop_uid: str, command_class_uid: str) -> tu
     return study, series, sop, sop_class
 
 
-def store_instance(raw: bytes, *, command_sop_uid: str, command_class_uid: str, transfer_syntax: str,
-                   calling_ae: str, files: FileStore, jobs: JobStore, settings: StoreSettings) -> tuple[int, str]:
-    """Write and index one received instance; returns (status, outcome or reason)."""
-    if len(raw) > settings.max_instance_bytes:
-        raise RejectedInstance(OUT_OF_RESOURCES_TOO_LARGE, "instance exceeds node.max_instance_mb")
-    study, series, sop, sop_class = parse_header(raw, command_sop_uid, command_class_uid)
-    existing = jobs.get_instance(sop)
-    if existing is not None and settings.duplicate_policy == "keep_first":
-        return SUCCESS, "duplicate_kept_first"
+def read_header_uids(path: Path) -> dict[int, str]:
+    """The identifying UIDs read by pydicom (the slow path: deflated, big endian, very long headers)."""
     try:
-        files.check_space(len(raw))
-        path = files.instance_path(study, series, sop)
-        if existing is not None and existing.path != files.relative(path):
-            raise RejectedInstance(UID_MISMATCH, "SOPInstanceUID already stored under another study or series")
-        size = files.write_atomic(path, raw)
-    except StorageFullError as exc:
-        raise RejectedInstance(OUT_OF_RESOURCES, f"storage full: {exc}") from exc
-    except OSError as exc:
-        raise RejectedInstance(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}") from exc
-    try:
-        outcome = jobs.record_instance(
-            NewInstance(sop_instance_uid=sop, study_uid=study, series_uid=series, sop_class_uid=sop_class,
-                        transfer_syntax=transfer_syntax, path=files.relative(path), size=size, calling_ae=calling_ae),
-            late_arrivals=settings.late_arrivals,
-        )
-    except SQLAlchemyError as exc:
-        if existing is None:
-            files.remove(path)  # never leave a file without its row
-        raise RejectedInstance(OUT_OF_RESOURCES_DB, f"cannot index: {type(exc).__name__}") from exc
-    return SUCCESS, outcome
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        out = {}
+        for tag, kw in _KEYWORDS.items():
+            v = ds.get(kw)
+            if v is not None:
+                out[tag] = str(v)
+        return out
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, OverflowError,
+            RecursionError) as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}") from exc
 
 
-class Handlers:
-    """Bound to one listener; pynetdicom calls these from its association threads."""
+class IncomingInstance:
+    """One C-STORE dataset being received: fragments are written to a temp file as they arrive."""
 
-    def __init__(self, files: FileStore, jobs: JobStore, settings: StoreSettings) -> None:
+    def __init__(self, files: FileStore, settings: StoreSettings, *, command_sop_uid: bytes,
+                 command_class_uid: bytes, transfer_syntax: str, calling_ae: str) -> None:
         self.files = files
-        self.jobs = jobs
         self.settings = settings
+        self.sop_raw = command_sop_uid
+        self.class_raw = command_class_uid
+        self.sop_uid = command_sop_uid.decode("ascii", errors="replace").rstrip("\0 ")
+        self.class_uid = command_class_uid.decode("ascii", errors="replace").rstrip("\0 ")
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self.fd: int | None = None
+        self.tmp: Path | None = None
+        self.size = 0  # dataset bytes received
+        self.file_size = 0
+        self.head = bytearray()
+        self.error: RejectedInstance | None = None
 
-    def on_echo(self, event: Any) -> int:
-        return SUCCESS
-
-    def on_store(self, event: Any) -> Dataset | int:
-        req = event.request
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
-        class_uid = str(req.AffectedSOPClassUID or "")
-        assoc = event.assoc
-        calling = assoc.requestor.ae_title if assoc else ""
+    def write(self, data: memoryview) -> None:
+        """Append one data fragment; after a failure the rest of the dataset is read and dropped."""
+        if self.error is not None:
+            return
+        self.size += len(data)
         try:
-            raw = event.encoded_dataset(include_meta=True)
-            ts = str(event.context.transfer_syntax)
-            status, outcome = store_instance(
-                raw, command_sop_uid=sop_uid, command_class_uid=class_uid, transfer_syntax=ts, calling_ae=calling,
-                files=self.files, jobs=self.jobs, settings=self.settings)
+            if self.size > self.settings.max_instance_bytes:
+                raise RejectedInstance(OUT_OF_RESOURCES_TOO_LARGE, "instance exceeds node.max_instance_mb")
+            if self.fd is None:
+                self.fd, self.tmp = self.files.open_temp()
+                self._write_all(memoryview(file_meta(self.class_raw, self.sop_raw, self.transfer_syntax,
+                                                     IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, self.calling_ae)))
+            if len(self.head) < SNIFF_BYTES:
+                self.head += data[:SNIFF_BYTES - len(self.head)]
+            self._write_all(data)
         except RejectedInstance as exc:
-            log_event(log, "instance_rejected", logging.WARNING, sop_instance_uid=sop_uid[:80],
-                      status=f"0x{exc.status:04X}", reason=exc.comment, calling_ae=calling)
-            return _status(exc.status, exc.comment)
-        except Exception as exc:  # a handler must answer a status, never crash the association
-            log.exception("store_failed", extra={"fields": {"sop_instance_uid": sop_uid[:80]}})
-            return _status(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
-        if outcome != "stored":
-            log_event(log, "instance_" + outcome, sop_instance_uid=sop_uid, calling_ae=calling)
-        else:
-            log_event(log, "instance_stored", logging.DEBUG, sop_instance_uid=sop_uid, calling_ae=calling)
-        return status
+            self._fail(exc)
+        except StorageFullError as exc:
+            self._fail(RejectedInstance(OUT_OF_RESOURCES, f"storage full: {exc}"))
+        except OSError as exc:
+            self._fail(RejectedInstance(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"))
+
+    def _write_all(self, view: memoryview) -> None:
+        assert self.fd is not None
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if exc.errno == 28:
+                    raise StorageFullError(28, "no space left on device") from exc
+                raise
+            view = view[n:]
+            self.file_size += n
+
+    def _fail(self, exc: RejectedInstance) -> None:
+        self.error = exc
+        self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the temp file (an aborted association, a rejected instance)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            self.files.remove(self.tmp)
+            self.tmp = None
+
+    def _check_structure(self) -> dict[int, str] | None:
+        """Reject a dataset whose elements do not tile it exactly (see dataset_check); for a deflated one,
+        the header UIDs from a bounded inflate, never pydicom's inflate-it-all."""
+        start = self.file_size - self.size
+        try:
+            if self.transfer_syntax in (EXPLICIT_LE, IMPLICIT_LE):
+                why = check_structure(self.tmp, start, self.file_size, explicit=self.transfer_syntax == EXPLICIT_LE)
+                if why:
+                    raise MalformedDataset(why)
+            elif self.transfer_syntax == DEFLATED_LE:
+                head, complete = inflated_head(self.tmp, start, head_bytes=SNIFF_BYTES,
+                                               max_total=self.settings.max_instance_bytes)
+                values = sniff_uids(head, explicit=True, complete=complete)
+                if values is None:
+                    raise MalformedDataset("identifying UIDs not found at the start of the inflated dataset")
+                return values
+        except MalformedDataset as exc:
+            raise RejectedInstance(CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from exc
+        return None
+
+    def finish(self) -> Pending:
+        """Check the header and make the temp file durable; raises RejectedInstance (temp file removed)."""
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.fd is None or self.tmp is None:
+                raise RejectedInstance(CANNOT_UNDERSTAND, "empty dataset")
+            values = self._check_structure()  # security: truncation, bad lengths, deep nesting, deflate bombs
+            if self.transfer_syntax in (EXPLICIT_LE, IMPLICIT_LE):
+                values = sniff_uids(self.head, explicit=self.transfer_syntax == EXPLICIT_LE,
+                                    complete=self.size <= len(self.head))
+            if values is None:
+                values = read_header_uids(self.tmp)
+            study, series, sop, sop_class = check_header(values, self.sop_uid, self.class_uid)
+            try:
+                self.files.check_space(0)
+                path = self.files.instance_path(study, series, sop)
+                os.fsync(self.fd)
+            except StorageFullError as exc:
+                raise RejectedInstance(OUT_OF_RESOURCES, f"storage full: {exc}") from exc
+            except OSError as exc:
+                raise RejectedInstance(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}") from exc
+            os.close(self.fd)
+            self.fd = None
+        except BaseException:
+            self.discard()
+            raise
+        tmp, self.tmp = self.tmp, None
+        return Pending(tmp=tmp, path=path, instance=NewInstance(
+            sop_instance_uid=sop, study_uid=study, series_uid=series, sop_class_uid=sop_class,
+            transfer_syntax=self.transfer_syntax, path=self.files.relative(path), size=self.file_size,
+            calling_ae=self.calling_ae))

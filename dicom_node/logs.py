@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -52,10 +53,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class RedactValues(logging.Filter):
+    """pydicom's validation warnings quote the offending value (a malformed birth date, a name): drop it."""
+
+    _RX = re.compile(r"(Invalid value for VR \w\w: ).*", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Invalid value for VR" in msg:
+            record.msg, record.args = self._RX.sub(r"\1<redacted>", msg), ()
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
     """The only place logging is configured (called by the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    handler.addFilter(RedactValues())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

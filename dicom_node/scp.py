@@ -2,24 +2,26 @@
 
 Transfer syntaxes offered are those pydicom can decode here (uncompressed, deflated, JPEG family, JPEG-LS,
 JPEG 2000, RLE), so the worker can read whatever was accepted. Bytes are stored as received.
+pynetdicom's AE is used for what it describes (contexts, AE-title rules); receiver.py moves the bytes.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-from typing import Any
+import os
 
 from pydicom import uid as pduid
 from pydicom.pixels import get_decoder
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
-from dicom_node.handlers import Handlers, StoreSettings
+from dicom_node.group_commit import GroupCommitter
+from dicom_node.handlers import StoreSettings
 from dicom_node.logs import log_event
+from dicom_node.receiver import Limits, ReceiveServer
+from dicom_node.security import ListenerGuard
 from storage.files import FileStore
 from storage.jobstore import JobStore
 
@@ -50,28 +52,6 @@ def decodable_transfer_syntaxes() -> list[str]:
     return out
 
 
-def set_nodelay(event: Any) -> None:
-    """Disable Nagle's algorithm: small DIMSE responses otherwise wait ~40 ms for an ACK."""
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        log_event(log, "nodelay_failed", logging.DEBUG, error=str(exc))
-
-
-def _log_rejected(event: Any) -> None:
-    a = event.assoc
-    log_event(log, "association_rejected", logging.WARNING, calling_ae=a.requestor.ae_title,
-              called_ae=a.acceptor.ae_title, peer=f"{a.requestor.address}:{a.requestor.port}")
-
-
-def _log_aborted(event: Any) -> None:
-    a = event.assoc
-    log_event(log, "association_aborted", logging.WARNING, calling_ae=a.requestor.ae_title,
-              peer=f"{a.requestor.address}:{a.requestor.port}")
-
-
 def build_ae(cfg: Config) -> AE:
     n = cfg.node
     ae = AE(ae_title=n.ae_title)
@@ -89,26 +69,27 @@ def build_ae(cfg: Config) -> AE:
     return ae
 
 
-def start_listener(cfg: Config, files: FileStore, jobs: JobStore) -> tuple[AE, ThreadedAssociationServer]:
-    """Start accepting associations in background threads; returns (ae, server)."""
+def store_settings(cfg: Config) -> StoreSettings:
+    return StoreSettings(late_arrivals=cfg.completion.late_arrivals, duplicate_policy=cfg.node.duplicate_policy,
+                         max_instance_bytes=cfg.node.max_instance_mb << 20)
+
+
+def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, reuse_port: bool = False
+                   ) -> tuple[AE, ReceiveServer]:
+    """Start accepting associations in background threads; returns (ae, server).
+
+    The AE holds the supported presentation contexts and AE-title rules used for negotiation; the
+    ReceiveServer does the transfer (see receiver.py for why it is not pynetdicom's own server).
+    """
     ae = build_ae(cfg)
-    handlers = Handlers(files, jobs, StoreSettings(
-        late_arrivals=cfg.completion.late_arrivals,
-        duplicate_policy=cfg.node.duplicate_policy,
-        max_instance_bytes=cfg.node.max_instance_mb << 20,
-    ))
-    server = ae.start_server(
-        (cfg.node.bind, cfg.node.port), block=False,
-        evt_handlers=[
-            (evt.EVT_CONN_OPEN, set_nodelay),
-            (evt.EVT_C_ECHO, handlers.on_echo),
-            (evt.EVT_C_STORE, handlers.on_store),
-            (evt.EVT_REJECTED, _log_rejected),
-            (evt.EVT_ABORTED, _log_aborted),
-        ],
-    )
-    assert server is not None
-    log_event(log, "listener_started", ae_title=cfg.node.ae_title, bind=cfg.node.bind,
-              port=server.server_address[1], transfer_syntaxes=len(ae.supported_contexts[0].transfer_syntax)
-              if ae.supported_contexts else 0)
+    n = cfg.node
+    settings = store_settings(cfg)
+    server = ReceiveServer(
+        ae, (n.bind, n.port), files, GroupCommitter(files, jobs.engine, settings), settings,
+        Limits(max_pdu_size=n.max_pdu_size, max_associations=n.max_associations, acse_timeout=n.acse_timeout,
+               network_timeout=n.network_timeout), reuse_port=reuse_port, guard=ListenerGuard.from_config(cfg),
+    ).start()
+    log_event(log, "listener_started", ae_title=n.ae_title, bind=n.bind, port=server.server_address[1],
+              transfer_syntaxes=len(ae.supported_contexts[0].transfer_syntax) if ae.supported_contexts else 0,
+              pid=os.getpid())
     return ae, server

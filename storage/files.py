@@ -36,6 +36,10 @@ def check_uid(uid: str, what: str) -> str:
     return uid
 
 
+def _storage_error(exc: OSError) -> OSError:
+    return StorageFullError(28, "no space left on device") if exc.errno == 28 else exc
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -80,7 +84,8 @@ class FileStore:
         if self.min_free_bytes and self.free_bytes() - incoming_bytes < self.min_free_bytes:
             raise StorageFullError(f"free space below the floor of {self.min_free_bytes // (1 << 20)} MiB")
 
-    def _ensure_dir(self, folder: Path) -> None:
+    def ensure_dir(self, folder: Path) -> None:
+        """Create ``folder`` and make its new entries durable; remembered, so repeat calls cost nothing."""
         if folder in self._known_dirs:
             return
         created = []
@@ -88,14 +93,15 @@ class FileStore:
         while not p.exists():
             created.append(p)
             p = p.parent
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for c in reversed(created):  # one by one: mkdir(parents=True) gives the parents the umask's mode
+            c.mkdir(exist_ok=True, mode=0o700)
         for c in reversed(created):  # make the new directory entries themselves durable
             _fsync_dir(c.parent)
         self._known_dirs.add(folder)
 
     def write_atomic(self, path: Path, chunks: bytes | memoryview | list[bytes]) -> int:
         """Write bytes durably under ``path``; return the size. Leaves nothing behind on failure."""
-        self._ensure_dir(path.parent)
+        self.ensure_dir(path.parent)
         tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         size = 0
         try:
@@ -120,6 +126,31 @@ class FileStore:
                 raise StorageFullError(28, "no space left on device") from exc
             raise
         return size
+
+    # ---- streamed writes: temp file first, placed under its final name once the header is known -----------
+
+    def open_temp(self) -> tuple[int, Path]:
+        """A new private temp file under ``incoming/`` (same file system as the final names); (fd, path)."""
+        folder = self.root / "incoming"
+        self.ensure_dir(folder)
+        tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def place(self, tmp: Path, path: Path) -> None:
+        """Rename a complete, fsynced temp file to ``path``; durable once ``sync_dirs`` covered its folder."""
+        try:
+            self.ensure_dir(path.parent)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def sync_dirs(self, folders: set[Path]) -> None:
+        """fsync each folder once: one call makes every rename done in it so far durable."""
+        for folder in folders:
+            _fsync_dir(folder)
 
     def remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):

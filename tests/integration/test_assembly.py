@@ -10,8 +10,8 @@ from pynetdicom import AE
 from ai_models.phantom import generate_phantom
 from dicom_node.assembly import Assembler
 from dicom_node.config import parse_config
-from dicom_node.scp import start_listener
 from dicom_node.runtime import open_runtime
+from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets
 from tests.peers import SHIPPED_SEG_BUNDLE, free_port
 

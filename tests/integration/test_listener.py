@@ -17,10 +17,10 @@ from pynetdicom.dsutils import encode
 
 from ai_models.phantom import generate_phantom
 from dicom_node.config import parse_config
-from dicom_node.scp import start_listener
 from dicom_node.runtime import open_runtime
+from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
-from tests.peers import DCMTK_ENV, ECHOSCU, free_port, storescu
+from tests.peers import DCMTK_ENV, ECHOSCU, free_port, storescu, wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -133,8 +133,12 @@ def test_dataset_uid_differing_from_command_is_refused(listener) -> None:
     req.AffectedSOPInstanceUID = "1.2.3.4.5.99"
     req.Priority = 2
     req.DataSet = BytesIO(encode(_good("1.2.3.4.5.7"), False, True))
+    # pause the association's reactor as pynetdicom's send_c_store does, or it may take the response first
+    assoc._reactor_checkpoint.clear()
+    wait_for(lambda: assoc._is_paused, 10, "the association reactor to pause")
     assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
     _, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
     assoc.release()
     assert rsp is not None and int(rsp.Status) == 0xC212
     assert rt.jobs.all_instances() == []

@@ -1,0 +1,150 @@
+"""Receive throughput: the node against DCMTK storescp and Orthanc, with DCMTK storescu as the sender.
+
+Two studies (300 CT slices of 512x512 and 2000 of 128x128, generated once into a cache under /tmp) are
+sent on one association and on 4 in parallel (the files split over 4 storescu processes) to:
+  storescp   DCMTK, writing each object to a file (no fsync), --fork for the parallel case;
+  Orthanc    Debian's package, SQLite index, its own temp storage;
+  dicom-node `dicom-node serve`, no models or routes: each instance fsynced, renamed, folder fsynced and
+             indexed (SQLite WAL, synchronous FULL) before Success is answered.
+Each receiver is started fresh for each measurement and the count of stored instances checked afterwards;
+with --repeats the receivers are interleaved and medians reported (the machine's load moves a lot here).
+The last column is the disk's median write+fsync time probed just before the cell: the node needs three
+flushes in a row per instance, storescp none.
+Time is storescu's wall time (including its own file reading, the same for every peer). The run happens
+in a private network namespace (Orthanc listens on all interfaces), so nothing leaves loopback.
+
+    .venv/bin/python bench/bench_receive.py [--quick] [--repeats N] [--no-orthanc] [--flush-diagnostic]
+
+--flush-diagnostic adds rows for the node's listener run in this process with fsync made a no-op and
+SQLite synchronous=OFF: not a mode of the product (it would acknowledge instances a power cut can lose),
+only a way to show how much of the node's time is the disk's flushes rather than its own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    ORTHANC,
+    NodePeer,
+    OrthancPeer,
+    Peer,
+    StoreSCPPeer,
+    Study,
+    cached_ct_study,
+    flush_latency_ms,
+    in_private_netns,
+    reexec_in_netns,
+    send,
+    workdir,
+)
+
+
+def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tuple[str, float]:
+    """(receiver name, instances/s) of one run against a freshly started receiver."""
+    with workdir("bench-recv-") as work:
+        peer = make(work).start()
+        try:
+            elapsed = send(peer, study.paths, associations)
+            stored = peer.count()
+        finally:
+            peer.stop()
+    if stored != len(study.paths):
+        raise RuntimeError(f"{peer.name} stored {stored} of {len(study.paths)} instances")
+    return peer.name, len(study.paths) / elapsed
+
+
+NO_FLUSH = "node, no flush*"
+
+
+def measure_without_flushes(study: Study, associations: int) -> float:
+    """Diagnostic only: the listener in this process, every fsync a no-op, SQLite synchronous=OFF."""
+    from unittest import mock
+
+    from dicom_node.config import parse_config
+    from dicom_node.runtime import open_runtime
+    from dicom_node.scp import start_listener
+
+    with workdir("bench-noflush-") as work, mock.patch("os.fsync"), mock.patch("storage.files._fsync_dir"):
+        cfg = parse_config({"node": {"port": 0, "bind": "127.0.0.1", "data_dir": str(work / "var"), "min_free_mb": 0,
+                                     "sqlite_synchronous": "OFF"}}, work)
+        rt = open_runtime(cfg)
+        ae, server = start_listener(cfg, rt.files, rt.jobs)
+        try:
+            peer = Peer()
+            peer.ae_title, peer.port = cfg.node.ae_title, server.server_address[1]
+            elapsed = send(peer, study.paths, associations)
+            stored = len(rt.jobs.all_instances())
+        finally:
+            server.shutdown()
+            ae.shutdown()
+            rt.jobs.engine.dispose()
+    if stored != len(study.paths):
+        raise RuntimeError(f"stored {stored} of {len(study.paths)} instances")
+    return len(study.paths) / elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller studies (100 x 512^2, 500 x 128^2)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
+    ap.add_argument("--no-orthanc", action="store_true")
+    ap.add_argument("--flush-diagnostic", action="store_true", help="add rows for the node without flushes")
+    args = ap.parse_args()
+    want_orthanc = not args.no_orthanc and Path(ORTHANC).exists()
+    if want_orthanc:
+        reexec_in_netns()  # returns only where a namespace cannot be made
+        if not in_private_netns():
+            want_orthanc = False
+
+    big = cached_ct_study("ct-300x512", 300, 512, seed=11)
+    small = cached_ct_study("ct-2000x128", 2000, 128, seed=12)
+    if args.quick:
+        big, small = Study(big.name + "-quick", big.paths[:100]), Study(small.name + "-quick", small.paths[:500])
+
+    print(f"# receive benchmark  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
+          f"fsync={flush_latency_ms():.2f} ms  netns={'private' if in_private_netns() else 'host'}", flush=True)
+    header = (f"{'study':<22} {'assoc':>5} {'receiver':<17} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
+              f"{'fsync ms':>8}")
+    print(header)
+    print("-" * len(header))
+    started = time.monotonic()
+    for study in (big, small):
+        per_mb = study.bytes / 1e6 / len(study.paths)
+        label = f"{study.name} ({len(study.paths)})"
+        for n in (1, 4):
+            makers: list[Callable[[Path], Peer]] = [lambda w, n=n: StoreSCPPeer(w, fork=n > 1)]
+            if want_orthanc:
+                makers.append(OrthancPeer)
+            makers.append(NodePeer)
+            rates: dict[str, list[float]] = {}
+            flush = []
+            for _ in range(args.repeats):  # receivers interleaved, so a change in the machine's load hits all
+                flush.append(flush_latency_ms(20))
+                for make in makers:
+                    name, rate = measure(make, study, n)
+                    rates.setdefault(name, []).append(rate)
+                if args.flush_diagnostic:
+                    rates.setdefault(NO_FLUSH, []).append(measure_without_flushes(study, n))
+            median = {name: statistics.median(r) for name, r in rates.items()}
+            node = median["dicom-node"]
+            for name, rate in median.items():
+                ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH) else ""
+                print(f"{label:<22} {n:>5} {name:<17} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
+                      f"{statistics.median(flush):>6.2f}", flush=True)
+    print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")
+    if args.flush_diagnostic:
+        print("# * diagnostic only: listener in-process with fsync a no-op and SQLite synchronous=OFF (not durable)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

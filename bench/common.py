@@ -1,0 +1,348 @@
+"""Shared benchmark plumbing: cached test studies, peers (DCMTK storescp, Orthanc, the node), timed sends.
+
+Everything talks over loopback only. Orthanc 1.10 binds every interface, so the benchmarks run inside a
+private network namespace (``unshare -n`` + ``ip link set lo up``) whenever Orthanc is part of the run:
+``reexec_in_netns`` re-runs the benchmark script there, so Orthanc, storescp, the node and every storescu
+share one namespace that reaches nothing outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.peers import (  # noqa: E402  (the repo root goes on sys.path first)
+    DCMTK_ENV,
+    STORESCP,
+    STORESCU,
+    NodeProcess,
+    free_port,
+    port_open,
+    wait_for,
+    write_config,
+)
+
+ORTHANC = "/usr/sbin/Orthanc"
+CACHE = Path(os.environ.get("DICOM_NODE_BENCH_CACHE", "/tmp/dicom-node-bench-cache"))
+NETNS_FLAG = "DICOM_NODE_BENCH_NETNS"
+
+
+# ---- studies ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    paths: tuple[Path, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+
+def cached_ct_study(name: str, slices: int, size: int, seed: int) -> Study:
+    """A generated CT phantom series (one file per slice), written once under the cache dir."""
+    out = CACHE / name
+    done = out / ".complete"
+    if not done.exists():
+        from ai_models.phantom import generate_phantom
+        from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
+
+        shutil.rmtree(out, ignore_errors=True)
+        ph = generate_phantom(seed, shape=(slices, size, size), n_nodules=2)
+        ids = StudyIds(study_uid=f"1.2.826.0.1.3680043.10.1234.88.{seed}", patient_id=f"BENCH{seed}",
+                       accession=f"ACC{seed}")  # short UIDs: generated ones plus suffixes would pass 64 chars
+        batch = 100  # keep at most this many datasets in memory
+        for start in range(0, slices, batch):
+            part = ph.__class__(hu=ph.hu[start:start + batch], labels=ph.labels[start:start + batch],
+                                spacing=ph.spacing, nodules=ph.nodules)
+            dss = phantom_datasets(part, ids, series_uid=_series_uid(ids.study_uid), origin=(-200.0, -200.0,
+                                                                                        start * ph.spacing[0]))
+            for k, ds in enumerate(dss):  # unique SOP UIDs and numbers across batches
+                ds.InstanceNumber = start + k + 1
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{start + k + 1}"
+            write_datasets(dss, out)
+        done.write_text(str(slices))
+    paths = tuple(sorted((p for p in out.iterdir() if p.suffix == ".dcm"), key=lambda p: int(p.stem.rsplit(".", 1)[1])))
+    return Study(name, paths)
+
+
+def _series_uid(study_uid: str) -> str:
+    return f"{study_uid}.2"
+
+
+def cached_multiframe_study(name: str, instances: int, frames: int, size: int) -> Study:
+    """Large multi-frame 16-bit instances (Multi-frame Grayscale Word SC), for memory benchmarks."""
+    from pydicom import uid as pduid
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    out = CACHE / name
+    done = out / ".complete"
+    if not done.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(-1000, 1000, size=(frames, size, size), dtype=np.int16).tobytes()
+        study = "1.2.826.0.1.3680043.10.1234.77.1"
+        for i in range(instances):
+            ds = Dataset()
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+            ds.SOPInstanceUID = f"{study}.2.{i + 1}"
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{study}.2"
+            ds.PatientName, ds.PatientID, ds.Modality = "BENCH^MEMORY", "BM1", "OT"
+            ds.InstanceNumber = i + 1
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.Rows = ds.Columns = size
+            ds.NumberOfFrames = frames
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.PixelData = pixels
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = pduid.ExplicitVRLittleEndian
+            ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        done.write_text(str(instances))
+    return Study(name, tuple(sorted(p for p in out.iterdir() if p.suffix == ".dcm")))
+
+
+# ---- network namespace --------------------------------------------------------------------------------
+
+
+def in_private_netns() -> bool:
+    return os.environ.get(NETNS_FLAG) == "1"
+
+
+def reexec_in_netns() -> None:
+    """Re-run this script in a private network namespace with only loopback up; returns only on failure."""
+    if in_private_netns() or shutil.which("unshare") is None:
+        return
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        print("note: cannot create a network namespace (needs root or user namespaces); Orthanc is skipped",
+              file=sys.stderr)
+        return
+    argv = " ".join(_quote(a) for a in [sys.executable, *sys.argv])
+    env = {**os.environ, NETNS_FLAG: "1"}
+    os.execvpe("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {argv}"], env)
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+# ---- peers --------------------------------------------------------------------------------------------
+
+
+class Peer:
+    """A receiver started for one measurement; ``count()`` tells how many instances it holds."""
+
+    name = "peer"
+    ae_title = "PEER"
+    port = 0
+
+    def start(self) -> Peer:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return []
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class StoreSCPPeer(Peer):
+    """DCMTK storescp writing each object to a file (no fsync); ``fork`` serves associations in parallel."""
+
+    def __init__(self, work: Path, fork: bool) -> None:
+        self.name = "storescp --fork" if fork else "storescp"
+        self.ae_title = "STORESCP"
+        self.fork = fork
+        self.out = work / "storescp"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreSCPPeer:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = [STORESCP, "-aet", self.ae_title, "-od", str(self.out), "-pm", "+xa", "-uf"]
+        if self.fork:
+            args.append("--fork")
+        self.proc = subprocess.Popen([*args, str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env=DCMTK_ENV, start_new_session=True)
+        wait_for(lambda: port_open(self.port), 10, "storescp's port")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)  # storescp --fork leaves children in its group
+            self.proc.wait(10)
+
+    def count(self) -> int:
+        return sum(1 for p in self.out.iterdir() if p.is_file())
+
+
+class OrthancPeer(Peer):
+    """Debian's Orthanc with its SQLite index and file storage in a temp dir, HTTP off, no plugins."""
+
+    def __init__(self, work: Path) -> None:
+        self.name = "Orthanc"
+        self.ae_title = "ORTHANC"
+        self.dir = work / "orthanc"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OrthancPeer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cfg = {
+            "Name": "bench", "StorageDirectory": str(self.dir / "storage"), "IndexDirectory": str(self.dir / "index"),
+            "DicomAet": self.ae_title, "DicomPort": self.port, "HttpServerEnabled": False, "HttpPort": free_port(),
+            "Plugins": [], "StorageCompression": False, "DicomCheckCalledAet": False, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomThreadsCount": 4, "LogExportedResources": False,
+        }
+        (self.dir / "orthanc.json").write_text(json.dumps(cfg))
+        self.log = open(self.dir / "orthanc.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 30, "Orthanc's DICOM port")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited: {(self.dir / 'orthanc.log').read_text()[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+        self.log.close()
+
+    def count(self) -> int:
+        return sum(1 for p in (self.dir / "storage").rglob("*") if p.is_file() and len(p.name) == 36)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+
+class NodePeer(Peer):
+    """`dicom-node serve` with a temp config: no models and no routes, so only the listener does work."""
+
+    def __init__(self, work: Path, extra_node: str = "") -> None:
+        self.name = "dicom-node"
+        self.ae_title = "DICOM_NODE"
+        self.dir = work / "node"
+        self.extra_node = extra_node
+        self.proc: NodeProcess | None = None
+
+    def start(self) -> NodePeer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cfg = write_config(self.dir / "config.toml", port=self.port, data_dir=self.dir / "var", destinations=[],
+                           stable_seconds=3600, models="", routes="")
+        if self.extra_node:  # extra [node] keys go right under the section header
+            text = cfg.read_text().replace("[node]\n", f"[node]\n{self.extra_node}\n", 1)
+            cfg.write_text(text)
+        self.proc = NodeProcess(cfg, self.port, self.dir / "node.log").start()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            rc = self.proc.stop()
+            if rc != 0:
+                raise RuntimeError(f"the node exited with {rc}:\n{self.proc.log_text()[-3000:]}")
+
+    def count(self) -> int:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.dir / "var" / "node.db")) as db:
+            return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.proc is None:
+            return []
+        return [self.proc.proc.pid, *_children(self.proc.proc.pid)]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for c in (task / "children").read_text().split():
+                out += [int(c), *_children(int(c))]
+    return out
+
+
+# ---- sending ------------------------------------------------------------------------------------------
+
+
+def split(paths: Sequence[Path], n: int) -> list[list[Path]]:
+    """``n`` interleaved shares, so each association carries a similar mix."""
+    return [list(paths[i::n]) for i in range(n)]
+
+
+def send(peer: Peer, paths: Sequence[Path], associations: int) -> float:
+    """Send ``paths`` with ``associations`` parallel DCMTK storescu processes; returns wall seconds."""
+    procs = []
+    start = time.perf_counter()
+    for share in split(paths, associations):
+        args = [STORESCU, "-aec", peer.ae_title, "-aet", "BENCHSCU", "127.0.0.1", str(peer.port)]
+        procs.append(subprocess.Popen([*args, *map(str, share)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, env=DCMTK_ENV))
+    errors = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            errors.append(err.decode(errors="replace")[-1500:])
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"storescu failed against {peer.name}:\n" + "\n".join(errors))
+    return elapsed
+
+
+def flush_latency_ms(samples: int = 40) -> float:
+    """Median time of write-4-KiB-then-fsync in the benchmarks' temp folder: what one durable step costs on
+    this disk right now (a durable receive needs three in a row per instance: file, folder, index)."""
+    times = []
+    with workdir("bench-fsync-") as d:
+        for i in range(samples):
+            start = time.perf_counter()
+            fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("DICOM_NODE_BENCH_TMP", "/tmp")))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

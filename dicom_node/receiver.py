@@ -1,0 +1,382 @@
+"""The listener's network side: accept associations, negotiate, receive C-STORE and C-ECHO.
+
+One thread per association does blocking reads: a P-DATA fragment goes from the socket buffer straight
+to the instance's temp file, and the response goes out as soon as the instance is durable. Negotiation
+(once per association) reuses pynetdicom's PDU classes and its presentation-context negotiation against
+the AE built in scp.py, so what is accepted is exactly what that AE supports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPDU
+from pynetdicom.pdu import A_ASSOCIATE_RJ as AssociateRjPDU
+from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPDU
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import negotiate_as_acceptor
+
+from dicom_node import upper_layer as ul
+from dicom_node.group_commit import GroupCommitter
+from dicom_node.handlers import (
+    CANNOT_UNDERSTAND,
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    IncomingInstance,
+    RejectedInstance,
+    StoreSettings,
+)
+from dicom_node.logs import log_event
+from dicom_node.security import ListenerGuard
+from storage.files import FileStore
+
+log = logging.getLogger("dicom_node.listener")
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+MAX_PDU_ACCEPTED = 64 << 20  # peers must respect our maximum; a little slack, never unbounded
+UNRECOGNISED_OPERATION = 0x0211
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pdu_size: int
+    max_associations: int
+    acse_timeout: float
+    network_timeout: float
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """What an A-ASSOCIATE-RQ was answered with. Decoding and negotiating a typical request (storescu
+    proposes 128 contexts) costs 10-70 ms of pynetdicom work; the answer depends only on the request's bytes
+    and the config, so a repeated request reuses it. Access checks still run on every association."""
+
+    calling_ae: str
+    called_ae: str
+    accept_pdu: bytes
+    contexts: dict[int, tuple[str, str]]
+
+
+ACCEPT_CACHE_SIZE = 64
+
+
+class _Sink:
+    """Where the dataset of a command that is not a C-STORE goes: nowhere."""
+
+    def write(self, data: memoryview) -> None:
+        return None
+
+
+class ReceiveServer:
+    """Accepts associations on ``address`` until ``shutdown``; ``server_address`` is the bound (host, port)."""
+
+    def __init__(self, ae: AE, address: tuple[str, int], files: FileStore, committer: GroupCommitter,
+                 settings: StoreSettings, limits: Limits, *, reuse_port: bool = False,
+                 guard: ListenerGuard | None = None) -> None:
+        self.ae = ae
+        self.guard = guard or ListenerGuard.from_ae(ae, max_pdu_size=limits.max_pdu_size,
+                                                    max_associations=limits.max_associations,
+                                                    acse_timeout=limits.acse_timeout)
+        self.files = files
+        self.committer = committer
+        self.settings = settings
+        self.limits = limits
+        self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind(address)
+        self.sock.listen(64)
+        self.sock.settimeout(0.5)  # how often the accept loop looks at the stop flag
+        self.server_address = self.sock.getsockname()[:2]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        self.accepted_cache: dict[bytes, _Accepted] = {}
+        self._thread = threading.Thread(target=self._accept_loop, name="listener", daemon=True)
+
+    def start(self) -> ReceiveServer:
+        self._thread.start()
+        return self
+
+    def remember_accept(self, request: bytes, accepted: _Accepted) -> None:
+        if len(self.accepted_cache) >= ACCEPT_CACHE_SIZE:
+            self.accepted_cache.clear()
+        self.accepted_cache[request] = accepted
+
+    def active_associations(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                # e.g. out of file descriptors: keep the listener alive and try again shortly
+                log_event(log, "accept_failed", logging.WARNING, error=str(exc) or type(exc).__name__)
+                self._stop.wait(0.1)
+                continue
+            conn.settimeout(None)
+            if not self.guard.admit(self.active_associations(), peer):
+                conn.close()
+                continue
+            conn = self.guard.wrap(conn)  # TLS without I/O: the handshake runs in the connection's thread
+            t = threading.Thread(target=self._serve, args=(conn, peer), name=f"assoc-{peer[1]}", daemon=True)
+            with self._lock:
+                self._active[id(conn)] = (conn, t)
+            t.start()
+
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            if self.guard.handshake(conn, peer):
+                _Association(self, conn, f"{peer[0]}:{peer[1]}").run()
+        except Exception:  # one broken association must not take the listener down
+            log.exception("association_failed")
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            with self._lock:
+                self._active.pop(id(conn), None)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting, abort open associations (unacknowledged instances are not kept) and wait."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._lock:
+            active = list(self._active.values())
+        for conn, _ in active:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for _, t in active:
+            t.join(timeout)
+
+
+class _Association:
+    def __init__(self, server: ReceiveServer, conn: socket.socket, peer: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.peer = peer
+        self.calling_ae = ""
+        self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
+        self.buf = bytearray(max(server.limits.max_pdu_size, 16384) + 16)
+
+    def send(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+    # ---- association setup -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn.settimeout(self.server.limits.acse_timeout)
+        stream = self.conn.makefile("rb", buffering=1 << 16)
+        try:
+            pdu_type, length = ul.read_pdu_header(stream)
+            if pdu_type != ul.A_ASSOCIATE_RQ or length > 1 << 20:
+                self.send(ul.abort(0x02, 0x02))
+                return
+            body = bytearray(length)
+            ul.read_exact(stream, memoryview(body))
+            if not self._negotiate(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + bytes(body)):
+                return
+            self.conn.settimeout(self.server.limits.network_timeout)
+            self._receive(stream)
+        except ul.PeerClosed:
+            if not self.contexts:  # closed before an association existed: a port probe or health check
+                log_event(log, "connection_closed", logging.DEBUG, peer=self.peer)
+            else:
+                log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer,
+                          reason="connection closed")
+        except ul.ProtocolError as exc:
+            log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer,
+                      reason=str(exc))
+            with contextlib.suppress(OSError):
+                self.send(ul.abort(0x02, 0x00))
+        except OSError as exc:  # reset, timeout, shutdown
+            log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer,
+                      reason=str(exc) or type(exc).__name__)
+        finally:
+            stream.close()
+
+    def _negotiate(self, raw: bytes) -> bool:
+        ae = self.server.ae
+        cached = self.server.accepted_cache.get(raw)
+        rq = None
+        if cached is not None:  # same request as before (same peer software, same files): same answer
+            self.calling_ae, called = cached.calling_ae, cached.called_ae
+        else:
+            pdu = AssociateRqPDU()
+            try:
+                pdu.decode(raw)
+                rq = pdu.to_primitive()
+            except Exception as exc:  # pynetdicom's decoder raises anything (AssertionError, IndexError...)
+                raise ul.ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
+            self.calling_ae = str(rq.calling_ae_title).strip()
+            called = str(rq.called_ae_title).strip()
+        reject: tuple[int, int, int] | None = None
+        refused = self.server.guard.check_association(self.calling_ae, called, self.peer.rsplit(":", 1)[0])
+        if refused is not None:  # AE titles and host allow-list: see security.AccessPolicy
+            reject, why = (refused.result, refused.source, refused.reason), refused.why
+        if self.server.active_associations() > self.server.limits.max_associations:
+            reject, why = (0x02, 0x03, 0x02), "too_many_associations"
+        if reject is not None:
+            rj = A_ASSOCIATE()
+            rj.result, rj.result_source, rj.diagnostic = reject
+            out = AssociateRjPDU()
+            out.from_primitive(rj)
+            self.send(out.encode())
+            log_event(log, "association_rejected", logging.WARNING, calling_ae=self.calling_ae, called_ae=called,
+                      peer=self.peer, reason=why)
+            return False
+        if cached is not None:
+            self.contexts = dict(cached.contexts)
+            self.send(cached.accept_pdu)
+            log_event(log, "association_accepted", logging.DEBUG, calling_ae=self.calling_ae, peer=self.peer,
+                      contexts=len(self.contexts))
+            return True
+        assert rq is not None
+        roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+        result, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, ae.supported_contexts,
+                                                 roles)
+        for cx in result:
+            if cx.result == 0x00:
+                self.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        ac = A_ASSOCIATE()
+        ac.application_context_name = APPLICATION_CONTEXT
+        ac.calling_ae_title = rq.calling_ae_title
+        ac.called_ae_title = rq.called_ae_title
+        ac.result, ac.result_source = 0x00, 0x01
+        ac.presentation_context_definition_results_list = result
+        max_len = MaximumLengthNotification()
+        max_len.maximum_length_received = self.server.limits.max_pdu_size
+        impl_uid = ImplementationClassUIDNotification()
+        impl_uid.implementation_class_uid = IMPLEMENTATION_UID
+        impl_name = ImplementationVersionNameNotification()
+        impl_name.implementation_version_name = IMPLEMENTATION_VERSION
+        ac.user_information = [max_len, impl_uid, impl_name, *ac_roles]
+        out = AssociateAcPDU()
+        out.from_primitive(ac)
+        accept_pdu = out.encode()
+        self.server.remember_accept(raw, _Accepted(self.calling_ae, called, accept_pdu, dict(self.contexts)))
+        self.send(accept_pdu)
+        log_event(log, "association_accepted", logging.DEBUG, calling_ae=self.calling_ae, peer=self.peer,
+                  contexts=len(self.contexts))
+        return True
+
+    # ---- messages --------------------------------------------------------------------------------------
+
+    def _receive(self, stream: BinaryIO) -> None:
+        command = bytearray()
+        cmd: dict[int, bytes] | None = None
+        cmd_ctx = 0
+        sink: IncomingInstance | _Sink | None = None
+        try:
+            while True:
+                pdu_type, length = ul.read_pdu_header(stream)
+                if length > MAX_PDU_ACCEPTED or self.server.guard.pdu_too_large(length):
+                    raise ul.ProtocolError(f"PDU of {length} bytes exceeds the announced maximum")
+                if length > len(self.buf):
+                    self.buf = bytearray(length)
+                body = memoryview(self.buf)[:length]
+                ul.read_exact(stream, body)
+                if pdu_type == ul.A_RELEASE_RQ:
+                    self.send(ul.release_rp())
+                    return
+                if pdu_type == ul.A_ABORT:
+                    log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae,
+                              peer=self.peer, reason="peer aborted")
+                    return
+                if pdu_type != ul.P_DATA_TF:
+                    raise ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+                for pdv in ul.iter_pdvs(body):
+                    if pdv.context_id not in self.contexts:
+                        raise ul.ProtocolError(f"PDV on presentation context {pdv.context_id}, not accepted")
+                    if pdv.is_command:
+                        if cmd is not None:
+                            raise ul.ProtocolError("command fragment while a dataset was expected")
+                        command += body[pdv.start:pdv.end]
+                        if not pdv.is_last:
+                            continue
+                        cmd, cmd_ctx = ul.parse_command(bytes(command)), pdv.context_id
+                        command.clear()
+                        if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
+                            self._dispatch(cmd, cmd_ctx, None)
+                            cmd = None
+                        else:
+                            sink = self._sink_for(cmd, cmd_ctx)
+                        continue
+                    if cmd is None or sink is None:
+                        raise ul.ProtocolError("dataset fragment without a command")
+                    sink.write(body[pdv.start:pdv.end])
+                    if pdv.is_last:
+                        done, sink = sink, None
+                        self._dispatch(cmd, cmd_ctx, done)
+                        cmd = None
+        finally:
+            if isinstance(sink, IncomingInstance):
+                sink.discard()  # aborted mid-dataset: nothing was acknowledged, nothing is kept
+
+    def _sink_for(self, cmd: dict[int, bytes], ctx: int) -> IncomingInstance | _Sink:
+        if ul.command_us(cmd, 0x0100) != ul.C_STORE_RQ:
+            return _Sink()
+        return IncomingInstance(self.server.files, self.server.settings, command_sop_uid=cmd.get(0x1000, b""),
+                                command_class_uid=cmd.get(0x0002, b""), transfer_syntax=self.contexts[ctx][1],
+                                calling_ae=self.calling_ae)
+
+    def _dispatch(self, cmd: dict[int, bytes], ctx: int, data: IncomingInstance | _Sink | None) -> None:
+        field = ul.command_us(cmd, 0x0100) or 0
+        msg_id = ul.command_us(cmd, 0x0110) or 0
+        sop_class = cmd.get(0x0002, b"")
+        if field == ul.C_ECHO_RQ:
+            self.send(ul.p_data_command(ctx, ul.encode_response(field, msg_id, SUCCESS, sop_class, None)))
+            return
+        sop = cmd.get(0x1000, b"")
+        if field != ul.C_STORE_RQ:
+            status, comment = UNRECOGNISED_OPERATION, "only C-STORE and C-ECHO are served"
+        elif not isinstance(data, IncomingInstance):
+            status, comment = CANNOT_UNDERSTAND, "C-STORE without a dataset"
+        else:
+            status, comment = self._store(data)
+        self.send(ul.p_data_command(ctx, ul.encode_response(field, msg_id, status, sop_class, sop, comment)))
+
+    def _store(self, incoming: IncomingInstance) -> tuple[int, str]:
+        sop_uid = incoming.sop_uid
+        try:
+            status, outcome = self.server.committer.commit(incoming.finish())
+        except RejectedInstance as exc:
+            status, outcome = exc.status, exc.comment
+        except Exception as exc:  # a handler must answer a status, never crash the association
+            incoming.discard()
+            log.exception("store_failed", extra={"fields": {"sop_instance_uid": sop_uid[:80]}})
+            return OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
+        if status != SUCCESS:
+            log_event(log, "instance_rejected", logging.WARNING, sop_instance_uid=sop_uid[:80],
+                      status=f"0x{status:04X}", reason=outcome, calling_ae=self.calling_ae)
+            return status, outcome
+        if outcome != "stored":
+            log_event(log, "instance_" + outcome, sop_instance_uid=sop_uid, calling_ae=self.calling_ae)
+        else:
+            log_event(log, "instance_stored", logging.DEBUG, sop_instance_uid=sop_uid, calling_ae=self.calling_ae)
+        return SUCCESS, ""

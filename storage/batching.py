@@ -1,0 +1,185 @@
+"""Group commit for received instances: many index rows in one transaction (one WAL fsync).
+
+``JobStore.record_instance`` commits once per instance; with several associations receiving at once
+the listener instead gathers the instances whose files are already durable and indexes them together.
+The rules are those of ``record_instance`` applied in order (a new study row, a complete study
+re-opened by a late arrival, a replaced instance), so the result equals calling it once per instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from storage.records import NewInstance
+
+_NEW_STUDY = (
+    "INSERT INTO studies (study_uid, state, generation, first_received_at, last_received_at, instance_count) "
+    "VALUES (:study_uid, 'receiving', 0, :now, :now, 0)")
+_TOUCH_STUDY = (
+    "UPDATE studies SET state = :state, generation = :generation, last_received_at = :now, "
+    "instance_count = instance_count + :added WHERE study_uid = :study_uid")
+_NEW_INSTANCE = (
+    "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, path, size, "
+    "received_at, calling_ae) VALUES (:sop_instance_uid, :study_uid, :series_uid, :sop_class_uid, "
+    ":transfer_syntax, :path, :size, :now, :calling_ae)")
+_REPLACE_INSTANCE = (
+    "UPDATE instances SET path = :path, size = :size, received_at = :now, transfer_syntax = :transfer_syntax "
+    "WHERE sop_instance_uid = :sop_instance_uid")
+
+
+def _in(column: str, values: Sequence[str]) -> tuple[str, dict[str, object]]:
+    """``column IN (:p0, :p1, ...)`` and its parameters (named style works for SQLAlchemy and sqlite3)."""
+    params = {f"p{i}": v for i, v in enumerate(dict.fromkeys(values))}
+    return f"{column} IN ({', '.join(':' + k for k in params)})", params
+
+
+class _Executor(Protocol):
+    def rows(self, sql: str, params: dict[str, object]) -> list[tuple]: ...
+
+    def many(self, sql: str, params: list[dict[str, object]]) -> None: ...
+
+
+class _CoreExecutor:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def rows(self, sql: str, params: dict[str, object]) -> list[tuple]:
+        return [tuple(r) for r in self.conn.execute(text(sql), params)]
+
+    def many(self, sql: str, params: list[dict[str, object]]) -> None:
+        self.conn.execute(text(sql), params)
+
+
+class _SqliteExecutor:
+    """The DBAPI cursor itself: SQLAlchemy's per-statement work is most of the cost of a small batch."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.cur = cursor
+
+    def rows(self, sql: str, params: dict[str, object]) -> list[tuple]:
+        return self.cur.execute(sql, params).fetchall()
+
+    def many(self, sql: str, params: list[dict[str, object]]) -> None:
+        self.cur.executemany(sql, params)
+
+
+class InstanceBatch:
+    """One open transaction: look up what exists, then record a batch of instances."""
+
+    def __init__(self, db: _Executor) -> None:
+        self._db = db
+
+    def existing_paths(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+        """{SOP Instance UID: stored relative path} for those already indexed."""
+        if not sop_instance_uids:
+            return {}
+        where, params = _in("sop_instance_uid", sop_instance_uids)
+        return dict(self._db.rows(f"SELECT sop_instance_uid, path FROM instances WHERE {where}", params))
+
+    def record(self, instances: Sequence[NewInstance], *, late_arrivals: str = "rerun",
+               now: float | None = None) -> list[str]:
+        """Index the instances in order; per instance "stored", "replaced" or "reopened"."""
+        if not instances:
+            return []
+        now = time.time() if now is None else now
+        known = set(self.existing_paths([i.sop_instance_uid for i in instances]))
+        study_uids = list(dict.fromkeys(i.study_uid for i in instances))
+        where, params = _in("study_uid", study_uids)
+        found = self._db.rows(f"SELECT study_uid, state, generation FROM studies WHERE {where}", params)
+        studies: dict[str, list] = {uid: [state, gen, 0] for uid, state, gen in found}  # [state, generation, added]
+        new_studies = [uid for uid in study_uids if uid not in studies]
+        for uid in new_studies:
+            studies[uid] = ["receiving", 0, 0]
+        outcomes: list[str] = []
+        inserts: list[dict[str, object]] = []
+        replaces: list[dict[str, object]] = []
+        for inst in instances:
+            row = {**inst.__dict__, "now": now}
+            study = studies[inst.study_uid]
+            outcome = "replaced" if inst.sop_instance_uid in known else "stored"
+            if study[0] == "complete" and late_arrivals == "rerun":
+                study[0] = "receiving"
+                study[1] += 1
+                outcome = "reopened" if outcome == "stored" else outcome
+            if outcome == "replaced":
+                replaces.append(row)
+            else:
+                known.add(inst.sop_instance_uid)
+                study[2] += 1
+                inserts.append(row)
+            outcomes.append(outcome)
+        if new_studies:
+            self._db.many(_NEW_STUDY, [{"study_uid": uid, "now": now} for uid in new_studies])
+        self._db.many(_TOUCH_STUDY, [{"study_uid": uid, "state": s[0], "generation": s[1], "added": s[2], "now": now}
+                                     for uid, s in studies.items()])
+        if inserts:
+            self._db.many(_NEW_INSTANCE, inserts)
+        if replaces:
+            self._db.many(_REPLACE_INSTANCE, replaces)
+        return outcomes
+
+
+def existing_paths(engine: Engine, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+    """{SOP Instance UID: stored relative path}, read without taking SQLite's write lock (WAL readers run
+    beside the writer), so a lookup never waits for a commit in progress."""
+    if not sop_instance_uids:
+        return {}
+    where, params = _in("sop_instance_uid", sop_instance_uids)
+    sql = f"SELECT sop_instance_uid, path FROM instances WHERE {where}"
+    if engine.dialect.name != "sqlite":
+        with engine.connect() as conn:
+            return {sop: path for sop, path in conn.execute(text(sql), params)}
+    raw = engine.raw_connection()  # autocommit mode: the SELECT runs in its own read transaction
+    try:
+        cur = raw.cursor()
+        try:
+            return dict(cur.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+        finally:
+            cur.close()
+    finally:
+        raw.close()
+
+
+@contextmanager
+def instance_batch(engine: Engine) -> Iterator[InstanceBatch]:
+    """One transaction; committed (durably, per the engine's settings) when the block exits normally.
+
+    SQLite errors surface as SQLAlchemy's DBAPIError subclasses, as they do through the engine."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            yield InstanceBatch(_CoreExecutor(conn))
+        return
+    raw = engine.raw_connection()  # pooled, with the engine's pragmas; autocommit mode, so BEGIN is ours
+    try:
+        cur = raw.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield InstanceBatch(_SqliteExecutor(cur))
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                cur.execute("ROLLBACK")
+            raise _wrap(exc) from exc
+        finally:
+            cur.close()
+    finally:
+        raw.close()
+
+
+def _wrap(exc: sqlite3.Error) -> DBAPIError:
+    kind = IntegrityError if isinstance(exc, sqlite3.IntegrityError) else OperationalError
+    return kind("instance batch", None, exc)
