@@ -18,6 +18,7 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 DCIODVFY = "/usr/bin/dciodvfy"
+BUNDLES = REPO / "ai_models" / "bundles"
 SHIPPED_SEG_BUNDLE = Path(os.environ.get("DICOM_NODE_TEST_SEG_BUNDLE", REPO / "ai_models" / "bundles" / "chest_ct_seg"))
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on otherwise (~100x slower on loopback)
 
@@ -95,15 +96,19 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def write_config(path: Path, *, port: int, data_dir: Path, destinations: Sequence[dict[str, Any]],
                  stable_seconds: float = 1.0, extra: str = "", models: str | None = None,
-                 routes: str | None = None) -> Path:
+                 routes: str | None = None, route_models: Sequence[str] = ("chest-ct-seg",)) -> Path:
     dest = "\n".join(
         f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d.get("ae_title", "PACS")}"\n'
         f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in destinations)
     bundle = SHIPPED_SEG_BUNDLE
-    models = models if models is not None else f'[[models]]\nname = "chest-ct-seg"\nbundle = "{bundle}"\n'
+    models = models if models is not None else "".join(
+        f'[[models]]\nname = "{name}"\nbundle = "{path}"\n' for name, path in (
+            ("chest-ct-seg", bundle), ("chest-ct-det", BUNDLES / "chest_ct_det"),
+            ("chest-ct-cls", BUNDLES / "chest_ct_cls")))
+    route_list = ", ".join(f'"{m}"' for m in route_models)
     names = ", ".join(f'"{d["name"]}"' for d in destinations)
     routes = routes if routes is not None else (
-        '[[routes]]\nname = "chest-ct"\nmatch = { Modality = "CT" }\nmodels = ["chest-ct-seg"]\n'
+        f'[[routes]]\nname = "chest-ct"\nmatch = {{ Modality = "CT" }}\nmodels = [{route_list}]\n'
         f"send_to = [{names}]\n")
     path.write_text(f"""
 [node]

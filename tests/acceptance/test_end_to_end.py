@@ -79,7 +79,7 @@ def _seg_labels_on_source_grid(seg_path: Path, study: SentStudy) -> np.ndarray:
     return labels
 
 
-def _check_study(study: SentStudy, results: dict[str, Path]) -> None:
+def _check_study(study: SentStudy, results: dict[str, Path], *, detect: bool = False) -> None:
     assert set(results) == {"seg", "sr"}, f"{study.name}: got {sorted(results)}"
     for kind, path in results.items():
         errors = dciodvfy_errors(path)
@@ -110,6 +110,38 @@ def _check_study(study: SentStudy, results: dict[str, Path]) -> None:
     else:
         assert (labels == 2).sum() < 20, f"{study.name}: false nodule voxels"
         assert "272519000" in text  # SCT Absent: the SR says no nodule was found
+    if detect:
+        _check_detections_and_classification(study, sr)
+
+
+def _algorithm_names(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[str]:
+    """Algorithm Name (DCM 111001) items of a measurement group."""
+    return [str(i.TextValue) for i in group[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111001"]
+
+
+def _check_detections_and_classification(study: SentStudy, sr: hd.sr.Comprehensive3DSR) -> None:
+    """One located finding per nodule (SCOORD3D near its centre) plus the study-level classification."""
+    boxes = [g for g in sr.content.get_volumetric_roi_measurement_groups() if g.roi is not None]
+    axial = sorted((dcmread(p, stop_before_pixels=True) for p in study.paths
+                    if str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) == study.axial_series_uid),
+                   key=lambda d: float(d.ImagePositionPatient[2]))
+    origin = np.asarray(axial[0].ImagePositionPatient, float)
+    dz, dy, dx = study.phantom.spacing
+    truth = [origin + np.array([n.center_zyx[2] * dx, n.center_zyx[1] * dy, n.center_zyx[0] * dz])
+             for n in study.phantom.nodules]
+    centres = [np.asarray(g.roi.graphic_data).reshape(-1, 3).mean(axis=0) for g in boxes]
+    # the shipped detector runs at 0.225 false positives per study: every nodule found, at most one extra
+    assert len(truth) <= len(boxes) <= len(truth) + 1, f"{study.name}: {len(boxes)} findings, {len(truth)} nodules"
+    for t, n in zip(truth, study.phantom.nodules, strict=True):
+        assert min(np.linalg.norm(c - t) for c in centres) <= max(n.radius_mm, 5.0), f"{study.name}: nodule missed"
+    for g in boxes:
+        assert g.roi.frame_of_reference_uid == axial[0].FrameOfReferenceUID
+        assert g.tracking_identifier and g.tracking_uid
+    (cls,) = [g for g in sr.content.get_image_measurement_groups() if "chest-ct-cls" in _algorithm_names(g)]
+    (evaluation,) = [q for q in cls.get_qualitative_evaluations() if q.name == cls.finding_type]
+    assert str(evaluation.value.value) == ("52101004" if truth else "272519000")  # Present / Absent
+    (probability,) = cls.get_measurements()
+    assert (probability.value >= 50) == bool(truth)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +158,8 @@ def test_studies_come_back_as_seg_and_sr_at_the_pacs(workdir: Path) -> None:
     pacs = StoreSCP(workdir / "pacs").start()
     port = free_port()
     cfg = write_config(workdir / "config.toml", port=port, data_dir=workdir / "var",
-                       destinations=[{"name": "pacs", "port": pacs.port}])
+                       destinations=[{"name": "pacs", "port": pacs.port}],
+                       route_models=("chest-ct-seg", "chest-ct-det", "chest-ct-cls"))
     node = NodeProcess(cfg, port, workdir / "node.log").start()
     with running(pacs, node):
         for s in studies:
@@ -135,7 +168,7 @@ def test_studies_come_back_as_seg_and_sr_at_the_pacs(workdir: Path) -> None:
                                                                        for s in studies) and r,
                        600, "SEG and SR of every study at the PACS")
         for s in studies:
-            _check_study(s, got[s.ids.study_uid])
+            _check_study(s, got[s.ids.study_uid], detect=True)
         status = node.cli("status")
         assert status.returncode == 0
         assert "jobs: done=3" in status.stdout, status.stdout
