@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TypeVar
 
 import highdicom as hd
 import pydicom
@@ -46,6 +47,7 @@ from storage.jobstore import JobStore
 from storage.records import JobRecord, NewResult
 
 log = logging.getLogger("dicom_node.worker")
+_T = TypeVar("_T")
 
 
 class PermanentJobError(Exception):
@@ -60,7 +62,7 @@ class LeaseLostError(Exception):
 class Timings:
     stages: dict[str, float] = field(default_factory=dict)
 
-    def measure(self, name: str, fn: Callable[[], object]) -> object:
+    def measure(self, name: str, fn: Callable[[], _T]) -> _T:
         t0 = time.perf_counter()
         try:
             return fn()
@@ -166,7 +168,7 @@ class Worker:
             raise PermanentJobError(f"no instances of series {job.series_uid}")
         paths = [self.files.absolute(i.path) for i in instances]
         volume: Volume = t.measure("load", lambda: load_series(paths))  # type: ignore[assignment]
-        headers = self._headers(paths, volume)
+        headers = t.measure("headers", lambda: self._headers(paths, volume))
         digest = input_digest(volume.sop_instance_uids)
         model_results: list[ModelResult] = []
         for name in job.models:
@@ -176,7 +178,7 @@ class Worker:
             model_results.append(t.measure("inference", lambda m=model: m.run(volume)))  # type: ignore[attr-defined]
         if lost.is_set():
             raise LeaseLostError("lease lost after inference")
-        return t.measure("encode", lambda: self._encode_results(job, volume, headers, digest, model_results)), t  # type: ignore[return-value]
+        return self._encode_results(job, volume, headers, digest, model_results, t), t
 
     def _headers(self, paths: Sequence[Path], volume: Volume) -> list[Dataset]:
         by_uid: dict[str, Dataset] = {}
@@ -198,7 +200,8 @@ class Worker:
                          sop_class_uid=str(ds.SOPClassUID), path=self.files.relative(path))
 
     def _encode_results(self, job: JobRecord, volume: Volume, headers: list[Dataset], digest: str,
-                        model_results: list[ModelResult]) -> list[NewResult]:
+                        model_results: list[ModelResult], t: Timings) -> list[NewResult]:
+        """Stages: seg_encode / sr_encode (building the datasets), write (serialise, read back, store)."""
         rc = self.cfg.results
         out: list[NewResult] = []
         segs = [r for r in model_results if isinstance(r, SegmentationResult)]
@@ -210,20 +213,21 @@ class Worker:
             ident = r.identity
             key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
             try:
-                ds = build_seg(headers, r, series_uid=derive_uid("seg-series", *key),
-                               sop_uid=derive_uid("seg", *key, digest), series_number=rc.seg_series_number + i,
-                               node=self.node, series_description=f"AI SEG {ident.name}"[:64])
+                ds = t.measure("seg_encode", lambda r=r, i=i, ident=ident, key=key: build_seg(
+                    headers, r, series_uid=derive_uid("seg-series", *key), sop_uid=derive_uid("seg", *key, digest),
+                    series_number=rc.seg_series_number + i, node=self.node,
+                    series_description=f"AI SEG {ident.name}"[:64]))
             except EmptySegmentationError:
                 log_event(log, "segmentation_empty", study_uid=job.study_uid, job_id=job.id, model=ident.name)
                 continue
-            out.append(self._write(ds, "seg", ident.name))
+            out.append(t.measure("write", lambda ds=ds, ident=ident: self._write(ds, "seg", ident.name)))
             if seg_ds is None:
                 seg_ds, seg_result = ds, r
         idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
         sr_key = (volume.series_instance_uid, job.route, *idents)
-        sr = build_sr(headers, volume, seg=seg_ds, segmentation=seg_result if seg_ds is not None else
-                      (segs[0] if segs else None), detections=dets, classifications=clss,
-                      series_uid=derive_uid("sr-series", *sr_key), sop_uid=derive_uid("sr", *sr_key, digest),
-                      series_number=rc.sr_series_number, node=self.node)
-        out.append(self._write(sr, "sr", ""))
+        sr = t.measure("sr_encode", lambda: build_sr(
+            headers, volume, seg=seg_ds, segmentation=seg_result if seg_ds is not None else (segs[0] if segs else None),
+            detections=dets, classifications=clss, series_uid=derive_uid("sr-series", *sr_key),
+            sop_uid=derive_uid("sr", *sr_key, digest), series_number=rc.sr_series_number, node=self.node))
+        out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
         return out
