@@ -66,7 +66,7 @@ class SecuritySection:
 @dataclass(frozen=True)
 class CompletionSection:
     stable_seconds: float = 30.0
-    poll_seconds: float = 1.0
+    poll_seconds: float = 0.25  # an idle SQLite query; latency, not load, is what the interval costs
     # Instances that arrive after a study was processed re-open it; once it is quiet again the study is
     # re-run and the new results supersede the earlier ones (same deterministic UIDs per series+model).
     late_arrivals: str = "rerun"  # rerun | ignore
@@ -78,7 +78,7 @@ class WorkerSection:
     lease_seconds: float = 300.0
     max_attempts: int = 3
     retry_backoff_seconds: float = 30.0
-    poll_seconds: float = 1.0
+    poll_seconds: float = 0.25  # an idle SQLite query; latency, not load, is what the interval costs
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class SenderSection:
     max_attempts: int = 20
     backoff_seconds: float = 10.0
     backoff_max_seconds: float = 600.0
-    poll_seconds: float = 1.0
+    poll_seconds: float = 0.25  # an idle SQLite query; latency, not load, is what the interval costs
     acse_timeout: float = 30.0
     dimse_timeout: float = 120.0
     network_timeout: float = 60.0

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.peers import free_port, port_open, wait_for
+from tests.peers import free_port, port_open, track, wait_for
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -38,7 +38,7 @@ class Orthanc:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(cfg))
         self.log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = track(subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT))
         wait_for(lambda: (port_open(self.dicom_port) and port_open(self.http_port)) or self.proc.poll() is not None,
                  timeout, "Orthanc's ports")
         if self.proc.poll() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -21,6 +22,27 @@ DCIODVFY = "/usr/bin/dciodvfy"
 BUNDLES = REPO / "ai_models" / "bundles"
 SHIPPED_SEG_BUNDLE = Path(os.environ.get("DICOM_NODE_TEST_SEG_BUNDLE", REPO / "ai_models" / "bundles" / "chest_ct_seg"))
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on otherwise (~100x slower on loopback)
+
+
+_LIVE: list[subprocess.Popen[bytes]] = []
+
+
+def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Remember a peer process so a failing test (or an exiting driver) never leaves it running."""
+    _LIVE.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    while _LIVE:
+        proc = _LIVE.pop()
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+atexit.register(kill_leftovers)
 
 
 def free_port() -> int:
@@ -61,9 +83,9 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out_dir.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        self.proc = track(subprocess.Popen(
             [STORESCP, "-aet", self.ae_title, "-od", str(self.out_dir), "+xa", "-uf", *self.extra, str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+            stdout=self.log, stderr=subprocess.STDOUT, env=DCMTK_ENV))
         wait_for(lambda: port_open(self.port), 10, f"storescp on port {self.port}")
         return self
 
@@ -156,8 +178,9 @@ class NodeProcess:
 
     def start(self, timeout: float = 60) -> NodeProcess:
         self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), "serve"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = track(subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), "serve"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO))
         wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "the node's port")
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
