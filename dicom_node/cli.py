@@ -86,32 +86,30 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_retry(args: argparse.Namespace) -> int:
+def _job_action(args: argparse.Namespace, action: str) -> int:
+    """Run a JobStore admin action on args.job; a refused action prints why and exits 1."""
     cfg = _load(args)
     from dicom_node.runtime import open_runtime
     from storage.jobstore import JobStoreError
 
     try:
-        job = open_runtime(cfg).jobs.retry_job(args.job)
+        job = getattr(open_runtime(cfg).jobs, f"{action}_job")(args.job)
     except JobStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"job {job.id} queued again" if job.state == "queued" else f"job {job.id}: results queued for re-sending")
+    if action == "cancel":
+        print(f"job {job.id} cancelled")
+    else:
+        print(f"job {job.id} queued again" if job.state == "queued" else f"job {job.id}: results queued for re-sending")
     return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    return _job_action(args, "retry")
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    from dicom_node.runtime import open_runtime
-    from storage.jobstore import JobStoreError
-
-    try:
-        job = open_runtime(cfg).jobs.cancel_job(args.job)
-    except JobStoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"job {job.id} cancelled")
-    return 0
+    return _job_action(args, "cancel")
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
