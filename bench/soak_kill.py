@@ -145,9 +145,12 @@ def run_rounds(workdir: Path, rounds: int, *, seed: int = 1, log=print) -> dict[
     study_uid = str(study[0].StudyInstanceUID)
     js = JobStore(make_engine(f"sqlite:///{data_dir / 'node.db'}"))
     try:
-        wait_for(lambda: [j for j in js.list_jobs(limit=100) if j.study_uid == study_uid and j.state == "done"],
-                 600, "the soaked study's job to finish")
-        totals["jobs_for_study"] = len([j for j in js.list_jobs(limit=100) if j.study_uid == study_uid])
+        wait_for(lambda: [j for j in js.list_jobs(limit=100) if j.study_uid == study_uid
+                          and j.state in ("done", "failed")], 600, "the soaked study's job to finish")
+        jobs = [j for j in js.list_jobs(limit=100) if j.study_uid == study_uid]
+        if any(j.state != "done" for j in jobs):
+            raise RuntimeError(f"the soaked study's job did not succeed: {[(j.state, j.error) for j in jobs]}")
+        totals["jobs_for_study"] = len(jobs)
     finally:
         node.stop()
         js.engine.dispose()
