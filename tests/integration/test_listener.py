@@ -177,3 +177,39 @@ def test_free_space_floor_refuses_with_a700(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         ae.shutdown()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A real 3 MiB filesystem (tmpfs; CI runs as root) so the disk can actually fill up."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_answers_a700_leaves_nothing_and_recovers_when_space_is_back(small_disk: Path) -> None:
+    port = free_port()
+    cfg = parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(small_disk / "var"),
+                                 "min_free_mb": 0}}, small_disk)
+    rt = open_runtime(cfg)
+    ae, server = start_listener(cfg, rt.files, rt.jobs)
+    try:
+        ph = generate_phantom(8, shape=(2, 512, 512), n_nodules=0)
+        first, second = phantom_datasets(ph, StudyIds.new("full-disk"))  # ~512 KiB each
+        assert _send(port, first) == 0
+        filler = small_disk / "filler"
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 200_000))  # leave less than one instance
+        assert _send(port, second) == 0xA700
+        assert [i.sop_instance_uid for i in rt.jobs.all_instances()] == [first.SOPInstanceUID]
+        assert not list(rt.files.root.rglob(".tmp-*"))
+        assert not any(p.name.startswith(str(second.SOPInstanceUID)) for p in rt.files.root.rglob("*.dcm"))
+        filler.unlink()  # space is back: the same instance is accepted without restarting anything
+        assert _send(port, second) == 0
+        assert len(rt.jobs.all_instances()) == 2
+    finally:
+        server.shutdown()
+        ae.shutdown()
+        rt.jobs.engine.dispose()
