@@ -207,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dicom-node status | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def configure_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO with AE titles and (for some events) dataset summaries: keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # its transport logs every refused connection at ERROR, twice; the sender logs the classified outcome
+    logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     # highdicom logs each copied module at INFO with source UIDs; MONAI warns about deprecated defaults of
     # the bundles' transforms on every load. Neither is an event an admin acts on.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
