@@ -8,9 +8,13 @@ orientation, resampling and cropping the preprocessing does, the targets follow 
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,3 +129,18 @@ def crop(image: torch.Tensor, start: np.ndarray, size: Sequence[int]) -> torch.T
         :, src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
     ]
     return out
+
+
+def update_json(path: Path, update: dict[str, Any]) -> None:
+    """Merge ``update`` into a bundle's JSON config (training records thresholds and eval_metrics)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(update)
+    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+
+
+def smoke_bundle(bundle: Path, prefix: str) -> Path:
+    """A temporary copy of a bundle's configs with an empty models/, so a smoke run never touches the weights."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.copytree(bundle / "configs", tmp / "configs")
+    (tmp / "models").mkdir()
+    return tmp

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,14 @@ import torch
 from ai_models.bundle import load_model, make_parser
 from ai_models.phantom import Phantom, generate_phantom, to_volume
 from ai_models.training.common import eval_seed, train_seed
-from ai_models.training.phantom_data import WorkingCase, build_pool, crop, draw_training_phantom
+from ai_models.training.phantom_data import (
+    WorkingCase,
+    build_pool,
+    crop,
+    draw_training_phantom,
+    smoke_bundle,
+    update_json,
+)
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "chest_ct_cls"
 MINE_EVERY, MINE_POOL, MINE_KEEP, HARD_BANK = 20, 96, 8, 128  # hard-negative mining schedule (iterations, patches)
@@ -229,12 +235,6 @@ def classify_all(bundle: Path, studies: Sequence[tuple[Phantom, bool]]) -> list[
     return [model.run(to_volume(p)).probability for p, _ in studies]  # type: ignore[union-attr]
 
 
-def _write_json(path: Path, update: dict[str, Any]) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.update(update)
-    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=BUNDLE)
@@ -255,10 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = args.bundle
     tmp = None
     if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="cls_smoke_"))
-        shutil.copytree(args.bundle / "configs", tmp / "configs")
-        (tmp / "models").mkdir()
-        bundle = tmp
+        tmp = bundle = smoke_bundle(args.bundle, "cls_smoke_")
         max_matrix, max_slices = 128, 48
         args.train_phantoms, args.val_phantoms, args.test_phantoms = 2, 2, 2
         args.iterations, args.batch = 2, 2
@@ -276,12 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log=lambda msg: print(msg, flush=True),
             )
             torch.save(state, bundle / "models" / "model.pt")
-            _write_json(bundle / "configs" / "metadata.json", {"eval_metrics": {"training_seconds": round(seconds)}})
+            update_json(bundle / "configs" / "metadata.json", {"eval_metrics": {"training_seconds": round(seconds)}})
             print(f"trained in {seconds:.0f} s", flush=True)
         t0 = time.perf_counter()
         val = balanced_phantoms(0, args.val_phantoms, args.seed, max_matrix, max_slices)
         threshold = round(best_threshold(classify_all(bundle, val), [y for _, y in val]), 4)
-        _write_json(bundle / "configs" / "inference.json", {"threshold": threshold})
+        update_json(bundle / "configs" / "inference.json", {"threshold": threshold})
         test = balanced_phantoms(1000, args.test_phantoms, args.seed, max_matrix, max_slices)
         probs = classify_all(bundle, test)
         labels = [y for _, y in test]
@@ -296,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "training_seconds": previous.get("training_seconds"),
             "training_device": f"cpu, {args.threads} thread(s)",
         }
-        _write_json(bundle / "configs" / "metadata.json", {"eval_metrics": metrics})
+        update_json(bundle / "configs" / "metadata.json", {"eval_metrics": metrics})
         print(json.dumps(metrics, indent=2), f"\nevaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         if tmp is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from ai_models.bundle import load_model, make_parser
 from ai_models.detection import DetectionRunner, configure_detector
 from ai_models.phantom import Phantom, to_volume
 from ai_models.training.common import eval_seed, train_seed
-from ai_models.training.phantom_data import WorkingCase, build_pool, crop, crop_start
+from ai_models.training.phantom_data import WorkingCase, build_pool, crop, crop_start, smoke_bundle, update_json
 from ai_models.types import Detection
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "chest_ct_det"
@@ -222,12 +221,6 @@ def pick_threshold(dets: Sequence[Sequence[Detection]], phantoms: Sequence[Phant
     return max(scores[-1] + 1e-3, 0.5) if scores else 0.5
 
 
-def _write_json(path: Path, update: dict[str, Any]) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.update(update)
-    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=BUNDLE)
@@ -249,10 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = args.bundle
     tmp = None
     if args.smoke:
-        tmp = Path(tempfile.mkdtemp(prefix="det_smoke_"))
-        shutil.copytree(args.bundle / "configs", tmp / "configs")
-        (tmp / "models").mkdir()
-        bundle = tmp
+        tmp = bundle = smoke_bundle(args.bundle, "det_smoke_")
         max_matrix, max_slices = 128, 48
         args.train_phantoms, args.val_phantoms, args.test_phantoms = 2, 1, 1
         args.iterations, args.batch, args.crop = 3, 1, 32
@@ -271,12 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log=lambda msg: print(msg, flush=True),
             )
             torch.save(state, bundle / "models" / "model.pt")
-            _write_json(bundle / "configs" / "metadata.json", {"eval_metrics": {"training_seconds": round(seconds)}})
+            update_json(bundle / "configs" / "metadata.json", {"eval_metrics": {"training_seconds": round(seconds)}})
             print(f"trained in {seconds:.0f} s", flush=True)
         t0 = time.perf_counter()
         val = [eval_phantom(args.seed, i, max_matrix, max_slices) for i in range(args.val_phantoms)]
         threshold = round(pick_threshold(detect_all(bundle, val, threshold=0.05), val, FP_BUDGET), 4)
-        _write_json(bundle / "configs" / "inference.json", {"score_threshold": threshold})
+        update_json(bundle / "configs" / "inference.json", {"score_threshold": threshold})
         test = [eval_phantom(args.seed, 1000 + i, max_matrix, max_slices) for i in range(args.test_phantoms)]
         result = summarise([score_study(d, p) for d, p in zip(detect_all(bundle, test, None), test, strict=True)])
         eval_seconds = time.perf_counter() - t0
@@ -291,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "training_seconds": previous.get("training_seconds"),
             "training_device": f"cpu, {args.threads} thread(s)",
         }
-        _write_json(bundle / "configs" / "metadata.json", {"eval_metrics": metrics})
+        update_json(bundle / "configs" / "metadata.json", {"eval_metrics": metrics})
         print(json.dumps(metrics, indent=2), f"\nevaluated in {eval_seconds:.0f} s", flush=True)
     finally:
         if tmp is not None:
