@@ -204,6 +204,13 @@ class BundleContext:
         except Exception as exc:  # MONAI raises many types from user configs
             raise ModelError(f"bundle item '{key}' cannot be instantiated: {exc}") from exc
 
+    def required(self, key: str) -> Any:
+        """A parsed config item the runner cannot do without."""
+        value = self.parsed(key)
+        if value is None:
+            raise ModelError(f"bundle has no '{key}'")
+        return value
+
     def load_network(self) -> torch.nn.Module:
         """The network in eval mode on the device: network_def + models/model.pt (state dict), or
         models/model.ts (TorchScript) when there is no state dict."""
@@ -498,12 +505,8 @@ class SegmentationRunner:
         self.ctx = ctx
         self.image_key = str(ctx.parsed("image_key", "image"))
         self.network = ctx.load_network()
-        self.preprocessing = ctx.parsed("preprocessing")
-        if self.preprocessing is None:
-            raise ModelError("bundle has no 'preprocessing'")
-        self.inferer = ctx.parsed("inferer")
-        if self.inferer is None:
-            raise ModelError("bundle has no 'inferer'")
+        self.preprocessing = ctx.required("preprocessing")
+        self.inferer = ctx.required("inferer")
         self.postprocessing = ctx.parsed("postprocessing") or Compose([])
         transforms = self.postprocessing.flatten().transforms if isinstance(self.postprocessing, Compose) else []
         self.fallback_invert = None

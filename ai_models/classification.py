@@ -80,12 +80,8 @@ class ClassificationRunner:
         self.ctx = ctx
         self.image_key = str(ctx.parsed("image_key", "image"))
         self.network: nn.Module = ctx.load_network()
-        self.preprocessing = ctx.parsed("preprocessing")
-        if self.preprocessing is None:
-            raise ModelError("bundle has no 'preprocessing'")
-        self.inferer = ctx.parsed("inferer")
-        if self.inferer is None:
-            raise ModelError("bundle has no 'inferer'")
+        self.preprocessing = ctx.required("preprocessing")
+        self.inferer = ctx.required("inferer")
         self.postprocessing = ctx.parsed("postprocessing") or Compose([])
         self.threshold = float(ctx.parsed("threshold", 0.5))
         labels = ctx.identity.labels

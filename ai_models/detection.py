@@ -191,12 +191,8 @@ class DetectionRunner:
         self.ctx = ctx
         self.image_key = str(ctx.parsed("image_key", "image"))
         self.network = ctx.load_network()
-        self.preprocessing = ctx.parsed("preprocessing")
-        if self.preprocessing is None:
-            raise ModelError("bundle has no 'preprocessing'")
-        detector = ctx.parsed("detector")
-        if detector is None:
-            raise ModelError("bundle has no 'detector'")
+        self.preprocessing = ctx.required("preprocessing")
+        detector = ctx.required("detector")
         detector.network = self.network  # the loaded weights, whatever the config's reference resolved to
         self.detector = detector
         ctx.parsed("detector_ops")  # set_target_keys / set_box_selector_parameters on @detector

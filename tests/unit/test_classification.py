@@ -3,7 +3,6 @@ studies with and without nodules separated through load_model, the node's own pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,19 +103,6 @@ def test_air_only_volume_is_absent() -> None:
     air = Phantom(hu=np.full_like(ph.hu, -1000), labels=np.zeros_like(ph.labels), spacing=ph.spacing, nodules=())
     result = load_model(BUNDLE, device="cpu").run(to_volume(air))
     assert isinstance(result, ClassificationResult) and not result.present
-
-
-@pytest.fixture
-def restore_torch_state() -> Iterator[None]:
-    """The training script sets one thread and deterministic algorithms for the process: undo that."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def test_training_script_smoke(restore_torch_state: None) -> None:
