@@ -14,6 +14,8 @@ import os
 import struct
 import zlib
 
+from dicom_node.header_sniff import WANTED
+
 MAX_DEPTH = 64
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -23,19 +25,71 @@ _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", 
 _HEAD = struct.Struct("<HHI")
 _U32 = struct.Struct("<I")
 _WINDOW = 1 << 14
+_WANTED = frozenset(WANTED)
+_LAST_WANTED = max(WANTED)
 
 
-def check_structure(path: str | os.PathLike[str], start: int, end: int, *, explicit: bool) -> str | None:
-    """None if the elements from offset ``start`` tile the file exactly up to ``end``; otherwise why not."""
-    fd = os.open(path, os.O_RDONLY)
+def check_structure(path: str | os.PathLike[str], start: int, end: int, *, explicit: bool,
+                    head: bytes | bytearray | None = None) -> str | None:
+    """None if the elements from offset ``start`` tile the file exactly up to ``end``; otherwise why not.
+
+    ``head``, the first bytes of the dataset already in memory, saves reopening the file: a typical
+    dataset's element headers all lie in it and its pixel data, last, is skipped by length."""
+    reader = _Reader(path, start, end, head)
     try:
-        return _walk(fd, start, end, explicit)
+        return _walk(reader, start, end, explicit)
     finally:
-        os.close(fd)
+        reader.close()
 
 
-def _walk(fd: int, pos: int, end: int, explicit: bool) -> str | None:
-    base, buf = pos, os.pread(fd, _WINDOW, pos)  # element headers are read from this window of the file
+def check_and_find(path: str | os.PathLike[str], start: int, end: int, *, explicit: bool,
+                   head: bytes | bytearray | None = None) -> tuple[str | None, dict[int, str] | None]:
+    """``check_structure`` plus, from the same walk, the top-level values of ``header_sniff.WANTED`` seen
+    before any later top-level tag (as ``sniff_uids`` reads them); None for those if they could not be
+    read here (not ASCII), so the caller asks pydicom."""
+    reader = _Reader(path, start, end, head)
+    found: dict[int, str] | None = {}
+    try:
+        try:
+            why = _walk(reader, start, end, explicit, found)
+        except (UnicodeDecodeError, _Unreadable):
+            why, found = _walk(reader, start, end, explicit), None
+    finally:
+        reader.close()
+    return why, found
+
+
+class _Unreadable(Exception):
+    """An identifying value the walk cannot read from its window."""
+
+
+class _Reader:
+    """Windows of the file for the walk: from ``head`` while it covers them, else pread (opened lazily)."""
+
+    def __init__(self, path: str | os.PathLike[str], start: int, end: int, head: bytes | bytearray | None) -> None:
+        self.path = path
+        self.start = start
+        self.head = bytes(head) if head else b""
+        self.whole = start + len(self.head) >= end  # the head is the entire dataset
+        self.fd: int | None = None
+
+    def window(self, pos: int) -> bytes:
+        off = pos - self.start
+        if 0 <= off < len(self.head) and (self.whole or len(self.head) - off >= _WINDOW):
+            return self.head[off:]
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        return os.pread(self.fd, _WINDOW, pos)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _walk(reader: _Reader, pos: int, end: int, explicit: bool, found: dict[int, str] | None = None) -> str | None:
+    base, buf = pos, reader.window(pos)  # element headers are read from this window of the file
+    wanted = found is not None  # still collecting the identifying UIDs (top level, up to SeriesInstanceUID)
+    collected: dict[int, str] = found if found is not None else {}
     depth = 0  # open undefined-length sequences / encapsulated pixel data
     implicit_from = 0  # > 0: inside an undefined-length UN opened at this depth, encoded Implicit VR (PS3.5 6.2.2)
     while pos < end:
@@ -43,7 +97,7 @@ def _walk(fd: int, pos: int, end: int, explicit: bool) -> str | None:
             return f"truncated element header at offset {pos}"
         off = pos - base
         if off < 0 or off + 12 > len(buf):
-            base, buf, off = pos, os.pread(fd, _WINDOW, pos), 0
+            base, buf, off = pos, reader.window(pos), 0
         group, elem, length = _HEAD.unpack_from(buf, off)
         if group == 0xFFFE:  # item or delimiter: no VR in any transfer syntax
             tag = group << 16 | elem
@@ -75,6 +129,15 @@ def _walk(fd: int, pos: int, end: int, explicit: bool) -> str | None:
                 return f"invalid VR {vr!r} at offset {pos}"
         else:
             pos += 8
+        if wanted and depth == 0:
+            tag = group << 16 | elem
+            if tag > _LAST_WANTED:
+                wanted = False
+            elif tag in _WANTED and length != _UNDEFINED:
+                start = pos - base
+                if start + length > len(buf):  # longer than a window: not a UID, leave it to pydicom
+                    raise _Unreadable
+                collected[tag] = buf[start:start + length].decode("ascii").rstrip("\0 ").lstrip(" ")
         if length == _UNDEFINED:
             depth += 1
             if depth > MAX_DEPTH:

@@ -1,21 +1,28 @@
 """Group commit: instances received on several associations at once share folder fsyncs and index
 transactions, in a two-stage pipeline.
 
-Each association thread fsyncs its own temp file (the kernel merges concurrent fsyncs), then passes two
-stages, each batched leader/follower style (the first caller to find a stage idle takes everything
-waiting there, the others wait for it):
-  place   look up which SOP Instance UIDs exist, rename the files into place, fsync each folder once;
-  index   record the rows of the whole batch in one transaction (one WAL fsync).
-Batch k is indexed while batch k+1 is placed, so their flushes overlap. A caller returns only once its
-own file and row are durable, or with a failure status and nothing left behind: Success is never
-answered early. An instance whose SOP Instance UID is still in flight waits for that one to finish and is
-then judged against the outcome (kept first, replaced, refused). With one association each stage is the
-plain per-instance step, with no extra thread hop.
+Each instance passes two stages, each batched leader/follower style (the first caller to find a stage idle
+takes everything waiting there, the others wait for it), with its own file's fsync in between:
+  place   look up which SOP Instance UIDs exist and rename the new files into place;
+  flush   (each caller, in its own thread) fsync its file: on ext4 that one journal commit covers the
+          file's data, its inode and its new name, and concurrent callers' flushes merge in the kernel;
+  index   fsync each folder of the batch once (by now nearly free), then record the rows of the whole
+          batch in one transaction (one WAL fsync).
+Renaming before the flush is safe because nothing refers to a file before its row is committed: a crash
+in between leaves at most an unacknowledged file under its final name, which the peer's resend replaces.
+A file that replaces an indexed one (duplicate_policy "replace") is flushed before its rename instead, so
+an acknowledged file is never swapped for a partial one. Batch k is indexed while batch k+1 is placed. A
+caller returns only once its own file and row are durable, or with a failure status and nothing left
+behind: Success is never answered early. An instance whose SOP Instance UID is still in flight waits for
+that one to finish and is then judged against the outcome (kept first, replaced, refused). With one
+association each stage is the plain per-instance step, with no extra thread hop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +40,9 @@ from dicom_node.handlers import (
     StoreSettings,
 )
 from dicom_node.logs import log_event
-from storage.batching import existing_paths, instance_batch
+from storage.batching import KeptConnection, existing_paths, instance_batch
 from storage.files import FileStore
+from storage.locks import WriterLock
 
 log = logging.getLogger("dicom_node.listener")
 MAX_BATCH = 256
@@ -47,6 +55,7 @@ class _Slot:
     status: int = -1  # -1 while undecided
     outcome: str = ""  # "stored" / "replaced" / ... on success, else the failure comment
     placed_new: bool = False
+    flushed: bool = False
     blocked_by: _Slot | None = None  # an in-flight instance with the same SOP Instance UID
     stage_done: int = 0
     finished: threading.Event = field(default_factory=threading.Event)
@@ -95,6 +104,19 @@ class GroupCommitter:
         self._in_flight_lock = threading.Lock()
         self._place = _Stage(1, self._guarded(self._place_batch))
         self._index = _Stage(2, self._guarded(self._index_batch))
+        self._lookup_db = KeptConnection(engine)  # used by the place stage's leader only
+        self._index_db = KeptConnection(engine)  # used by the index stage's leader only
+        db = engine.url.database if engine.dialect.name == "sqlite" else None
+        # listener processes queue on this instead of meeting SQLite's sleep-and-retry on a locked database
+        self._writers = WriterLock(Path(db + ".writers.lock")) if db and db != ":memory:" else None
+
+    def close(self) -> None:
+        """Give back the stages' kept database connections (at shutdown)."""
+        self._lookup_db.discard()
+        self._index_db.discard()
+        if self._writers is not None:
+            self._writers.close()
+            self._writers = None
 
     def commit(self, pending: Pending) -> tuple[int, str]:
         """Place and index one instance (durably) together with whatever else is waiting."""
@@ -107,14 +129,26 @@ class GroupCommitter:
                     break
                 slot.blocked_by.finished.wait()
                 slot.blocked_by = None
+            if slot.status < 0 and not slot.flushed:
+                self._flush(slot)
             if slot.status < 0:
                 self._index.run(slot)
         finally:
+            with contextlib.suppress(OSError):
+                os.close(pending.fd)
             with self._in_flight_lock:
                 if self._in_flight.get(slot.sop) is slot:
                     del self._in_flight[slot.sop]
             slot.finished.set()
         return slot.status, slot.outcome
+
+    def _flush(self, s: _Slot) -> None:
+        try:
+            os.fsync(s.pending.fd)
+            s.flushed = True
+        except OSError as exc:
+            s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
+            self._undo(s)
 
     def _guarded(self, step: Callable[[list[_Slot]], None]) -> Callable[[list[_Slot]], None]:
         def run(batch: list[_Slot]) -> None:
@@ -138,8 +172,9 @@ class GroupCommitter:
         placed: list[_Slot] = []
         with self._in_flight_lock:  # held across the lookup: a slot leaves in-flight only after its commit
             try:
-                existing = existing_paths(self.engine, [s.sop for s in batch])
+                existing = existing_paths(self.engine, [s.sop for s in batch], raw=self._lookup_db.get())
             except SQLAlchemyError as exc:
+                self._lookup_db.discard()
                 for s in batch:
                     s.status, s.outcome = OUT_OF_RESOURCES_DB, f"cannot index: {type(exc).__name__}"
                     self.files.remove(s.pending.tmp)
@@ -161,29 +196,30 @@ class GroupCommitter:
                 self._in_flight[s.sop] = s
                 s.placed_new = prev is None
                 placed.append(s)
-        folders: set[Path] = set()
         for s in placed:
             try:
+                if not s.placed_new:  # replaces an acknowledged file: its bytes must be durable first
+                    os.fsync(s.pending.fd)
+                    s.flushed = True
                 self.files.place(s.pending.tmp, s.pending.path)
             except OSError as exc:
                 s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
                 s.placed_new = False
                 self.files.remove(s.pending.tmp)
-                continue
-            folders.add(s.pending.path.parent)
-        try:
-            self.files.sync_dirs(folders)
-        except OSError as exc:
-            for s in placed:
-                if s.status < 0:
-                    s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
-                    self._undo(s)
 
     def _index_batch(self, batch: list[_Slot]) -> None:
         try:
-            with instance_batch(self.engine) as tx:
+            self.files.sync_dirs({s.pending.path.parent for s in batch})
+        except OSError as exc:
+            for s in batch:
+                s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
+                self._undo(s)
+            return
+        try:
+            with self._writers or contextlib.nullcontext(), instance_batch(self.engine, raw=self._index_db.get()) as tx:
                 outcomes = tx.record([s.pending.instance for s in batch], late_arrivals=self.settings.late_arrivals)
         except SQLAlchemyError as exc:
+            self._index_db.discard()
             log_event(log, "index_failed", logging.WARNING, instances=len(batch), error=type(exc).__name__)
             for s in batch:
                 s.status, s.outcome = OUT_OF_RESOURCES_DB, f"cannot index: {type(exc).__name__}"

@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
-from dicom_node.dataset_check import MalformedDataset, check_structure, inflated_head
+from dicom_node.dataset_check import MalformedDataset, check_and_find, inflated_head
 from dicom_node.header_sniff import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, sniff_uids
 from dicom_node.upper_layer import file_meta
 from storage.files import FileStore, StorageFullError, UnsafeNameError, check_uid
@@ -62,10 +62,12 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class Pending:
-    """A complete, fsynced temp file whose header passed the checks: ready to be placed and indexed."""
+    """A complete temp file whose header passed the checks, still open (``fd``) and not yet flushed: the
+    group committer places it, flushes it and indexes it, and closes ``fd`` whatever happens."""
 
     tmp: Path
     path: Path
+    fd: int
     instance: NewInstance
 
 
@@ -171,15 +173,18 @@ class IncomingInstance:
             self.tmp = None
 
     def _check_structure(self) -> dict[int, str] | None:
-        """Reject a dataset whose elements do not tile it exactly (see dataset_check); for a deflated one,
-        the header UIDs from a bounded inflate, never pydicom's inflate-it-all."""
+        """Reject a dataset whose elements do not tile it exactly (see dataset_check) and return the
+        identifying UIDs the same walk found (None: ask pydicom); for a deflated one, the UIDs from a
+        bounded inflate, never pydicom's inflate-it-all."""
         start = self.file_size - self.size
         try:
             if self.transfer_syntax in (EXPLICIT_LE, IMPLICIT_LE):
-                why = check_structure(self.tmp, start, self.file_size, explicit=self.transfer_syntax == EXPLICIT_LE)
+                why, values = check_and_find(self.tmp, start, self.file_size,
+                                             explicit=self.transfer_syntax == EXPLICIT_LE, head=self.head)
                 if why:
                     raise MalformedDataset(why)
-            elif self.transfer_syntax == DEFLATED_LE:
+                return values
+            if self.transfer_syntax == DEFLATED_LE:
                 head, complete = inflated_head(self.tmp, start, head_bytes=SNIFF_BYTES,
                                                max_total=self.settings.max_instance_bytes)
                 values = sniff_uids(head, explicit=True, complete=complete)
@@ -191,34 +196,28 @@ class IncomingInstance:
         return None
 
     def finish(self) -> Pending:
-        """Check the header and make the temp file durable; raises RejectedInstance (temp file removed)."""
+        """Check the header; raises RejectedInstance (temp file removed). The file is flushed later, by the
+        group committer, after its rename: one journal commit then covers data, inode and name."""
         try:
             if self.error is not None:
                 raise self.error
             if self.fd is None or self.tmp is None:
                 raise RejectedInstance(CANNOT_UNDERSTAND, "empty dataset")
             values = self._check_structure()  # security: truncation, bad lengths, deep nesting, deflate bombs
-            if self.transfer_syntax in (EXPLICIT_LE, IMPLICIT_LE):
-                values = sniff_uids(self.head, explicit=self.transfer_syntax == EXPLICIT_LE,
-                                    complete=self.size <= len(self.head))
             if values is None:
                 values = read_header_uids(self.tmp)
             study, series, sop, sop_class = check_header(values, self.sop_uid, self.class_uid)
             try:
                 self.files.check_space(0)
                 path = self.files.instance_path(study, series, sop)
-                os.fsync(self.fd)
             except StorageFullError as exc:
                 raise RejectedInstance(OUT_OF_RESOURCES, f"storage full: {exc}") from exc
-            except OSError as exc:
-                raise RejectedInstance(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}") from exc
-            os.close(self.fd)
-            self.fd = None
         except BaseException:
             self.discard()
             raise
         tmp, self.tmp = self.tmp, None
-        return Pending(tmp=tmp, path=path, instance=NewInstance(
+        fd, self.fd = self.fd, None
+        return Pending(tmp=tmp, path=path, fd=fd, instance=NewInstance(
             sop_instance_uid=sop, study_uid=study, series_uid=series, sop_class_uid=sop_class,
             transfer_syntax=self.transfer_syntax, path=self.files.relative(path), size=self.file_size,
             calling_ae=self.calling_ae))

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -127,9 +127,10 @@ class InstanceBatch:
         return outcomes
 
 
-def existing_paths(engine: Engine, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any = None) -> dict[str, str]:
     """{SOP Instance UID: stored relative path}, read without taking SQLite's write lock (WAL readers run
-    beside the writer), so a lookup never waits for a commit in progress."""
+    beside the writer), so a lookup never waits for a commit in progress. ``raw``: a DBAPI connection the
+    caller keeps for such lookups (see ``KeptConnection``) instead of one from the pool each time."""
     if not sop_instance_uids:
         return {}
     where, params = _in("sop_instance_uid", sop_instance_uids)
@@ -137,9 +138,9 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str]) -> dict[str
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn:
             return {sop: path for sop, path in conn.execute(text(sql), params)}
-    raw = engine.raw_connection()  # autocommit mode: the SELECT runs in its own read transaction
+    conn = raw if raw is not None else engine.raw_connection()  # autocommit: the SELECT is its own read
     try:
-        cur = raw.cursor()
+        cur = conn.cursor()
         try:
             return dict(cur.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
@@ -147,21 +148,47 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str]) -> dict[str
         finally:
             cur.close()
     finally:
-        raw.close()
+        if raw is None:
+            conn.close()
+
+
+class KeptConnection:
+    """A pooled SQLite connection kept checked out by one group-commit stage: checking one out and back in
+    (with its reset) per batch costs about as much as the batch's own statements. Only the stage's current
+    leader uses it, so it is never used by two threads at once; after an error it is replaced."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Any = None
+
+    def get(self) -> Any:
+        if self.engine.dialect.name != "sqlite":
+            return None
+        if self._conn is None:
+            self._conn = self.engine.raw_connection()
+        return self._conn
+
+    def discard(self) -> None:
+        """Drop the connection (after an error, or at shutdown); the next ``get`` opens a fresh one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
 
 
 @contextmanager
-def instance_batch(engine: Engine) -> Iterator[InstanceBatch]:
+def instance_batch(engine: Engine, *, raw: Any = None) -> Iterator[InstanceBatch]:
     """One transaction; committed (durably, per the engine's settings) when the block exits normally.
 
-    SQLite errors surface as SQLAlchemy's DBAPIError subclasses, as they do through the engine."""
+    SQLite errors surface as SQLAlchemy's DBAPIError subclasses, as they do through the engine. ``raw``: a
+    kept DBAPI connection (see ``KeptConnection``) instead of one from the pool."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as conn:
             yield InstanceBatch(_CoreExecutor(conn))
         return
-    raw = engine.raw_connection()  # pooled, with the engine's pragmas; autocommit mode, so BEGIN is ours
+    conn = raw if raw is not None else engine.raw_connection()  # the engine's pragmas; autocommit mode
     try:
-        cur = raw.cursor()
+        cur = conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -177,7 +204,8 @@ def instance_batch(engine: Engine) -> Iterator[InstanceBatch]:
         finally:
             cur.close()
     finally:
-        raw.close()
+        if raw is None:
+            conn.close()
 
 
 def _wrap(exc: sqlite3.Error) -> DBAPIError:

@@ -53,6 +53,7 @@ class FileStore:
 
     def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self._root_str = str(self.root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._known_dirs: set[Path] = set()
@@ -61,7 +62,7 @@ class FileStore:
         check_uid(study_uid, "StudyInstanceUID")
         check_uid(series_uid, "SeriesInstanceUID")
         check_uid(sop_uid, "SOPInstanceUID")
-        return self.root / "incoming" / study_uid / series_uid / f"{sop_uid}.dcm"
+        return Path(f"{self._root_str}/incoming/{study_uid}/{series_uid}/{sop_uid}.dcm")  # one parse, not four
 
     def result_path(self, study_uid: str, sop_uid: str) -> Path:
         check_uid(study_uid, "StudyInstanceUID")
@@ -69,6 +70,9 @@ class FileStore:
         return self.root / "results" / study_uid / f"{sop_uid}.dcm"
 
     def relative(self, path: Path) -> str:
+        text = str(path)
+        if text.startswith(self._root_str + "/"):  # the common case, without pathlib's parsing
+            return text[len(self._root_str) + 1:]
         return path.relative_to(self.root).as_posix()
 
     def absolute(self, relative: str) -> Path:

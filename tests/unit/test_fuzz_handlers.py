@@ -4,6 +4,7 @@ never a partial file left behind. Bounded: a fixed number of derandomized exampl
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import tempfile
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicom_node.dataset_check import check_structure
+from dicom_node import dataset_check
+from dicom_node.dataset_check import check_and_find, check_structure
 from dicom_node.handlers import IncomingInstance, RejectedInstance, StoreSettings
 from dicom_node.header_sniff import sniff_uids
 from storage.files import FileStore
@@ -94,6 +96,7 @@ def _receive(files: FileStore, data: bytes, ts: str, chunk: int, sop: bytes = SO
     assert pending.path.resolve().is_relative_to(root)
     assert pending.tmp.resolve().is_relative_to(root)
     assert [p for p in files.root.rglob("*") if p.is_file()] == [pending.tmp]
+    os.close(pending.fd)
     pending.tmp.unlink()
 
 
@@ -134,14 +137,30 @@ def test_random_bytes_and_command_uids(store_root: Path, data: bytes, sop: bytes
 
 
 @FUZZ
-@given(data=mutated(), explicit=st.booleans())
-def test_header_walkers_never_raise(tmp_path_factory: pytest.TempPathFactory, data: bytes, explicit: bool) -> None:
+@given(data=mutated(), explicit=st.booleans(), head=st.integers(0, 600))
+def test_header_walkers_never_raise(tmp_path_factory: pytest.TempPathFactory, data: bytes, explicit: bool,
+                                    head: int) -> None:
     found = sniff_uids(data, explicit=explicit, complete=True)
     assert found is None or isinstance(found, dict)
     path = tmp_path_factory.getbasetemp() / "walk.bin"
-    path.write_bytes(data)
-    why = check_structure(path, 0, len(data), explicit=explicit)
+    path.write_bytes(b"meta" + data)
+    why = check_structure(path, 4, len(data) + 4, explicit=explicit)
     assert why is None or isinstance(why, str)
+    # the walk from bytes already in memory (the listener's case) decides exactly as from the file, also
+    # when it has to switch from the head to the file midway (small windows force that here)
+    assert check_structure(path, 4, len(data) + 4, explicit=explicit, head=data[:head]) == why
+    # the listener takes the identifying UIDs from that same walk: where both decide, as the sniffer reads them
+    why_too, uids = check_and_find(path, 4, len(data) + 4, explicit=explicit, head=data[:head])
+    assert why_too == why
+    if why is None and uids is not None and found is not None:
+        assert uids == found
+    saved = dataset_check._WINDOW
+    try:
+        dataset_check._WINDOW = 64
+        assert check_structure(path, 4, len(data) + 4, explicit=explicit, head=data[:head]) == why
+        assert check_structure(path, 4, len(data) + 4, explicit=explicit) == why
+    finally:
+        dataset_check._WINDOW = saved
 
 
 def test_the_seed_itself_is_accepted(store_root: Path) -> None:
@@ -151,4 +170,5 @@ def test_the_seed_itself_is_accepted(store_root: Path) -> None:
     inc.write(memoryview(SEED))
     pending = inc.finish()
     assert pending.instance.sop_instance_uid == SOP.decode()
+    os.close(pending.fd)
     pending.tmp.unlink()
