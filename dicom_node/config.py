@@ -35,6 +35,10 @@ class NodeSection:
     min_free_mb: int = 1024  # refuse new instances (0xA700) below this much free space in data_dir
     max_pdu_size: int = 262_144
     max_associations: int = 16
+    # Processes accepting associations on node.port (sharing the socket; limits apply node-wide): 0 = one
+    # per CPU core, at most 4; 1 = receive in the main process. Parallel senders need more than one: a
+    # Python process spends its receive work under one interpreter lock.
+    listener_processes: int = 0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -277,6 +281,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"node.{k}: must be positive")
     if n.min_free_mb < 0:
         raise ConfigError("node.min_free_mb: must not be negative")
+    if not 0 <= n.listener_processes <= 64:
+        raise ConfigError("node.listener_processes: expected 0 (one per CPU core) to 64")
     for i, ae in enumerate(cfg.security.allowed_calling_ae_titles):
         _check_ae(ae, f"security.allowed_calling_ae_titles[{i}]")
     _validate_security(cfg)

@@ -9,6 +9,7 @@ the AE built in scp.py, so what is accepted is exactly what that AE supports.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -42,6 +43,7 @@ from dicom_node.handlers import (
 )
 from dicom_node.logs import log_event
 from dicom_node.security import ListenerGuard
+from dicom_node.shared_counts import SharedCounts
 from storage.files import FileStore
 
 log = logging.getLogger("dicom_node.listener")
@@ -85,8 +87,10 @@ class ReceiveServer:
     """Accepts associations on ``address`` until ``shutdown``; ``server_address`` is the bound (host, port)."""
 
     def __init__(self, ae: AE, address: tuple[str, int], files: FileStore, committer: GroupCommitter,
-                 settings: StoreSettings, limits: Limits, *, reuse_port: bool = False,
-                 guard: ListenerGuard | None = None) -> None:
+                 settings: StoreSettings, limits: Limits, *, guard: ListenerGuard | None = None,
+                 sock: socket.socket | None = None, counts: SharedCounts | None = None) -> None:
+        """``sock``: an already listening socket (one shared by several listener processes), else one is
+        bound to ``address``. ``counts``: the node-wide association counts when there are such processes."""
         self.ae = ae
         self.guard = guard or ListenerGuard.from_ae(ae, max_pdu_size=limits.max_pdu_size,
                                                     max_associations=limits.max_associations,
@@ -95,13 +99,12 @@ class ReceiveServer:
         self.committer = committer
         self.settings = settings
         self.limits = limits
-        self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.sock.bind(address)
-        self.sock.listen(64)
-        self.sock.settimeout(0.5)  # how often the accept loop looks at the stop flag
+        self.counts = counts
+        self.owns_socket = sock is None  # a shared socket stays open for the other listener processes
+        self.sock = sock if sock is not None else bind_listener(address)
+        # Blocking accept: the kernel hands each new connection to the process that has waited longest, so
+        # listener processes sharing the socket take turns. shutdown() wakes it.
+        self.sock.settimeout(None)
         self.server_address = self.sock.getsockname()[:2]
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -119,22 +122,40 @@ class ReceiveServer:
         self.accepted_cache[request] = accepted
 
     def active_associations(self) -> int:
+        """Open connections node-wide (all listener processes), which the limits apply to."""
+        if self.counts is not None:
+            return self.counts.total()
         with self._lock:
             return len(self._active)
 
+    def _listening(self) -> bool:
+        return bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def _publish(self) -> None:
+        if self.counts is not None:
+            self.counts.publish(len(self._active))
+
     def _accept_loop(self) -> None:
+        # A shared socket is put in listening state by the pool once every listener process is ready, so
+        # that the first connections are not all taken by the first process to start.
+        while not self.owns_socket and not self._stop.is_set() and not self._listening():
+            self._stop.wait(0.005)
         while not self._stop.is_set():
             try:
                 conn, peer = self.sock.accept()
-            except TimeoutError:
-                continue
             except OSError as exc:
                 if self._stop.is_set():
+                    return
+                if exc.errno == errno.EINVAL:  # the shared socket was shut down: the node is stopping
+                    log_event(log, "listener_closed")
                     return
                 # e.g. out of file descriptors: keep the listener alive and try again shortly
                 log_event(log, "accept_failed", logging.WARNING, error=str(exc) or type(exc).__name__)
                 self._stop.wait(0.1)
                 continue
+            if self._stop.is_set():  # accepted while stopping (a shared socket is not shut down): refuse
+                conn.close()
+                return
             conn.settimeout(None)
             if not self.guard.admit(self.active_associations(), peer):
                 conn.close()
@@ -143,6 +164,7 @@ class ReceiveServer:
             t = threading.Thread(target=self._serve, args=(conn, peer), name=f"assoc-{peer[1]}", daemon=True)
             with self._lock:
                 self._active[id(conn)] = (conn, t)
+                self._publish()
             t.start()
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
@@ -156,14 +178,21 @@ class ReceiveServer:
                 conn.close()
             with self._lock:
                 self._active.pop(id(conn), None)
+                self._publish()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting, abort open associations (unacknowledged instances are not kept) and wait."""
         self._stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self.owns_socket:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocking accept
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            if self._thread.is_alive():
+                self._thread.join(timeout)
+        # else: shutting a shared socket down would stop every listener process; this one's accept thread
+        # (a daemon) stays blocked until the process exits, and refuses anything it still accepts
+
         with self._lock:
             active = list(self._active.values())
         for conn, _ in active:
@@ -171,6 +200,24 @@ class ReceiveServer:
                 conn.shutdown(socket.SHUT_RDWR)
         for _, t in active:
             t.join(timeout)
+        self.committer.close()
+
+
+LISTEN_BACKLOG = 128
+
+
+def bind_listener(address: tuple[str, int], *, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``address`` (IPv6 when the host has a colon), listening unless told not to."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Association:

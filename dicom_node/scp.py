@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from pydicom import uid as pduid
 from pydicom.pixels import get_decoder
@@ -22,6 +23,7 @@ from dicom_node.handlers import StoreSettings
 from dicom_node.logs import log_event
 from dicom_node.receiver import Limits, ReceiveServer
 from dicom_node.security import ListenerGuard
+from dicom_node.shared_counts import SharedCounts
 from storage.files import FileStore
 from storage.jobstore import JobStore
 
@@ -74,12 +76,13 @@ def store_settings(cfg: Config) -> StoreSettings:
                          max_instance_bytes=cfg.node.max_instance_mb << 20)
 
 
-def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, reuse_port: bool = False
-                   ) -> tuple[AE, ReceiveServer]:
+def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, sock: socket.socket | None = None,
+                   counts: SharedCounts | None = None) -> tuple[AE, ReceiveServer]:
     """Start accepting associations in background threads; returns (ae, server).
 
     The AE holds the supported presentation contexts and AE-title rules used for negotiation; the
-    ReceiveServer does the transfer (see receiver.py for why it is not pynetdicom's own server).
+    ReceiveServer does the transfer (see receiver.py for why it is not pynetdicom's own server). ``sock``
+    and ``counts``: a listening socket and association counts shared with other listener processes.
     """
     ae = build_ae(cfg)
     n = cfg.node
@@ -87,7 +90,7 @@ def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, reuse_port:
     server = ReceiveServer(
         ae, (n.bind, n.port), files, GroupCommitter(files, jobs.engine, settings), settings,
         Limits(max_pdu_size=n.max_pdu_size, max_associations=n.max_associations, acse_timeout=n.acse_timeout,
-               network_timeout=n.network_timeout), reuse_port=reuse_port, guard=ListenerGuard.from_config(cfg),
+               network_timeout=n.network_timeout), guard=ListenerGuard.from_config(cfg), sock=sock, counts=counts,
     ).start()
     log_event(log, "listener_started", ae_title=n.ae_title, bind=n.bind, port=server.server_address[1],
               transfer_syntaxes=len(ae.supported_contexts[0].transfer_syntax) if ae.supported_contexts else 0,

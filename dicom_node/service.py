@@ -15,11 +15,15 @@ import threading
 import uuid
 from collections.abc import Callable
 
+from pynetdicom import AE
+
 from dicom_node import __version__
 from dicom_node.assembly import Assembler
 from dicom_node.config import Config
+from dicom_node.listener_pool import ListenerPool, listener_count
 from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
+from dicom_node.receiver import ReceiveServer
 from dicom_node.results.equipment import NodeIdentity
 from dicom_node.runtime import open_runtime
 from dicom_node.scp import start_listener
@@ -67,8 +71,9 @@ class Node:
         self.assembler = Assembler(cfg, self.rt.files, self.rt.jobs)
         self.worker = Worker(cfg, self.rt.files, self.rt.jobs, self.models, node_identity(), self.owner)
         self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner)
-        self.server = None
-        self.ae = None
+        self.server: ReceiveServer | None = None
+        self.ae: AE | None = None
+        self.pool: ListenerPool | None = None
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -78,7 +83,11 @@ class Node:
         jobs, deliveries = self.rt.jobs.recover_dead_owners(socket.gethostname(), _pid_alive)
         if jobs or deliveries:
             log_event(log, "leases_recovered", jobs=jobs, deliveries=deliveries)
-        self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
+        processes = listener_count(self.cfg)
+        if processes > 1:
+            self.pool = ListenerPool(self.cfg, processes).start()
+        else:
+            self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
         c = self.cfg
         for name, step, poll, stop in (
             ("assembler", self.assembler.run_once, c.completion.poll_seconds, self.stop),
@@ -93,6 +102,8 @@ class Node:
 
     def shutdown(self) -> None:
         log_event(log, "node_stopping")
+        if self.pool is not None:
+            self.pool.shutdown()
         if self.server is not None:
             self.server.shutdown()
         self.stop.set()
