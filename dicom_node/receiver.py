@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -300,7 +301,7 @@ class _Association:
             self.contexts = dict(cached.contexts)
             self.send(cached.accept_pdu)
             log_event(log, "association_accepted", logging.DEBUG, calling_ae=self.calling_ae, peer=self.peer,
-                      contexts=len(self.contexts))
+                      contexts=len(self.contexts), pid=os.getpid())
             return True
         assert rq is not None
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
@@ -329,7 +330,7 @@ class _Association:
         self.server.remember_accept(raw, _Accepted(self.calling_ae, called, accept_pdu, dict(self.contexts)))
         self.send(accept_pdu)
         log_event(log, "association_accepted", logging.DEBUG, calling_ae=self.calling_ae, peer=self.peer,
-                  contexts=len(self.contexts))
+                  contexts=len(self.contexts), pid=os.getpid())
         return True
 
     # ---- messages --------------------------------------------------------------------------------------
