@@ -4,6 +4,7 @@ spans many PDUs, an aborted transfer leaves nothing behind, a duplicate sent twi
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import subprocess
 import threading
 from io import BytesIO
@@ -24,6 +25,7 @@ from dicom_node.config import parse_config
 from dicom_node.runtime import open_runtime
 from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
+from storage.batching import InstanceBatch
 from tests.peers import DCMTK_ENV, STORESCU, free_port, wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -170,3 +172,26 @@ def test_repeated_association_request_reuses_the_negotiated_answer(listener, tmp
                              env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0
     assert len(rt.jobs.all_instances()) == len(files)
+
+
+def test_index_failure_answers_a701_leaves_nothing_and_the_next_instance_is_stored(listener, monkeypatch) -> None:
+    rt, _, port = listener
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, [pduid.ExplicitVRLittleEndian])
+
+    def disk_io_error(*_args: object, **_kwargs: object) -> list[str]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(InstanceBatch, "record", disk_io_error)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+    try:
+        assert int(assoc.send_c_store(_ct("1.2.3.4.9")).Status) == 0xA701
+        # renamed into place before the index was tried: the failure removes it again, and nothing else is left
+        assert rt.jobs.all_instances() == []
+        assert not [p for p in rt.files.root.rglob("*") if p.is_file()]
+        monkeypatch.undo()  # the index works again: the committer's fresh connection stores the resend
+        assert int(assoc.send_c_store(_ct("1.2.3.4.9")).Status) == 0
+    finally:
+        assoc.release()
+    [inst] = rt.jobs.all_instances()
+    assert inst.sop_instance_uid == "1.2.3.4.9" and rt.files.absolute(inst.path).is_file()
