@@ -4,17 +4,21 @@ Two studies (300 CT slices of 512x512 and 2000 of 128x128, generated once into a
 sent on one association and on 4 in parallel (the files split over 4 storescu processes) to:
   storescp   DCMTK, writing each object to a file (no fsync), --fork for the parallel case;
   Orthanc    Debian's package, SQLite index, its own temp storage;
-  dicom-node `dicom-node serve`, no models or routes: each instance fsynced, renamed, folder fsynced and
-             indexed (SQLite WAL, synchronous FULL) before Success is answered.
+  dicom-node `dicom-node serve` with its defaults (one listener process per CPU core), no models or routes:
+             each instance renamed into place and fsynced, its folder fsynced and its row committed (SQLite
+             WAL, synchronous FULL) before Success is answered.
 Each receiver is started fresh for each measurement and the count of stored instances checked afterwards;
 with --repeats the receivers are interleaved and medians reported (the machine's load moves a lot here).
-The last column is the disk's median write+fsync time probed just before the cell: the node needs three
-flushes in a row per instance, storescp none.
+The last column is the disk's median write+fsync time probed just before the cell: the node waits for
+three flushes in a row per instance (file, folder, index), storescp for none.
 Time is storescu's wall time (including its own file reading, the same for every peer). The run happens
 in a private network namespace (Orthanc listens on all interfaces), so nothing leaves loopback.
 
     .venv/bin/python bench/bench_receive.py [--quick] [--repeats N] [--no-orthanc] [--flush-diagnostic]
+                                            [--single-process-row]
 
+--single-process-row adds the node with node.listener_processes = 1 (receiving in its main process), to
+show what the extra listener processes bring.
 --flush-diagnostic adds rows for the node's listener run in this process with fsync made a no-op and
 SQLite synchronous=OFF: not a mode of the product (it would acknowledge instances a power cut can lose),
 only a way to show how much of the node's time is the disk's flushes rather than its own work.
@@ -63,6 +67,7 @@ def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tu
 
 
 NO_FLUSH = "node, no flush*"
+SINGLE = "node, 1 listener"
 
 
 def measure_without_flushes(study: Study, associations: int) -> float:
@@ -98,6 +103,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
     ap.add_argument("--no-orthanc", action="store_true")
     ap.add_argument("--flush-diagnostic", action="store_true", help="add rows for the node without flushes")
+    ap.add_argument("--single-process-row", action="store_true",
+                    help="add the node with node.listener_processes = 1")
     args = ap.parse_args()
     want_orthanc = not args.no_orthanc and Path(ORTHANC).exists()
     if want_orthanc:
@@ -125,6 +132,8 @@ def main() -> int:
             if want_orthanc:
                 makers.append(OrthancPeer)
             makers.append(NodePeer)
+            if args.single_process_row:
+                makers.append(lambda w: NodePeer(w, extra_node="listener_processes = 1", name=SINGLE))
             rates: dict[str, list[float]] = {}
             flush = []
             for _ in range(args.repeats):  # receivers interleaved, so a change in the machine's load hits all
@@ -137,7 +146,7 @@ def main() -> int:
             median = {name: statistics.median(r) for name, r in rates.items()}
             node = median["dicom-node"]
             for name, rate in median.items():
-                ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH) else ""
+                ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH, SINGLE) else ""
                 print(f"{label:<22} {n:>5} {name:<17} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
                       f"{statistics.median(flush):>6.2f}", flush=True)
     print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")

@@ -250,8 +250,8 @@ class OrthancPeer(Peer):
 class NodePeer(Peer):
     """`dicom-node serve` with a temp config: no models and no routes, so only the listener does work."""
 
-    def __init__(self, work: Path, extra_node: str = "") -> None:
-        self.name = "dicom-node"
+    def __init__(self, work: Path, extra_node: str = "", name: str = "dicom-node") -> None:
+        self.name = name
         self.ae_title = "DICOM_NODE"
         self.dir = work / "node"
         self.extra_node = extra_node

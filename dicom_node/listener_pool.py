@@ -37,7 +37,10 @@ READY_TIMEOUT_SECONDS = 60.0
 
 
 def listener_count(cfg: Config) -> int:
-    """How many listener processes ``node.listener_processes`` asks for (0: one per CPU core, at most 4)."""
+    """How many listener processes ``node.listener_processes`` asks for (0: one per CPU core, at most 4).
+    Sharing relies on Linux (memfd, PR_SET_PDEATHSIG); elsewhere the node receives in its main process."""
+    if sys.platform != "linux" or not hasattr(os, "memfd_create"):
+        return 1
     n = cfg.node.listener_processes
     return n if n > 0 else max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES))
 
