@@ -108,7 +108,10 @@ class IncomingInstance:
     """One C-STORE dataset being received: fragments are written to a temp file as they arrive."""
 
     def __init__(self, files: FileStore, settings: StoreSettings, *, command_sop_uid: bytes,
-                 command_class_uid: bytes, transfer_syntax: str, calling_ae: str) -> None:
+                 command_class_uid: bytes, transfer_syntax: str, calling_ae: str,
+                 temp: tuple[int, Path] | None = None) -> None:
+        """``temp``: an empty temp file (fd, path) from ``FileStore.open_temp`` made ahead of time, now owned
+        by this instance; otherwise one is made when the first fragment arrives."""
         self.files = files
         self.settings = settings
         self.sop_raw = command_sop_uid
@@ -117,8 +120,9 @@ class IncomingInstance:
         self.class_uid = command_class_uid.decode("ascii", errors="replace").rstrip("\0 ")
         self.transfer_syntax = transfer_syntax
         self.calling_ae = calling_ae
-        self.fd: int | None = None
-        self.tmp: Path | None = None
+        self.fd: int | None = temp[0] if temp else None
+        self.tmp: Path | None = temp[1] if temp else None
+        self.started = False  # file meta written
         self.size = 0  # dataset bytes received
         self.file_size = 0
         self.head = bytearray()
@@ -132,10 +136,12 @@ class IncomingInstance:
         try:
             if self.size > self.settings.max_instance_bytes:
                 raise RejectedInstance(OUT_OF_RESOURCES_TOO_LARGE, "instance exceeds node.max_instance_mb")
-            if self.fd is None:
-                self.fd, self.tmp = self.files.open_temp()
+            if not self.started:
+                if self.fd is None:
+                    self.fd, self.tmp = self.files.open_temp()
                 self._write_all(memoryview(file_meta(self.class_raw, self.sop_raw, self.transfer_syntax,
                                                      IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, self.calling_ae)))
+                self.started = True
             if len(self.head) < SNIFF_BYTES:
                 self.head += data[:SNIFF_BYTES - len(self.head)]
             self._write_all(data)
@@ -201,7 +207,7 @@ class IncomingInstance:
         try:
             if self.error is not None:
                 raise self.error
-            if self.fd is None or self.tmp is None:
+            if self.fd is None or self.tmp is None or not self.started:
                 raise RejectedInstance(CANNOT_UNDERSTAND, "empty dataset")
             values = self._check_structure()  # security: truncation, bad lengths, deep nesting, deflate bombs
             if values is None:
