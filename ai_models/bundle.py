@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ import numpy as np
 import torch
 
 from ai_models.device import resolve_device
+from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, head_activation
+from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public pieces lived here)
+    AxisTaps,
+    FastInvertPlan,
+    axis_aligned_maps,
+    build_plan,
+    invert_argmax_axis_aligned,
+    linear_taps,
+)
 from ai_models.types import ModelError, ModelIdentity, ModelResult, SegmentationResult, Task, Volume
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
@@ -164,6 +174,17 @@ def volume_to_metatensor(volume: Volume, name: str = "") -> Any:
     return MetaTensor(torch.from_numpy(array), meta=meta)
 
 
+def preprocess(volume: Volume, image_key: str, preprocessing: Any, fast: FastPreprocessing | None) -> dict[str, Any]:
+    """The bundle's preprocessing of the volume: ``fast`` (FastPreprocessing.of(preprocessing)) when it
+    reproduces this input exactly, else the bundle's own Compose. Every task runner goes through here."""
+    source = {image_key: volume_to_metatensor(volume)}
+    if fast is not None:
+        data = fast(source)
+        if data is not None:
+            return data
+    return preprocessing(source)  # type: ignore[no-any-return]
+
+
 def _target_name(item: Any) -> str:
     target = item.get("_target_", "") if isinstance(item, dict) else ""
     return str(target).rsplit(".", 1)[-1]
@@ -252,94 +273,18 @@ Runner = Callable[[Volume], ModelResult]
 RunnerFactory = Callable[[BundleContext], Runner]
 
 
-# ---------------------------------------------------------------------------------------------- fast inversion
+# ---------------------------------------------------------------------------------------------- fast paths
 #
-# MONAI's Invertd resamples every score channel onto the source grid with grid_sample over a dense
-# coordinate grid (seconds for a 512x512x300 CT). When the working grid differs from the source grid by
-# Orientation + Spacing only and the two grids are axis-aligned, the same trilinear interpolation is
-# separable: each source axis reads two taps on one working axis. Doing that per axis with index gathers
-# (chunked along the slice axis, argmax per chunk) gives the labels Invertd + argmax would give, in a
-# fraction of the time and memory. Any other geometry or postprocessing keeps the bundle's own Invertd.
+# MONAI's Spacingd and Invertd resample with grid_sample over a dense coordinate grid (seconds for a
+# 512x512x300 CT), and its sliding window stitches through full-size weight and count maps. When the
+# bundle has the common shape (Orientation + linear Spacing, constant-blend sliding window, activation ->
+# Invertd -> optional argmax) and the grids are axis-aligned, ai_models.fastpath and ai_models.grid do the
+# same work separably: the same working grid and trace, the same window sums, the labels Invertd + argmax
+# give. Anything else runs the bundle's own transforms.
 
 _FAST_OPS = {"Orientation", "SpatialResample"}
 _LINEAR_MODES = {"bilinear", "trilinear"}
 _FAST_PADDING = {"border", "zeros"}
-_AXIS_TOLERANCE_VOXELS = 1e-3  # largest index error over the volume for "axis-aligned"
-_CHUNK_VOXELS = 1 << 22  # source voxels per chunk per channel (16 MiB of float32)
-
-
-@dataclass(frozen=True)
-class AxisTaps:
-    """Linear interpolation along one axis: out[j] = w0[j] * in[i0[j]] + w1[j] * in[i1[j]]."""
-
-    i0: torch.Tensor
-    i1: torch.Tensor
-    w0: torch.Tensor
-    w1: torch.Tensor
-    identity: bool  # out == in (same size, integer taps): nothing to do
-
-
-@dataclass(frozen=True)
-class FastInvertPlan:
-    """Working-grid scores (C, x', y', z') -> source grid (z, y, x): for source axes x, y, z, the working
-    axis each one reads and its taps."""
-
-    working_axes: tuple[int, int, int]
-    taps: tuple[AxisTaps, AxisTaps, AxisTaps]
-    source_shape: tuple[int, int, int]  # (x, y, z)
-
-
-def axis_aligned_maps(
-    source_affine: np.ndarray, working_affine: np.ndarray, source_shape: tuple[int, int, int]
-) -> list[tuple[int, float, float]] | None:
-    """For source axes x, y, z: (working axis, scale, offset) with working index = scale * j + offset, or
-    None when the grids are not related by a permutation/flip + per-axis scale + offset."""
-    try:
-        m = np.linalg.solve(np.asarray(working_affine, dtype=np.float64), np.asarray(source_affine, dtype=np.float64))
-    except np.linalg.LinAlgError:
-        return None
-    if not np.all(np.isfinite(m)):
-        return None
-    extent = max(max(source_shape), 1)
-    maps: list[tuple[int, float, float]] = []
-    for s in range(3):
-        column = m[:3, s]
-        w = int(np.argmax(np.abs(column)))
-        if abs(column[w]) < 1e-9 or np.abs(np.delete(column, w)).max() * extent > _AXIS_TOLERANCE_VOXELS:
-            return None
-        maps.append((w, float(column[w]), float(m[w, 3])))
-    if sorted(w for w, _, _ in maps) != [0, 1, 2]:
-        return None
-    return maps
-
-
-def linear_taps(scale: float, offset: float, n_out: int, n_in: int, padding: str, device: torch.device) -> AxisTaps:
-    """Taps of grid_sample's linear interpolation (align_corners=False, voxel-centre affines) along one axis;
-    "border" clamps the coordinate, "zeros" drops taps that fall outside."""
-    c = scale * np.arange(n_out, dtype=np.float64) + offset
-    if padding == "border":
-        c = np.clip(c, 0.0, n_in - 1)
-    f = np.floor(c)
-    w1 = c - f
-    i0 = f.astype(np.int64)
-    i1 = i0 + 1
-    w0 = 1.0 - w1
-    if padding == "zeros":
-        w0 = np.where((i0 >= 0) & (i0 < n_in), w0, 0.0)
-        w1 = np.where((i1 >= 0) & (i1 < n_in), w1, 0.0)
-    i0, i1 = np.clip(i0, 0, n_in - 1), np.clip(i1, 0, n_in - 1)
-    identity = n_out == n_in and bool(np.all(i0 == np.arange(n_in)) and np.all(w0 == 1.0) and np.all(w1 == 0.0))
-
-    def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=dtype, device=device)
-
-    return AxisTaps(
-        tensor(i0, torch.int64),
-        tensor(i1, torch.int64),
-        tensor(w0, torch.float32),
-        tensor(w1, torch.float32),
-        identity,
-    )
 
 
 def _fast_invert_head(transforms: Any, preprocessing: Any, image_key: str) -> Callable[[Any], Any] | None:
@@ -374,130 +319,50 @@ def _fast_invert_head(transforms: Any, preprocessing: Any, image_key: str) -> Ca
     return Compose(head)
 
 
-def _fast_invert_plan(image: Any, pred: Any, volume: Volume) -> FastInvertPlan | None:
-    """The plan when the image got only Orientation + linear Spacing on its way to the working grid and
-    that grid is axis-aligned with the source; None sends the run through the bundle's Invertd."""
+def _fast_invert_plan(image: Any, pred_shape: Any, volume: Volume, device: torch.device) -> FastInvertPlan | None:
+    """The plan when the image got only Orientation + one linear Spacing on its way to the working grid,
+    the prediction (C, x, y, z) has several channels on that grid and the grid is axis-aligned with the
+    source; None sends the run through the bundle's Invertd."""
     from monai.utils import TraceKeys
 
-    if getattr(image, "pending_operations", None) or pred.ndim != 4 or pred.shape[0] < 2:
+    shape = tuple(int(s) for s in pred_shape)
+    if getattr(image, "pending_operations", None) or len(shape) != 4 or shape[0] < 2:
         return None
-    if tuple(pred.shape[1:]) != tuple(image.shape[1:]):
+    if shape[1:] != tuple(image.shape[1:]):
         return None
     padding = "border"
+    resamples = 0
     for op in image.applied_operations:
         name = op.get(TraceKeys.CLASS_NAME)
         if name not in _FAST_OPS:
             return None
         if name == "SpatialResample":
+            resamples += 1
             extra = op.get(TraceKeys.EXTRA_INFO, {})
             if str(extra.get("mode")) not in _LINEAR_MODES or extra.get("align_corners") not in (False, TraceKeys.NONE):
                 return None
             padding = str(extra.get("padding_mode"))
-            if padding not in _FAST_PADDING:
+            if padding not in _FAST_PADDING or resamples > 1:  # two interpolations are not one
                 return None
     return build_plan(
         _LPS_TO_RAS @ volume.affine_lps(),
         volume.array.shape[::-1],
         torch.as_tensor(image.affine).detach().cpu().numpy(),
-        pred.shape[1:],
+        shape[1:],
         padding,
-        pred.device,
+        device,
     )
-
-
-def build_plan(
-    source_affine: np.ndarray,
-    source_shape: Any,
-    working_affine: np.ndarray,
-    working_shape: Any,
-    padding: str,
-    device: torch.device,
-) -> FastInvertPlan | None:
-    """Plan to resample working-grid scores onto the source grid (shapes in affine axis order), or None
-    when the grids are not axis-aligned."""
-    src = (int(source_shape[0]), int(source_shape[1]), int(source_shape[2]))
-    work = (int(working_shape[0]), int(working_shape[1]), int(working_shape[2]))
-    maps = axis_aligned_maps(source_affine, working_affine, src)
-    if maps is None:
-        return None
-    tx, ty, tz = (
-        linear_taps(scale, offset, src[s], work[w], padding, device) for s, (w, scale, offset) in enumerate(maps)
-    )
-    return FastInvertPlan(working_axes=(maps[0][0], maps[1][0], maps[2][0]), taps=(tx, ty, tz), source_shape=src)
-
-
-def _interpolate(data: torch.Tensor, dim: int, taps: AxisTaps, rows: slice | None = None) -> torch.Tensor:
-    """Linear interpolation of data along dim by taps (or the rows slice of them). The innermost dim uses
-    torch.gather, several times faster there than index_select; rows with a zero second weight (every other
-    one for a 2x grid) read one tap only."""
-    if taps.identity:
-        return data if rows is None else data.narrow(dim, rows.start, rows.stop - rows.start)
-    i0, i1, w0, w1 = taps.i0, taps.i1, taps.w0, taps.w1
-    if rows is not None:
-        i0, i1, w0, w1 = i0[rows], i1[rows], w0[rows], w1[rows]
-    shape = [1] * data.ndim
-    shape[dim] = -1
-
-    def pick(index: torch.Tensor) -> torch.Tensor:
-        if dim == data.ndim - 1:
-            size = list(data.shape)
-            size[dim] = index.numel()
-            return torch.gather(data, dim, index.view(shape).expand(size))
-        return data.index_select(dim, index)
-
-    out = pick(i0).mul_(w0.view(shape))
-    second = torch.nonzero(w1).flatten()
-    if second.numel() == w1.numel():
-        out.addcmul_(pick(i1), w1.view(shape))
-    elif second.numel():
-        part = pick(i1[second]).mul_(w1[second].view(shape))
-        out.index_add_(dim, second, part)
-    return out
-
-
-def _argmax_channels(scores: torch.Tensor) -> torch.Tensor:
-    """uint8 argmax over dim 0 (first channel wins ties), as a running maximum: several times faster on the
-    CPU than torch.max/argmax over the outer dim."""
-    label = torch.gt(scores[1], scores[0]).to(torch.uint8)
-    if scores.shape[0] > 2:
-        best = torch.maximum(scores[0], scores[1])
-        for k in range(2, scores.shape[0]):
-            above = torch.gt(scores[k], best)
-            label.mul_(~above).add_(above.to(torch.uint8).mul_(k))
-            if k + 1 < scores.shape[0]:
-                torch.maximum(best, scores[k], out=best)
-    return label
-
-
-def invert_argmax_axis_aligned(scores: torch.Tensor, plan: FastInvertPlan) -> np.ndarray:
-    """Argmax over channels of the scores interpolated onto the source grid: uint8 (z, y, x)."""
-    if scores.shape[0] > 256:
-        raise ModelError("more than 255 labels do not fit a uint8 mask")
-    wx, wy, wz = plan.working_axes
-    # working axes in source (x, y, z) order: a view for RAS working grids (Orientationd), flips are in the taps
-    data = scores.float().permute(0, 1 + wx, 1 + wy, 1 + wz)
-    if (wx, wy, wz) != (0, 1, 2):
-        data = data.contiguous()
-    nx, ny, nz = plan.source_shape
-    tx, ty, tz = plan.taps
-    out = torch.empty((nx, ny, nz), dtype=torch.uint8)
-    step = max(1, _CHUNK_VOXELS // max(ny * nz, 1))
-    for start in range(0, nx, step):
-        rows = slice(start, min(start + step, nx))
-        # x planes, then z (innermost: gathers slowest, so while y is still coarse), then y rows
-        chunk = _interpolate(data, 1, tx, rows)
-        chunk = _interpolate(chunk, 3, tz)
-        chunk = _interpolate(chunk, 2, ty)
-        out[rows] = _argmax_channels(chunk).cpu()
-    # one uint8 transpose to the mask's (z, y, x) is cheaper than transposing float scores
-    return out.permute(2, 1, 0).contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- segmentation
 
 
 class SegmentationRunner:
-    """The bundle's preprocessing -> inferer(network) -> postprocessing, inverted onto the source grid."""
+    """The bundle's preprocessing -> inferer(network) -> postprocessing, inverted onto the source grid.
+
+    ``timings`` holds the last run's stages in seconds: pre (preprocessing), forward (inside the network's
+    forward calls only), window (the inferer's own work around them), post (activation, inversion, label
+    map)."""
 
     def __init__(self, ctx: BundleContext) -> None:
         from monai.transforms import Compose, Invertd
@@ -517,31 +382,63 @@ class SegmentationRunner:
             )
         self.label_values = np.array(sorted(ctx.identity.labels), dtype=np.int64)
         self.fast_head = _fast_invert_head(transforms, self.preprocessing, self.image_key)
+        self.fast_activation = head_activation(self.fast_head) if self.fast_head is not None else False
+        self.fast_pre = FastPreprocessing.of(self.preprocessing, self.image_key)
+        self.fast_window = FastSlidingWindow.of(self.inferer)
+        self.clock = ForwardClock(self.network, ctx.device)
+        self.timings: dict[str, float] = {}
 
     def __call__(self, volume: Volume) -> SegmentationResult:
         from monai.data import MetaTensor
 
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
+            data = self._preprocess(volume)
             image = data[self.image_key]
             batch = image.unsqueeze(0).to(self.ctx.device)
+            t1 = time.perf_counter()
+            self.clock.reset()
             with self.ctx.autocast():
-                pred = self.inferer(batch, self.network)
-            pred = pred[0].float()
-            if not isinstance(pred, MetaTensor):
-                pred = MetaTensor(pred, meta=image.meta)
-            plan = None if self.fast_head is None else _fast_invert_plan(image, pred, volume)
-            if plan is not None and self.fast_head is not None:
+                window = self.fast_window(batch, self.clock.predictor) if self.fast_window is not None else None
+                pred = self.inferer(batch, self.clock.predictor) if window is None else None
+            t2 = time.perf_counter()
+            plan = None
+            if self.fast_head is not None:
+                shape = window.sums.shape if window is not None else pred.shape[1:]  # type: ignore[union-attr]
+                plan = _fast_invert_plan(image, shape, volume, batch.device)
+            if plan is not None and window is not None and self.fast_activation is not False:
+                # window sums straight to labels: division and activation only where a boundary needs them
+                labels = invert_argmax_axis_aligned(
+                    window.sums, plan, counts=window.counts, activation=self.fast_activation or None
+                )
+                mask = self._labels_to_mask(labels, window.sums.shape[0])
+            else:
+                if pred is None:
+                    pred = window.averaged(batch)  # type: ignore[union-attr]
+                pred = pred[0].float()
+                if not isinstance(pred, MetaTensor):
+                    pred = MetaTensor(pred, meta=image.meta)
                 data["pred"] = pred
-                scores = torch.as_tensor(self.fast_head(data)["pred"])
-                labels = invert_argmax_axis_aligned(scores, plan)
-                return SegmentationResult(identity=self.ctx.identity, mask=self._labels_to_mask(labels))
-            data["pred"] = pred
-            data = self.postprocessing(data)
-            if self.fallback_invert is not None:
-                data = self.fallback_invert(data)
-            out = data["pred"]
-        return SegmentationResult(identity=self.ctx.identity, mask=self._to_mask(out, volume))
+                if plan is not None and self.fast_head is not None:
+                    scores = torch.as_tensor(self.fast_head(data)["pred"])
+                    mask = self._labels_to_mask(invert_argmax_axis_aligned(scores, plan), scores.shape[0])
+                else:
+                    data = self.postprocessing(data)
+                    if self.fallback_invert is not None:
+                        data = self.fallback_invert(data)
+                    mask = self._to_mask(data["pred"], volume)
+        t3 = time.perf_counter()
+        forward = self.clock.seconds
+        self.timings = {
+            "pre": t1 - t0,
+            "forward": forward,
+            "window": (t2 - t1) - forward,
+            "post": t3 - t2,
+        }
+        return SegmentationResult(identity=self.ctx.identity, mask=mask)
+
+    def _preprocess(self, volume: Volume) -> dict[str, Any]:
+        return preprocess(volume, self.image_key, self.preprocessing, self.fast_pre)
 
     def _to_mask(self, out: Any, volume: Volume) -> np.ndarray:
         """(C, x, y, z) scores or (1, x, y, z) labels -> uint8 (z, y, x); values outside the labels -> 0."""
@@ -560,13 +457,19 @@ class SegmentationRunner:
         expected = volume.array.shape[::-1]
         if tuple(labels.shape) != expected:
             raise ModelError(f"segmentation output {tuple(labels.shape)} is not on the source grid {expected}")
-        return self._labels_to_mask(np.ascontiguousarray(labels.cpu().numpy().transpose(2, 1, 0)))
+        channels = int(arr.shape[0]) if arr.ndim == 4 and arr.shape[0] > 1 else None
+        return self._labels_to_mask(np.ascontiguousarray(labels.cpu().numpy().transpose(2, 1, 0)), channels)
 
-    def _labels_to_mask(self, labels: np.ndarray) -> np.ndarray:
-        """uint8 (z, y, x) label values -> the mask; values outside the bundle's labels -> 0."""
+    def _labels_to_mask(self, labels: np.ndarray, channels: int | None = None) -> np.ndarray:
+        """uint8 (z, y, x) label values (below channels, when known) -> the mask; values outside the bundle's
+        labels -> 0. No pass over the volume when the channels are the labels, as in most bundles."""
         lut = np.zeros(256, dtype=np.uint8)
-        lut[self.label_values[self.label_values < 256]] = self.label_values[self.label_values < 256]
-        return lut[labels]
+        keep = self.label_values[self.label_values < 256]
+        lut[keep] = keep
+        present = channels if channels is not None else (int(labels.max()) + 1 if labels.size else 0)
+        if np.array_equal(lut[:present], np.arange(present)):
+            return labels
+        return np.take(lut, labels)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -605,13 +508,20 @@ class LoadedModel:
         self._lock = threading.Lock()  # transforms and networks are not safe to share across threads
 
     def run(self, volume: Volume) -> ModelResult:
+        return self.run_timed(volume)[0]
+
+    def run_timed(self, volume: Volume) -> tuple[ModelResult, dict[str, float]]:
+        """The result and the runner's own stage timings in seconds (empty when the runner keeps none), so
+        the worker can log where inference time goes (the network's forward pass vs. the rest)."""
         with self._lock:
             try:
-                return self._runner(volume)
+                result = self._runner(volume)
             except ModelError:
                 raise
             except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
                 raise ModelError(f"{self.identity.name} failed: {exc}") from exc
+            timings = getattr(self._runner, "timings", None)
+            return result, dict(timings) if isinstance(timings, dict) else {}
 
 
 @contextmanager

@@ -17,7 +17,8 @@ import torch
 from monai.inferers import Inferer
 from torch import Tensor, nn
 
-from ai_models.bundle import BundleContext, volume_to_metatensor
+from ai_models.bundle import BundleContext, preprocess
+from ai_models.fastpath import FastPreprocessing
 from ai_models.types import ClassificationResult, ModelError, Volume
 
 
@@ -81,6 +82,7 @@ class ClassificationRunner:
         self.image_key = str(ctx.parsed("image_key", "image"))
         self.network: nn.Module = ctx.load_network()
         self.preprocessing = ctx.required("preprocessing")
+        self.fast_pre = FastPreprocessing.of(self.preprocessing, self.image_key)
         self.inferer = ctx.required("inferer")
         self.postprocessing = ctx.parsed("postprocessing") or Compose([])
         self.threshold = float(ctx.parsed("threshold", 0.5))
@@ -91,7 +93,7 @@ class ClassificationRunner:
 
     def probability(self, volume: Volume) -> float:
         with torch.inference_mode():
-            data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
+            data = preprocess(volume, self.image_key, self.preprocessing, self.fast_pre)
             image = torch.as_tensor(data[self.image_key]).float()
             if image.numel() == 0:  # nothing but air: no body, no nodule
                 return 0.0

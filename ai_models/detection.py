@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ai_models.bundle import BundleContext, volume_to_metatensor
+from ai_models.bundle import BundleContext, preprocess
+from ai_models.fastpath import FastPreprocessing
 from ai_models.types import Detection, DetectionResult, ModelError, Volume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # as volume_to_metatensor builds the source affine
@@ -192,6 +193,7 @@ class DetectionRunner:
         self.image_key = str(ctx.parsed("image_key", "image"))
         self.network = ctx.load_network()
         self.preprocessing = ctx.required("preprocessing")
+        self.fast_pre = FastPreprocessing.of(self.preprocessing, self.image_key)
         detector = ctx.required("detector")
         detector.network = self.network  # the loaded weights, whatever the config's reference resolved to
         self.detector = detector
@@ -210,7 +212,7 @@ class DetectionRunner:
         det = self.detector
         boxes, scores, labels = [np.zeros((0, 6))], [np.zeros(0)], [np.zeros(0, dtype=np.int64)]
         with torch.inference_mode():
-            data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
+            data = preprocess(volume, self.image_key, self.preprocessing, self.fast_pre)
             image = data[self.image_key]
             affine = np.asarray(torch.as_tensor(image.affine).cpu(), dtype=np.float64)
             tensor = torch.as_tensor(image).float()

@@ -115,14 +115,16 @@ def test_runner_fast_path_equals_bundle_invertd(
     used: list[bool] = []
     original = bundle.invert_argmax_axis_aligned
 
-    def spy(scores: torch.Tensor, plan: bundle.FastInvertPlan) -> np.ndarray:
+    def spy(scores: torch.Tensor, plan: bundle.FastInvertPlan, **kwargs) -> np.ndarray:
         used.append(True)
-        return original(scores, plan)
+        return original(scores, plan, **kwargs)
 
     monkeypatch.setattr(bundle, "invert_argmax_axis_aligned", spy)
     fast = model.run(volume).mask
     assert used == [True]
-    monkeypatch.setattr(runner, "fast_head", None)
+    # the bundle's own path throughout: MONAI's transforms, sliding window and Invertd
+    for attr in ("fast_head", "fast_pre", "fast_window"):
+        monkeypatch.setattr(runner, attr, None)
     slow = model.run(volume).mask
     assert used == [True]
     assert fast.shape == ph.labels.shape and fast.dtype == np.uint8
@@ -139,15 +141,16 @@ def test_plan_refuses_rotated_grids_and_unknown_operations(model) -> None:
     with torch.inference_mode():
         image = runner.preprocessing({runner.image_key: volume_to_metatensor(volume)})[runner.image_key]
     pred = torch.zeros((3, *image.shape[1:]))
-    assert _fast_invert_plan(image, pred, volume) is not None
+    assert _fast_invert_plan(image, pred.shape, volume, torch.device("cpu")) is not None
     rot = torch.eye(4, dtype=torch.float64)
     rot[:2, :2] = torch.tensor([[np.cos(_ANGLE), -np.sin(_ANGLE)], [np.sin(_ANGLE), np.cos(_ANGLE)]])
     rotated = MetaTensor(image.as_tensor(), affine=rot @ image.affine)
-    assert _fast_invert_plan(rotated, pred, volume) is None
+    assert _fast_invert_plan(rotated, pred.shape, volume, torch.device("cpu")) is None
     cropped = image.clone()
     cropped.push_applied_operation({"class": "CropForeground", "extra_info": {}})
-    assert _fast_invert_plan(cropped, pred, volume) is None
-    assert _fast_invert_plan(image, torch.zeros((1, *image.shape[1:])), volume) is None  # one channel: rounding
+    assert _fast_invert_plan(cropped, pred.shape, volume, torch.device("cpu")) is None
+    one_channel = (1, *image.shape[1:])  # one channel: rounding, not argmax
+    assert _fast_invert_plan(image, one_channel, volume, torch.device("cpu")) is None
 
 
 def test_head_only_for_the_common_postprocessing() -> None:
