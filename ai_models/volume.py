@@ -2,20 +2,30 @@
 
 Geometry is checked from the headers before any pixel data is decoded, so a malformed or hostile series
 (inconsistent matrix, two frames of reference, duplicate slices, absurd sizes) costs a header read, not a
-decode or an allocation. The volume is allocated once and filled one slice at a time, so peak memory is
-the float32 volume plus one decoded slice.
+decode or an allocation. The volume is allocated once and filled one slice at a time (by a few threads),
+so peak memory is the float32 volume plus a decoded slice per reader thread.
+
+Each file's header is parsed once (pydicom, up to the pixel data) and kept: ``read_series`` hands the
+headers to the caller, which needs them for the SEG/SR references. Uncompressed little-endian pixel data
+is then read straight from its offset into numpy, with the same bit handling as pydicom's decoder; any
+other transfer syntax, or anything unexpected at that offset, goes through pydicom's decoder.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ai_models.types import InvalidGeometryError, Volume
 
@@ -24,6 +34,60 @@ MAX_SLICES = 20_000
 _COS_TOL = 1e-4  # orientation cosines must agree to this
 _SPACING_REL_TOL = 1e-3  # pixel spacing must agree to this fraction
 _STEP_REL_TOL = 0.1  # slice steps may differ by this fraction of the mean step
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+# elements every slice of a series must share (the checks below and the pixel layout): compared as raw
+# bytes first, so a regular series costs no value conversion per slice (pydicom's DS/IS parsing is slow)
+_SHARED_TAGS = (
+    0x00280002,  # SamplesPerPixel
+    0x00280008,  # NumberOfFrames
+    0x00280010,  # Rows
+    0x00280011,  # Columns
+    0x00280030,  # PixelSpacing
+    0x00280100,  # BitsAllocated
+    0x00280101,  # BitsStored
+    0x00280103,  # PixelRepresentation
+    0x00281052,  # RescaleIntercept
+    0x00281053,  # RescaleSlope
+    0x00200037,  # ImageOrientationPatient
+    0x00200052,  # FrameOfReferenceUID
+    0x0020000E,  # SeriesInstanceUID
+)
+_NATIVE = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # syntax -> explicit VR
+
+
+def _raw_shared(ds: Dataset) -> tuple[object, ...] | None:
+    """The shared elements' raw encodings (VR, byte order, bytes), or None when one is already decoded."""
+    out: list[object] = []
+    for tag in _SHARED_TAGS:
+        elem = ds.get_item(tag)
+        if elem is None:
+            out.append(None)
+        elif isinstance(elem, RawDataElement):
+            out.append((elem.VR, elem.is_little_endian, elem.value))
+        else:
+            return None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """How a slice's pixel data is laid out: transfer syntax and the bits pydicom's decoder looks at."""
+
+    syntax: str
+    bits: int
+    stored: int
+    signed: int
+
+
+def _pixels_of(ds: Dataset) -> _Pixels:
+    meta = getattr(ds, "file_meta", None)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    return _Pixels(
+        syntax=str(getattr(meta, "TransferSyntaxUID", "") or ""),
+        bits=bits,
+        stored=int(ds.get("BitsStored", bits) or bits),
+        signed=int(ds.get("PixelRepresentation", 0) or 0),
+    )
 
 
 @dataclass(frozen=True)
@@ -33,6 +97,9 @@ class _Header:
     position: np.ndarray  # (3,) LPS mm
     slope: float
     intercept: float
+    dataset: Dataset  # the header as parsed (no pixel data)
+    pixel_offset: int | None  # file offset where the pixel data element starts, when known
+    pixels: _Pixels
 
 
 def _geometry_error(why: str) -> InvalidGeometryError:
@@ -52,11 +119,51 @@ def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
     return arr
 
 
-def _read_header(path: Path) -> Dataset:
+def _read_header(path: Path) -> tuple[Dataset, int | None]:
+    """The header up to the pixel data and the file offset where pydicom stopped (the pixel data element,
+    if there is one; checked again before it is used)."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        with path.open("rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            return ds, fh.tell()
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise InvalidGeometryError(f"invalid geometry: cannot read {path.name}: {exc}") from exc
+
+
+def _native_pixels(h: _Header, rows: int, cols: int) -> np.ndarray | None:
+    """The slice's stored values as pydicom's decoder would give them, read from the pixel data offset, for
+    uncompressed little-endian data; None when anything differs from that (then pydicom decodes)."""
+    explicit = _NATIVE.get(h.pixels.syntax)
+    bits, stored, signed = h.pixels.bits, h.pixels.stored, h.pixels.signed
+    if explicit is None or h.pixel_offset is None or bits not in (8, 16, 32) or not 1 <= stored <= bits:
+        return None
+    if signed not in (0, 1):
+        return None
+    nbytes = rows * cols * bits // 8
+    with h.path.open("rb") as fh:
+        fh.seek(h.pixel_offset)
+        head = fh.read(12 if explicit else 8)
+        if head[:4] != _PIXEL_DATA_TAG:
+            return None
+        if explicit:
+            if head[4:6] not in (b"OW", b"OB") or head[6:8] != b"\0\0" or len(head) < 12:
+                return None
+            length = struct.unpack("<I", head[8:12])[0]
+        else:
+            if len(head) < 8:
+                return None
+            length = struct.unpack("<I", head[4:8])[0]
+        if not nbytes <= length <= nbytes + 1:  # undefined length (encapsulated) and short data: pydicom
+            return None
+        raw = fh.read(nbytes)
+    if len(raw) != nbytes:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    arr = np.frombuffer(raw, dtype=dtype).reshape(rows, cols)
+    if stored < bits:  # as pydicom: unused high bits masked (unsigned) or sign-extended (signed)
+        shift = bits - stored
+        arr = (arr << shift) >> shift if signed else arr & dtype.type((1 << stored) - 1)
+    return arr
 
 
 def _check_matrix(ds: Dataset, path: Path) -> tuple[int, int]:
@@ -87,13 +194,20 @@ def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000) -> Volume:
     """Read one CT series (single-frame instances, any order) into a float32 HU volume, sorted along
     the slice normal. Raises InvalidGeometryError for anything that is not one regular grid."""
+    return read_series(paths, max_voxels=max_voxels)[0]
+
+
+def read_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000) -> tuple[Volume, list[Dataset]]:
+    """load_series plus each instance's header (pixel data not read), in the volume's slice order: the
+    caller gets them without parsing every file a second time."""
     files = [Path(p) for p in paths]
     if not files:
         raise _geometry_error("no instances")
     if len(files) > MAX_SLICES:
         raise _geometry_error(f"{len(files)} instances is more than {MAX_SLICES}")
 
-    first = _read_header(files[0])
+    first, first_offset = _read_header(files[0])
+    first_raw = _raw_shared(first)  # before any value below is decoded
     rows, cols = _check_matrix(first, files[0])
     if rows * cols * len(files) > max_voxels:
         raise _geometry_error(f"{rows}x{cols}x{len(files)} voxels exceeds the limit of {max_voxels}")
@@ -107,9 +221,30 @@ def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
     series_uid = str(first.get("SeriesInstanceUID", ""))
     study_uid = str(first.get("StudyInstanceUID", ""))
 
+    first_pixels = _pixels_of(first)
+    slope = float(first.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(first.get("RescaleIntercept", 0.0) or 0.0)
+    syntax = first_pixels.syntax
+
     headers: list[_Header] = []
     for i, path in enumerate(files):
-        ds = first if i == 0 else _read_header(path)
+        ds, offset = (first, first_offset) if i == 0 else _read_header(path)
+        same = i == 0 or (first_raw is not None and _raw_shared(ds) == first_raw)
+        if same and str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") == syntax:
+            # byte-identical to the first slice's checked elements: same geometry, layout and rescale
+            headers.append(
+                _Header(
+                    path=path,
+                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                    position=_floats(ds, "ImagePositionPatient", 3, path),
+                    slope=slope,
+                    intercept=intercept,
+                    dataset=ds,
+                    pixel_offset=offset,
+                    pixels=first_pixels,
+                )
+            )
+            continue
         if _check_matrix(ds, path) != (rows, cols):
             raise _geometry_error(f"{path.name} has a different matrix than {files[0].name}")
         r, c = _orientation(ds, path)
@@ -129,6 +264,9 @@ def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
                 position=_floats(ds, "ImagePositionPatient", 3, path),
                 slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
                 intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                dataset=ds,
+                pixel_offset=offset,
+                pixels=_pixels_of(ds),
             )
         )
 
@@ -156,10 +294,13 @@ def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
         raise _geometry_error("duplicate SOPInstanceUID")
 
     volume = np.empty((len(headers), rows, cols), dtype=np.float32)
-    for k, h in enumerate(headers):
+
+    def fill(k: int) -> None:
+        h = headers[k]
         try:
-            ds = pydicom.dcmread(h.path)
-            pixels = ds.pixel_array
+            pixels = _native_pixels(h, rows, cols)
+            if pixels is None:
+                pixels = pydicom.dcmread(h.path).pixel_array
         except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, RuntimeError) as exc:
             raise InvalidGeometryError(f"invalid geometry: cannot decode {h.path.name}: {exc}") from exc
         if pixels.shape != (rows, cols):
@@ -171,7 +312,16 @@ def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
         if h.intercept != 0.0:
             out += np.float32(h.intercept)
 
-    return Volume(
+    # reading a file and converting its slice release the GIL: a few threads keep the page cache reads and
+    # the conversions busy together (a slice at a time each)
+    if len(headers) > 1:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="load-series") as pool:
+            for _ in pool.map(fill, range(len(headers))):
+                pass
+    elif headers:
+        fill(0)
+
+    result = Volume(
         array=volume,
         spacing=(step, float(pixel_spacing[0]), float(pixel_spacing[1])),
         origin=tuple(float(v) for v in headers[0].position),  # type: ignore[arg-type]
@@ -183,3 +333,4 @@ def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
         study_instance_uid=study_uid,
         frame_of_reference_uid=for_uid,
     )
+    return result, [h.dataset for h in headers]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -29,4 +30,15 @@ class ModelCache:
                 log_event(log, "model_loaded", model=name, version=ident.version, task=ident.task,
                           device=ident.device, bundle_sha256=ident.bundle_hash[:12])
                 self._loaded[name] = model
+                _freeze_long_lived()
             return model
+
+
+def _freeze_long_lived() -> None:
+    """Move everything alive now (imports, networks, parsed bundle configs: ~300k objects that live as long
+    as the process) out of the cyclic garbage collector's reach. A full collection, which a job's header
+    parsing and SEG/SR encoding regularly trigger, then walks only the job's own objects (~0.1 s instead of
+    ~0.3 s each, measured with the chest model loaded). Garbage is collected first, so nothing collectable
+    is frozen with them."""
+    gc.collect()
+    gc.freeze()

@@ -102,6 +102,22 @@ def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
 # ---- geometry ------------------------------------------------------------------------------------------
 
 
+_SHARED_TAGS = (0x00080016, 0x0020000D, 0x0020000E, 0x00280010, 0x00280011, 0x00200052, 0x00200037)  # the key's
+
+
+def _raw_shared(ds: pydicom.Dataset) -> tuple[Any, ...] | None:
+    """The key elements as still-encoded bytes (VR, byte order, value), or None once any is decoded: slices of
+    one series carry byte-identical values, so each distinct encoding is decoded and compared once, not
+    once per slice (pydicom's decoding of 7 x 300 values was most of this function's time)."""
+    out = []
+    for tag in _SHARED_TAGS:
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement):
+            return None
+        out.append((elem.VR, elem.is_little_endian, elem.value))
+    return tuple(out)
+
+
 def _plane_geometry(source: Sequence[pydicom.Dataset]) -> tuple[list[str], np.ndarray, list[float]] | None:
     """(Image Position strings as highdicom writes them, positions array, orientation), or None."""
     first = source[0]
@@ -110,9 +126,17 @@ def _plane_geometry(source: Sequence[pydicom.Dataset]) -> tuple[list[str], np.nd
     key = (first.SOPClassUID, first.StudyInstanceUID, first.SeriesInstanceUID, first.Rows, first.Columns,
            first.FrameOfReferenceUID, list(first.ImageOrientationPatient))
     strings, values = [], []
+    checked: dict[tuple[Any, ...], bool] = {}  # raw encoding of the shared elements -> matches key
     for ds in source:
-        if (ds.get("SOPClassUID"), ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("Rows"),
-                ds.get("Columns"), ds.get("FrameOfReferenceUID"), list(ds.get("ImageOrientationPatient", []))) != key:
+        raw = _raw_shared(ds)
+        same = checked.get(raw) if raw is not None else None
+        if same is None:
+            same = (ds.get("SOPClassUID"), ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("Rows"),
+                    ds.get("Columns"), ds.get("FrameOfReferenceUID"),
+                    list(ds.get("ImageOrientationPatient", []))) == key
+            if raw is not None:
+                checked[raw] = same
+        if not same:
             return None  # highdicom decides (and raises for mixed series or orientations)
         position = ds.get("ImagePositionPatient")
         if position is None or len(position) != 3:

@@ -166,3 +166,90 @@ def test_single_slice_uses_thickness(phantom, tmp_path: Path) -> None:
     paths = _write_series(phantom.hu[:1], phantom.spacing, tmp_path)
     vol = load_series(paths)
     assert vol.array.shape == (1, 64, 80) and vol.spacing[0] == pytest.approx(2.5)
+
+
+def _bits_series(
+    folder: Path, stored: np.ndarray, *, bits: int, bits_stored: int, signed: int, syntax: str
+) -> list[Path]:
+    """Slices whose stored words carry junk above BitsStored, in an uncompressed little-endian syntax."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    paths = []
+    for z in range(stored.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = syntax
+        ds = FileDataset(str(folder / f"{z}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality = "CT"
+        ds.Rows, ds.Columns = stored.shape[1:]
+        ds.PixelSpacing, ds.SliceThickness = [0.8, 0.8], 2.0
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * z]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits_stored, bits_stored - 1, signed
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024 if not signed else 0
+        ds.PixelData = stored[z].astype(dtype).tobytes()
+        ds.save_as(folder / f"{z}.dcm", enforce_file_format=True)
+        paths.append(folder / f"{z}.dcm")
+    return paths
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])  # explicit, implicit VR
+@pytest.mark.parametrize(
+    ("bits", "bits_stored", "signed"), [(16, 16, 1), (16, 12, 1), (16, 12, 0), (16, 16, 0), (8, 8, 0), (8, 6, 1)]
+)
+def test_native_pixels_are_what_pydicom_decodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syntax: str, bits: int, bits_stored: int, signed: int
+) -> None:
+    """Uncompressed little endian is read from the pixel data offset, never through pydicom's decoder, and
+    gives its values exactly: junk above BitsStored masked (unsigned) or sign-extended (signed)."""
+    rng = np.random.default_rng(bits * 100 + bits_stored * 10 + signed)
+    words = rng.integers(0, 2**bits, size=(3, 10, 12), dtype=np.uint64)  # every bit, high ones included
+    paths = _bits_series(tmp_path, words, bits=bits, bits_stored=bits_stored, signed=signed, syntax=syntax)
+    expected = np.stack([pydicom.dcmread(p).pixel_array.astype(np.float32) for p in paths])
+    expected += np.float32(-1024 if not signed else 0)
+    full_reads: list[object] = []
+    original = pydicom.dcmread
+
+    def spy(path, *args, **kwargs):
+        if not kwargs.get("stop_before_pixels"):
+            full_reads.append(path)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr("ai_models.volume.pydicom.dcmread", spy)
+    vol = load_series(paths)
+    assert full_reads == []
+    assert np.array_equal(vol.array, expected)
+
+
+def test_read_series_hands_back_headers_in_slice_order(phantom, tmp_path: Path) -> None:
+    from ai_models.volume import read_series
+
+    paths = _write_series(phantom.hu[:6], phantom.spacing, tmp_path)  # written in reverse z order
+    vol, headers = read_series(paths)
+    assert [str(h.SOPInstanceUID) for h in headers] == list(vol.sop_instance_uids)
+    assert all("PixelData" not in h for h in headers)
+    assert np.array_equal(vol.array, phantom.hu[:6].astype(np.float32))
+
+
+def test_pixel_offset_mismatch_falls_back_to_pydicom(phantom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ai_models.volume as volume
+
+    paths = _write_series(phantom.hu[:3], phantom.spacing, tmp_path)
+    original = volume._read_header
+    monkeypatch.setattr(volume, "_read_header", lambda p: (original(p)[0], 10))  # not the pixel data element
+    assert np.array_equal(load_series(paths).array, phantom.hu[:3].astype(np.float32))
+
+
+def test_per_slice_rescale_is_honoured(phantom, tmp_path: Path) -> None:
+    """Slices whose shared elements differ (here the intercept) take the checked, per-slice path."""
+    paths = _write_series(phantom.hu[:4], phantom.spacing, tmp_path, unsigned=True)
+    _edit(tmp_path / "2.dcm", RescaleIntercept=-1000)
+    vol = load_series(paths)
+    expected = phantom.hu[:4].astype(np.float32)
+    expected[2] += 24
+    assert np.array_equal(vol.array, expected)

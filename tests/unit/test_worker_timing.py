@@ -1,0 +1,86 @@
+"""Worker-side latency pieces: the runner's stages reach the job's timings; the collector pause nests and
+restores; a model load freezes what lives as long as the process."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+from ai_models.types import ModelIdentity, SegmentationResult
+from dicom_node import models as models_module
+from dicom_node.worker import Timings, Worker, collector_paused
+
+IDENT = ModelIdentity(name="m", version="1", task="segmentation", labels={1: "a"}, bundle_hash="0" * 64)
+
+
+class _Timed:
+    def __init__(self, stages: dict[str, float]) -> None:
+        self.stages = stages
+
+    def run_timed(self, volume: object) -> tuple[SegmentationResult, dict[str, float]]:
+        return SegmentationResult(identity=IDENT, mask=None), dict(self.stages)  # type: ignore[arg-type]
+
+
+class _Plain:
+    def run(self, volume: object) -> str:
+        return "result"
+
+
+def test_runner_stages_are_added_to_the_job_timings() -> None:
+    t = Timings()
+    Worker._infer(_Timed({"pre": 0.25, "forward": 8.0, "window": 0.125, "post": 0.5}), object(), t)
+    Worker._infer(_Timed({"pre": 0.5, "forward": 1.0}), object(), t)  # a second model of the route: summed
+    assert t.stages == {
+        "inference_pre": 0.75,
+        "inference_forward": 9.0,
+        "inference_window": 0.125,
+        "inference_post": 0.5,
+    }
+    assert Worker._infer(_Plain(), object(), t) == "result"  # a model without stage timings still runs
+
+
+def test_collector_paused_nests_across_threads_and_restores() -> None:
+    assert gc.isenabled()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other() -> None:
+        with collector_paused():
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=other)
+    with collector_paused():
+        assert not gc.isenabled()
+        thread.start()
+        assert inside.wait(5)
+    assert not gc.isenabled()  # the other thread's stage is still running
+    release.set()
+    thread.join(5)
+    assert gc.isenabled()
+
+
+def test_collector_stays_off_when_it_was_off() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_collector_resumes_after_an_error() -> None:
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("stage failed")
+    assert gc.isenabled()
+
+
+def test_model_load_freezes_long_lived_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(models_module.gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(models_module.gc, "freeze", lambda: calls.append("freeze"))
+    models_module._freeze_long_lived()
+    assert calls == ["collect", "freeze"]  # garbage first, so nothing collectable is frozen
