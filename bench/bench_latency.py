@@ -243,10 +243,10 @@ def main() -> None:
     forward = timings.get("inference_forward")
     rows: list[tuple[str, float]] = [
         ("completion wait (stable_seconds + assembler poll)", complete - acked),
-        ("job pickup (worker poll)", started - complete),
+        ("job pickup (worker woken by the assembler)", started - complete),
         *[(label, timings.get(key, 0.0)) for key, label in stages],
         ("worker other (not in a stage: DB, digest)", (finished - started) - in_stages),
-        ("sending (sender poll + 2 C-STOREs)", max(ends) - finished),
+        ("sending (sender woken by the worker + 2 C-STOREs)", max(ends) - finished),
     ]
     total = max(ends) - acked
     print(f"End-to-end, {args.slices}x{args.size}x{args.size} CT via storescu -> dicom-node serve -> storescp; "

@@ -48,8 +48,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event) -> None:
-    """Run ``step`` until stopped; sleep ``poll`` only when it found nothing to do."""
+def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event, wake: threading.Event) -> None:
+    """Run ``step`` until stopped; when it found nothing to do, wait ``poll`` or until woken."""
     while not stop.is_set():
         try:
             busy = step()
@@ -57,7 +57,19 @@ def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Ev
             log.exception(f"{name}_loop_error")
             busy = False
         if not busy:
-            stop.wait(poll)
+            wake.wait(poll)
+            wake.clear()
+
+
+def _then_wake(step: Callable[[], object], other: threading.Event) -> Callable[[], object]:
+    """``step``, waking the next loop when it did something: a job queued by the assembler, or deliveries
+    recorded by the worker, are picked up at once, not at the next poll (the job store stays the channel)."""
+    def run() -> object:
+        did = step()
+        if did:
+            other.set()
+        return did
+    return run
 
 
 class Node:
@@ -75,6 +87,7 @@ class Node:
         self.ae: AE | None = None
         self.pool: ListenerPool | None = None
         self.threads: list[threading.Thread] = []
+        self.wakes: list[threading.Event] = []
 
     def start(self) -> None:
         removed = self.rt.files.clean_temp_files()
@@ -89,12 +102,14 @@ class Node:
         else:
             self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
         c = self.cfg
+        wake = {name: threading.Event() for name in ("assembler", "worker", "sender")}
+        self.wakes = list(wake.values())
         for name, step, poll, stop in (
-            ("assembler", self.assembler.run_once, c.completion.poll_seconds, self.stop),
-            ("worker", self.worker.run_once, c.worker.poll_seconds, self.worker_stop),
+            ("assembler", _then_wake(self.assembler.run_once, wake["worker"]), c.completion.poll_seconds, self.stop),
+            ("worker", _then_wake(self.worker.run_once, wake["sender"]), c.worker.poll_seconds, self.worker_stop),
             ("sender", self.sender.run_once, c.sender.poll_seconds, self.stop),
         ):
-            t = threading.Thread(target=_loop, args=(name, step, poll, stop), name=name, daemon=True)
+            t = threading.Thread(target=_loop, args=(name, step, poll, stop, wake[name]), name=name, daemon=True)
             t.start()
             self.threads.append(t)
         log_event(log, "node_started", owner=self.owner, database=self.rt.jobs.engine.dialect.name,
@@ -108,6 +123,8 @@ class Node:
             self.server.shutdown()
         self.stop.set()
         self.worker_stop.set()
+        for w in self.wakes:
+            w.set()
         for t in self.threads:
             t.join(timeout=SHUTDOWN_GRACE_SECONDS if t.name == "worker" else 5)
         job = self.worker.current_job

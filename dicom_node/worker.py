@@ -15,9 +15,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import TypeVar
 
 import highdicom as hd
@@ -123,6 +125,7 @@ class Worker:
                  owner: str) -> None:
         self.cfg = cfg
         self.files = files
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
         self.jobs = jobs
         self.models = models
         self.node = node
@@ -224,10 +227,26 @@ class Worker:
         return result  # type: ignore[no-any-return]
 
     def _write(self, ds: Dataset, kind: str, model: str) -> NewResult:
+        """Serialise, then store durably in a helper thread while the bytes are read back and checked here:
+        the flush (file and folder) overlaps the parse. Nothing refers to the file until the job's
+        deliveries are recorded, and a failed check removes it again."""
         data = _encode(ds)
-        _read_back(data, kind, str(ds.SOPInstanceUID))
         path = self.files.result_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
-        self.files.write_atomic(path, data)
+        if path.exists():  # a rebuild (same UIDs): check before replacing what earlier deliveries refer to
+            _read_back(data, kind, str(ds.SOPInstanceUID))
+            self.files.write_atomic(path, data)
+            return self._result(ds, kind, model, path)
+        stored = self._writer.submit(self.files.write_atomic, path, data)
+        try:
+            _read_back(data, kind, str(ds.SOPInstanceUID))
+        except BaseException:
+            if stored.exception() is None:
+                self.files.remove(path)
+            raise
+        stored.result()
+        return self._result(ds, kind, model, path)
+
+    def _result(self, ds: Dataset, kind: str, model: str, path: Path) -> NewResult:
         return NewResult(kind=kind, model=model, study_uid=str(ds.StudyInstanceUID),
                          series_uid=str(ds.SeriesInstanceUID), sop_instance_uid=str(ds.SOPInstanceUID),
                          sop_class_uid=str(ds.SOPClassUID), path=self.files.relative(path))

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import gc
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
 
-from ai_models.types import ModelIdentity, SegmentationResult
+from ai_models.types import ModelError, ModelIdentity, SegmentationResult
 from dicom_node import models as models_module
+from dicom_node import worker as worker_module
 from dicom_node.worker import Timings, Worker, collector_paused
+from storage.files import FileStore
 
 IDENT = ModelIdentity(name="m", version="1", task="segmentation", labels={1: "a"}, bundle_hash="0" * 64)
 
@@ -84,3 +90,48 @@ def test_model_load_freezes_long_lived_objects(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(models_module.gc, "freeze", lambda: calls.append("freeze"))
     models_module._freeze_long_lived()
     assert calls == ["collect", "freeze"]  # garbage first, so nothing collectable is frozen
+
+
+def _sr_like(sop: str) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+def _bare_worker(tmp_path: Path) -> Worker:
+    w = Worker.__new__(Worker)  # only what _write uses: the file store and the writer thread
+    w.files = FileStore(tmp_path / "files")
+    w._writer = ThreadPoolExecutor(max_workers=1)
+    return w
+
+
+def test_a_result_failing_its_read_back_is_not_left_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _bare_worker(tmp_path)
+
+    def broken(data: bytes, kind: str, sop_uid: str) -> None:
+        raise ModelError("read back wrong")
+
+    monkeypatch.setattr(worker_module, "_read_back", broken)
+    with pytest.raises(ModelError):
+        w._write(_sr_like("1.2.3.4.5"), "sr", "")
+    assert not [p for p in (tmp_path / "files").rglob("*") if p.is_file()]
+
+
+def test_a_rebuilt_result_failing_its_read_back_keeps_the_earlier_file(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _bare_worker(tmp_path)
+    monkeypatch.setattr(worker_module, "_read_back", lambda data, kind, sop_uid: None)
+    first = w._write(_sr_like("1.2.3.4.6"), "sr", "")
+    stored = w.files.absolute(first.path)
+    before = stored.read_bytes()
+
+    def broken(data: bytes, kind: str, sop_uid: str) -> None:
+        raise ModelError("read back wrong")
+
+    monkeypatch.setattr(worker_module, "_read_back", broken)
+    with pytest.raises(ModelError):
+        w._write(_sr_like("1.2.3.4.6"), "sr", "")
+    assert stored.read_bytes() == before
