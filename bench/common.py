@@ -31,6 +31,7 @@ from tests.peers import (  # noqa: E402  (the repo root goes on sys.path first)
     STORESCP,
     STORESCU,
     NodeProcess,
+    children,
     free_port,
     port_open,
     wait_for,
@@ -283,16 +284,7 @@ class NodePeer(Peer):
     def pids(self) -> list[int]:
         if self.proc is None or self.proc.proc is None:
             return []
-        return [self.proc.proc.pid, *_children(self.proc.proc.pid)]
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            for c in (task / "children").read_text().split():
-                out += [int(c), *_children(int(c))]
-    return out
+        return [self.proc.proc.pid, *children(self.proc.proc.pid)]
 
 
 # ---- sending ------------------------------------------------------------------------------------------

@@ -138,13 +138,22 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn:
             return {sop: path for sop, path in conn.execute(text(sql), params)}
-    conn = raw if raw is not None else engine.raw_connection()  # autocommit: the SELECT is its own read
-    try:
-        cur = conn.cursor()
+    with _sqlite_cursor(engine, raw) as cur:  # autocommit: the SELECT is its own read transaction
         try:
             return dict(cur.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
+
+
+@contextmanager
+def _sqlite_cursor(engine: Engine, raw: Any) -> Iterator[sqlite3.Cursor]:
+    """A cursor on ``raw`` (a kept connection) or on one borrowed from the pool for this block only; the
+    pool's connections carry the engine's pragmas and run in autocommit mode, so any BEGIN is the caller's."""
+    conn = raw if raw is not None else engine.raw_connection()
+    try:
+        cur = conn.cursor()
+        try:
+            yield cur
         finally:
             cur.close()
     finally:
@@ -186,9 +195,7 @@ def instance_batch(engine: Engine, *, raw: Any = None) -> Iterator[InstanceBatch
         with engine.begin() as conn:
             yield InstanceBatch(_CoreExecutor(conn))
         return
-    conn = raw if raw is not None else engine.raw_connection()  # the engine's pragmas; autocommit mode
-    try:
-        cur = conn.cursor()
+    with _sqlite_cursor(engine, raw) as cur:
         try:
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -201,11 +208,6 @@ def instance_batch(engine: Engine, *, raw: Any = None) -> Iterator[InstanceBatch
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             raise _wrap(exc) from exc
-        finally:
-            cur.close()
-    finally:
-        if raw is None:
-            conn.close()
 
 
 def _wrap(exc: sqlite3.Error) -> DBAPIError:

@@ -45,6 +45,16 @@ def kill_leftovers() -> None:
 atexit.register(kill_leftovers)
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children and their descendants (from /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for c in (task / "children").read_text().split():
+                out += [int(c), *children(int(c))]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,17 +16,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from ai_models.phantom import generate_phantom
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
-from tests.peers import DCMTK_ENV, STORESCU, NodeProcess, free_port, storescu, wait_for, write_config
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
+from tests.peers import DCMTK_ENV, STORESCU, NodeProcess, children, free_port, storescu, wait_for, write_config
 
 
 def _alive(pid: int) -> bool:
@@ -68,7 +58,7 @@ def _stored(node: NodeProcess) -> int:
 def test_parallel_associations_are_spread_over_the_listener_processes(tmp_path: Path, study: list[Path]) -> None:
     node = _node(tmp_path)
     try:
-        listeners = wait_for(lambda: len(_children(node.proc.pid)) == 2 and _children(node.proc.pid), 30,
+        listeners = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
                              "two listener processes")
         procs = [subprocess.Popen([STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
                                    *map(str, study[i::4])], env=DCMTK_ENV, stdout=subprocess.PIPE,
@@ -89,7 +79,7 @@ def test_association_limit_counts_every_listener_process(tmp_path: Path) -> None
     ae.add_requested_context(CTImageStorage)
     held = []
     try:
-        wait_for(lambda: len(_children(node.proc.pid)) == 2, 30, "two listener processes")
+        wait_for(lambda: len(children(node.proc.pid)) == 2, 30, "two listener processes")
         for _ in range(2):
             assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
             assert assoc.is_established
@@ -116,11 +106,11 @@ def test_association_limit_counts_every_listener_process(tmp_path: Path) -> None
 def test_a_killed_listener_process_is_replaced(tmp_path: Path, study: list[Path]) -> None:
     node = _node(tmp_path)
     try:
-        first = wait_for(lambda: len(_children(node.proc.pid)) == 2 and _children(node.proc.pid), 30,
+        first = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
                          "two listener processes")
         os.kill(first[0], signal.SIGKILL)
         wait_for(lambda: "listener_process_restarted" in node.log_text(), 30, "the restart")
-        now = wait_for(lambda: len(_children(node.proc.pid)) == 2 and _children(node.proc.pid), 30,
+        now = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
                        "two listener processes again")
         assert first[0] not in now and first[1] in now
         assert "event=listener_process_exited" in node.log_text()
@@ -133,7 +123,7 @@ def test_a_killed_listener_process_is_replaced(tmp_path: Path, study: list[Path]
 
 def test_listener_processes_end_with_the_node(tmp_path: Path, study: list[Path]) -> None:
     node = _node(tmp_path)
-    listeners = wait_for(lambda: len(_children(node.proc.pid)) == 2 and _children(node.proc.pid), 30,
+    listeners = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
                          "two listener processes")
     storescu(node.port, study[:2])
     assert node.stop(signal.SIGTERM) == 0
@@ -142,7 +132,7 @@ def test_listener_processes_end_with_the_node(tmp_path: Path, study: list[Path])
 
     (tmp_path / "again").mkdir()
     node = _node(tmp_path / "again")
-    listeners = wait_for(lambda: len(_children(node.proc.pid)) == 2 and _children(node.proc.pid), 30,
+    listeners = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
                          "two listener processes")
     node.stop(signal.SIGKILL)  # no clean-up code runs in the parent: the kernel ends the children
     wait_for(lambda: not any(_alive(p) for p in listeners), 10, "the listener processes to end")
