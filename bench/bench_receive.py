@@ -7,7 +7,9 @@ sent on one association and on 4 in parallel (the files split over 4 storescu pr
   dicom-node `dicom-node serve` with its defaults (one listener process per CPU core), no models or routes:
              each instance renamed into place and fsynced, its folder fsynced and its row committed (SQLite
              WAL, synchronous FULL) before Success is answered.
-Each receiver is started fresh for each measurement and the count of stored instances checked afterwards;
+Each receiver is started fresh for each measurement, in a folder of its own, and the count of stored
+instances checked afterwards; the folders are removed only when the run ends (see common.workdir:
+on ext4 without a journal, deleting the previous receiver's files would slow the next one's);
 with --repeats the receivers are interleaved and medians reported (the machine's load moves a lot here).
 The last column is the disk's median write+fsync time probed just before the cell: the node waits for
 three flushes in a row per instance (file, folder, index), storescp for none.
@@ -44,6 +46,7 @@ from common import (
     StoreSCPPeer,
     Study,
     cached_ct_study,
+    describe_file_system,
     flush_latency_ms,
     in_private_netns,
     reexec_in_netns,
@@ -54,7 +57,7 @@ from common import (
 
 def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tuple[str, float]:
     """(receiver name, instances/s) of one run against a freshly started receiver."""
-    with workdir("bench-recv-") as work:
+    with workdir("bench-recv-", keep_until_exit=True) as work:
         peer = make(work).start()
         try:
             elapsed = send(peer, study.paths, associations)
@@ -78,7 +81,8 @@ def measure_without_flushes(study: Study, associations: int) -> float:
     from dicom_node.runtime import open_runtime
     from dicom_node.scp import start_listener
 
-    with workdir("bench-noflush-") as work, mock.patch("os.fsync"), mock.patch("storage.files._fsync_dir"):
+    with (workdir("bench-noflush-", keep_until_exit=True) as work, mock.patch("os.fsync"),
+          mock.patch("storage.files._fsync_dir")):
         cfg = parse_config({"node": {"port": 0, "bind": "127.0.0.1", "data_dir": str(work / "var"), "min_free_mb": 0,
                                      "sqlite_synchronous": "OFF"}}, work)
         rt = open_runtime(cfg)
@@ -118,7 +122,8 @@ def main() -> int:
         big, small = Study(big.name + "-quick", big.paths[:100]), Study(small.name + "-quick", small.paths[:500])
 
     print(f"# receive benchmark  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
-          f"fsync={flush_latency_ms():.2f} ms  netns={'private' if in_private_netns() else 'host'}", flush=True)
+          f"fsync={flush_latency_ms():.2f} ms  fs={describe_file_system()}  "
+          f"netns={'private' if in_private_netns() else 'host'}", flush=True)
     header = (f"{'study':<22} {'assoc':>5} {'receiver':<17} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
               f"{'fsync ms':>8}")
     print(header)
