@@ -8,7 +8,6 @@ whatever the instance size.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,13 +169,8 @@ class IncomingInstance:
 
     def discard(self) -> None:
         """Close and remove the temp file (an aborted association, a rejected instance)."""
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
-        if self.tmp is not None:
-            self.files.remove(self.tmp)
-            self.tmp = None
+        fd, tmp, self.fd, self.tmp = self.fd, self.tmp, None, None
+        self.files.discard_temp(fd, tmp)
 
     def _check_structure(self) -> dict[int, str] | None:
         """Reject a dataset whose elements do not tile it exactly (see dataset_check) and return the

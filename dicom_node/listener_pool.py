@@ -121,7 +121,10 @@ class ListenerPool:
         self._started_at[slot] = time.monotonic()
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.5):
+        """Notice exits and restart each slot when its own pause is over: one child waiting out a long pause
+        does not hold up the restart of another."""
+        due: dict[int, float] = {}  # slot -> when to start it again
+        while not self._stop.wait(min([0.5, *(max(0.0, t - time.monotonic()) for t in due.values())])):
             for slot, proc in enumerate(self.procs):
                 if proc is None or proc.poll() is None:
                     continue
@@ -133,10 +136,13 @@ class ListenerPool:
                 log_event(log, "listener_process_exited", logging.ERROR, pid=proc.pid, returncode=proc.returncode,
                           slot=slot, restart_in=f"{pause:.1f}s")
                 self.procs[slot] = None
-                if self._stop.wait(pause):
-                    return
-                self._spawn(slot)
-                log_event(log, "listener_process_restarted", slot=slot, pid=self.procs[slot].pid)  # type: ignore[union-attr]
+                due[slot] = time.monotonic() + pause
+            for slot, when in sorted(due.items()):
+                if when <= time.monotonic() and not self._stop.is_set():
+                    del due[slot]
+                    self._spawn(slot)
+                    log_event(log, "listener_process_restarted", slot=slot,
+                              pid=self.procs[slot].pid)  # type: ignore[union-attr]
 
     def shutdown(self) -> None:
         """SIGTERM every child (each aborts its open associations), wait, then SIGKILL stragglers."""

@@ -421,11 +421,8 @@ class _Association:
 
     def _drop_spare(self) -> None:
         if self.spare is not None:
-            fd, path = self.spare
-            self.spare = None
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            self.server.files.remove(path)
+            spare, self.spare = self.spare, None
+            self.server.files.discard_temp(*spare)
 
     def _dispatch(self, cmd: dict[int, bytes], ctx: int, data: IncomingInstance | _Sink | None) -> None:
         field = ul.command_us(cmd, 0x0100) or 0

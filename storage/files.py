@@ -160,6 +160,14 @@ class FileStore:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
+    def discard_temp(self, fd: int | None, tmp: Path | None) -> None:
+        """Close and remove a temp file from ``open_temp`` that will not be placed (either part may be gone)."""
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if tmp is not None:
+            self.remove(tmp)
+
     def clean_temp_files(self) -> int:
         """Remove temp files left by a crash mid-write; none of them was ever acknowledged."""
         n = 0
