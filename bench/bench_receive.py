@@ -71,6 +71,59 @@ def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tu
 
 NO_FLUSH = "node, no flush*"
 SINGLE = "node, 1 listener"
+FLOOR = "flush floor\u2020"
+INDEX_PAGE = 4096
+
+
+def measure_flush_floor(study: Study, threads: int) -> float:
+    """The least any receiver that answers only once an instance is durable must do, with nothing else: per
+    instance, in ``threads`` threads, write the file's bytes (read into memory beforehand) to a new temp
+    file, rename it into a study/series folder, fsync the file and the folder, then write one 4 KiB index
+    page and fdatasync it. No network, no parsing, no database, no batching."""
+    import threading
+
+    blobs = [p.read_bytes() for p in study.paths]
+    with workdir("bench-floor-", keep_until_exit=True) as work:
+        folder = work / "incoming" / "study" / "series"
+        folder.mkdir(parents=True)
+        index = os.open(work / "index", os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(index, b"\0" * INDEX_PAGE * threads, 0)
+        os.fsync(index)
+        page = b"i" * INDEX_PAGE
+        errors: list[BaseException] = []
+
+        def run(k: int) -> None:
+            try:
+                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    for i in range(k, len(blobs), threads):
+                        tmp = work / "incoming" / f".tmp-{k}-{i}"
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        try:
+                            os.write(fd, blobs[i])
+                            os.rename(tmp, folder / f"{i}.dcm")
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
+                        os.fsync(dir_fd)
+                        os.pwrite(index, page, INDEX_PAGE * k)
+                        os.fdatasync(index)
+                finally:
+                    os.close(dir_fd)
+            except BaseException as exc:  # reported below: a floor that failed is no floor
+                errors.append(exc)
+
+        workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed = time.perf_counter() - start
+        os.close(index)
+    if errors:
+        raise errors[0]
+    return len(blobs) / elapsed
 
 
 def measure_without_flushes(study: Study, associations: int) -> float:
@@ -148,6 +201,7 @@ def main() -> int:
                     rates.setdefault(name, []).append(rate)
                 if args.flush_diagnostic:
                     rates.setdefault(NO_FLUSH, []).append(measure_without_flushes(study, n))
+                rates.setdefault(FLOOR, []).append(measure_flush_floor(study, n))
             median = {name: statistics.median(r) for name, r in rates.items()}
             node = median["dicom-node"]
             for name, rate in median.items():
@@ -155,6 +209,8 @@ def main() -> int:
                 print(f"{label:<22} {n:>5} {name:<17} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
                       f"{statistics.median(flush):>6.2f}", flush=True)
     print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")
+    print(f"# \u2020 {FLOOR[:-1]}: the flushes alone, no receiving (see measure_flush_floor): no receiver that answers "
+          "only once an instance is durable can beat it; storescp/floor above 1 is the price of durability.")
     if args.flush_diagnostic:
         print("# * diagnostic only: listener in-process with fsync a no-op and SQLite synchronous=OFF (not durable)")
     return 0

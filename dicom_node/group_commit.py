@@ -209,7 +209,7 @@ class GroupCommitter:
 
     def _index_batch(self, batch: list[_Slot]) -> None:
         try:
-            self.files.sync_dirs({s.pending.path.parent for s in batch})
+            self.files.sync_dirs({os.path.dirname(s.pending.path) for s in batch})
         except OSError as exc:
             for s in batch:
                 s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"

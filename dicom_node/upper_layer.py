@@ -8,10 +8,10 @@ association request/accept (once per association) goes through pynetdicom's PDU 
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 # PDU types
 A_ASSOCIATE_RQ = 0x01
@@ -59,8 +59,7 @@ def read_pdu_header(stream: BinaryIO) -> tuple[int, int]:
     return pdu_type, length
 
 
-@dataclass(frozen=True)
-class PDV:
+class PDV(NamedTuple):  # a tuple: one or more are made per message, and a frozen dataclass costs 4x to build
     context_id: int
     is_command: bool
     is_last: bool
@@ -77,7 +76,7 @@ def iter_pdvs(body: memoryview) -> Iterator[PDV]:
         item_len, ctx, ctrl = _PDV_HEADER.unpack_from(body, pos)
         if item_len < 2 or pos + 4 + item_len > end:
             raise ProtocolError("PDV length runs past its PDU")
-        yield PDV(ctx, bool(ctrl & 0x01), bool(ctrl & 0x02), pos + 6, pos + 4 + item_len)
+        yield PDV(ctx, ctrl & 0x01 != 0, ctrl & 0x02 != 0, pos + 6, pos + 4 + item_len)
         pos += 4 + item_len
 
 
@@ -160,13 +159,27 @@ def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
 def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: str, implementation_uid: str,
               implementation_version: str, source_ae: str) -> bytes:
     """Preamble, 'DICM' and the group 0002 elements, so the stored file is a valid Part 10 file."""
-    body = _meta_element(0x0001, b"OB", b"\0\1")
-    body += _meta_element(0x0002, b"UI", _even(sop_class.rstrip(b"\0 "), b"\0"))
-    body += _meta_element(0x0003, b"UI", _even(sop_instance.rstrip(b"\0 "), b"\0"))
-    body += _meta_element(0x0010, b"UI", _even(transfer_syntax.encode("ascii"), b"\0"))
-    body += _meta_element(0x0012, b"UI", _even(implementation_uid.encode("ascii"), b"\0"))
-    body += _meta_element(0x0013, b"SH", _even(implementation_version[:16].encode("ascii"), b" "))
+    before, after = _meta_around_instance(sop_class, transfer_syntax, implementation_uid, implementation_version,
+                                          source_ae)
+    instance = _meta_element(0x0003, b"UI", _even(sop_instance.rstrip(b"\0 "), b"\0"))
+    length = len(before) + len(instance) + len(after)
+    return b"".join((_PREAMBLE, _SHORT_VR.pack(2, 0x0000, b"UL", 4), struct.pack("<I", length), before, instance,
+                     after))
+
+
+_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_around_instance(sop_class: bytes, transfer_syntax: str, implementation_uid: str,
+                          implementation_version: str, source_ae: str) -> tuple[bytes, bytes]:
+    """The meta elements before and after (0002,0003): the same for every instance of one association's
+    SOP class and transfer syntax, so built once, not per instance."""
+    before = _meta_element(0x0001, b"OB", b"\0\1")
+    before += _meta_element(0x0002, b"UI", _even(sop_class.rstrip(b"\0 "), b"\0"))
+    after = _meta_element(0x0010, b"UI", _even(transfer_syntax.encode("ascii"), b"\0"))
+    after += _meta_element(0x0012, b"UI", _even(implementation_uid.encode("ascii"), b"\0"))
+    after += _meta_element(0x0013, b"SH", _even(implementation_version[:16].encode("ascii"), b" "))
     if source_ae:
-        body += _meta_element(0x0016, b"AE", _even(source_ae[:16].encode("ascii", errors="replace"), b" "))
-    length = _SHORT_VR.pack(2, 0x0000, b"UL", 4) + struct.pack("<I", len(body))
-    return b"\0" * 128 + b"DICM" + length + body
+        after += _meta_element(0x0016, b"AE", _even(source_ae[:16].encode("ascii", errors="replace"), b" "))
+    return before, after

@@ -8,10 +8,12 @@ point outside the storage root.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -26,6 +28,7 @@ class StorageFullError(OSError):
     """Free space is below the configured floor, or the disk is full."""
 
 
+@functools.lru_cache(maxsize=4096)  # a study's and series' UIDs come with every instance, a SOP UID twice
 def is_valid_uid(uid: str) -> bool:
     return 0 < len(uid) <= 64 and UID_RE.match(uid) is not None
 
@@ -40,7 +43,7 @@ def _storage_error(exc: OSError) -> OSError:
     return StorageFullError(28, "no space left on device") if exc.errno == 28 else exc
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -56,7 +59,9 @@ class FileStore:
         self._root_str = str(self.root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._known_dirs: set[Path] = set()
+        self._known_dirs: set[str] = set()
+        self._incoming = self.root / "incoming"
+        self._incoming_prefix = f"{self._incoming}/{TMP_PREFIX}"
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         check_uid(study_uid, "StudyInstanceUID")
@@ -88,12 +93,13 @@ class FileStore:
         if self.min_free_bytes and self.free_bytes() - incoming_bytes < self.min_free_bytes:
             raise StorageFullError(f"free space below the floor of {self.min_free_bytes // (1 << 20)} MiB")
 
-    def ensure_dir(self, folder: Path) -> None:
+    def ensure_dir(self, folder: str | Path) -> None:
         """Create ``folder`` and make its new entries durable; remembered, so repeat calls cost nothing."""
-        if folder in self._known_dirs:
+        key = str(folder)  # a str key: hashing a fresh Path per received instance costs more than the lookup
+        if key in self._known_dirs:
             return
         created = []
-        p = folder
+        p = Path(folder)
         while not p.exists():
             created.append(p)
             p = p.parent
@@ -101,7 +107,7 @@ class FileStore:
             c.mkdir(exist_ok=True, mode=0o700)
         for c in reversed(created):  # make the new directory entries themselves durable
             _fsync_dir(c.parent)
-        self._known_dirs.add(folder)
+        self._known_dirs.add(key)
 
     def write_atomic(self, path: Path, chunks: bytes | memoryview | list[bytes]) -> int:
         """Write bytes durably under ``path``; return the size. Leaves nothing behind on failure."""
@@ -135,23 +141,22 @@ class FileStore:
 
     def open_temp(self) -> tuple[int, Path]:
         """A new private temp file under ``incoming/`` (same file system as the final names); (fd, path)."""
-        folder = self.root / "incoming"
-        self.ensure_dir(folder)
-        tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        self.ensure_dir(self._incoming)
+        name = f"{self._incoming_prefix}{os.urandom(16).hex()}"  # one per received instance: kept cheap
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), Path(name)
         except OSError as exc:
             raise _storage_error(exc) from exc
 
     def place(self, tmp: Path, path: Path) -> None:
         """Rename a complete, fsynced temp file to ``path``; durable once ``sync_dirs`` covered its folder."""
         try:
-            self.ensure_dir(path.parent)
+            self.ensure_dir(os.path.dirname(path))
             os.replace(tmp, path)
         except OSError as exc:
             raise _storage_error(exc) from exc
 
-    def sync_dirs(self, folders: set[Path]) -> None:
+    def sync_dirs(self, folders: Iterable[str | Path]) -> None:
         """fsync each folder once: one call makes every rename done in it so far durable."""
         for folder in folders:
             _fsync_dir(folder)

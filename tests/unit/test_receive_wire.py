@@ -135,6 +135,21 @@ def test_file_meta_makes_a_part10_file(tmp_path: Path) -> None:
     assert ds.SOPInstanceUID == "1.2.3.4.5.6.7" and ds.PixelData == b"\0\1" * 64
 
 
+@pytest.mark.parametrize("sop", [b"1.2.3.4.5.6.7\0", b"1.2.3.4.5.6.77", b"1.2.3.4.5.6.777 "])
+def test_file_meta_group_length_and_instance_uid_for_each_instance(sop: bytes) -> None:
+    """Everything but the instance UID is built once per SOP class and AE: each instance still gets its own
+    UID and an exact group length."""
+    meta = ul.file_meta(CT.encode(), sop, pduid.ExplicitVRLittleEndian, "1.2.826.0.1.3680043.10.1234.1",
+                        "DICOMNODE_1", "SCANNER")
+    assert meta[:132] == b"\0" * 128 + b"DICM"
+    group_length = int.from_bytes(meta[140:144], "little")
+    assert group_length == len(meta) - 144
+    info = dcmread(BytesIO(meta)).file_meta
+    assert info.MediaStorageSOPInstanceUID == sop.rstrip(b"\0 ").decode()
+    assert info.MediaStorageSOPClassUID == CT
+    assert info.FileMetaInformationGroupLength == group_length
+
+
 def _inst(sop: str, study: str = "1.2.3") -> NewInstance:
     return NewInstance(sop, study, study + ".4", CT, pduid.ExplicitVRLittleEndian, f"x/{sop}.dcm", 10, "SCU")
 
