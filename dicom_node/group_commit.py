@@ -4,10 +4,12 @@ transactions, in a two-stage pipeline.
 Each instance passes two stages, each batched leader/follower style (the first caller to find a stage idle
 takes everything waiting there, the others wait for it), with its own file's fsync in between:
   place   look up which SOP Instance UIDs exist and rename the new files into place;
-  flush   (each caller, in its own thread) fsync its file: on ext4 that one journal commit covers the
-          file's data, its inode and its new name, and concurrent callers' flushes merge in the kernel;
-  index   fsync each folder of the batch once (by now nearly free), then record the rows of the whole
-          batch in one transaction (one WAL fsync).
+  flush   (each caller, in its own thread) fsync its file; on a journaling file system (ext4's default,
+          XFS) that one journal commit also covers its inode and new name, and concurrent callers'
+          flushes merge in the kernel;
+  index   fsync each folder of the batch once (then little more than a cache flush where the journal
+          already holds the names; the step that makes them durable on ext4 without a journal), then
+          record the rows of the whole batch in one transaction (one WAL fsync).
 Renaming before the flush is safe because nothing refers to a file before its row is committed: a crash
 in between leaves at most an unacknowledged file under its final name, which the peer's resend replaces.
 A file that replaces an indexed one (duplicate_policy "replace") is flushed before its rename instead, so

@@ -197,7 +197,8 @@ class IncomingInstance:
 
     def finish(self) -> Pending:
         """Check the header; raises RejectedInstance (temp file removed). The file is flushed later, by the
-        group committer, after its rename: one journal commit then covers data, inode and name."""
+        group committer, after its rename: on a journaling file system one commit then covers data, inode
+        and name."""
         try:
             if self.error is not None:
                 raise self.error
