@@ -3,16 +3,21 @@
 Two studies (300 CT slices of 512x512 and 2000 of 128x128, generated once into a cache under /tmp) are
 sent on one association and on 4 in parallel (the files split over 4 storescu processes) to:
   storescp   DCMTK, writing each object to a file (no fsync), --fork for the parallel case;
+  storescp +fsync   the same with bench/fsync_on_close.c preloaded (built with cc into the cache; the row
+             is left out without a compiler): each file and its folder fsynced before the response, as
+             the node does; it still keeps no index;
   Orthanc    Debian's package, SQLite index, its own temp storage;
   dicom-node `dicom-node serve` with its defaults (one listener process per CPU core), no models or routes:
              each instance renamed into place and fsynced, its folder fsynced and its row committed (SQLite
-             WAL, synchronous FULL) before Success is answered.
+             WAL, synchronous FULL) before Success is answered;
+  flush floor   no receiver: the file-system steps alone that answering only once an instance is durable
+             takes (see measure_flush_floor), in 1 or 4 threads.
 Each receiver is started fresh for each measurement, in a folder of its own, and the count of stored
 instances checked afterwards; the folders are removed only when the run ends (see common.workdir:
 on ext4 without a journal, deleting the previous receiver's files would slow the next one's);
 with --repeats the receivers are interleaved and medians reported (the machine's load moves a lot here).
 The last column is the disk's median write+fsync time probed just before the cell: the node waits for
-three flushes in a row per instance (file, folder, index), storescp for none.
+three flushes in a row per instance (file, folder, index), storescp +fsync for two, storescp for none.
 Time is storescu's wall time (including its own file reading, the same for every peer). The run happens
 in a private network namespace (Orthanc listens on all interfaces), so nothing leaves loopback.
 
@@ -50,6 +55,7 @@ from common import (
     cached_ct_study,
     describe_file_system,
     flush_latency_ms,
+    fsync_shim,
     in_private_netns,
     reexec_in_netns,
     send,
@@ -182,7 +188,9 @@ def main() -> int:
     if args.quick:
         big, small = Study(big.name + "-quick", big.paths[:100]), Study(small.name + "-quick", small.paths[:500])
 
-    receivers = 3 + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic  # floor included
+    durable_storescp = fsync_shim() is not None
+    # storescp, the node and the floor, then the optional rows
+    receivers = 3 + durable_storescp + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic
     needed = 2 * args.repeats * receivers * (big.bytes + small.bytes)  # 1 and 4 associations per study
     KEEP.on = shutil.disk_usage(BENCH_TMP).free > needed + (2 << 30)
     if not KEEP.on:
@@ -191,7 +199,7 @@ def main() -> int:
     print(f"# receive benchmark  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
           f"fsync={flush_latency_ms():.2f} ms  fs={describe_file_system()}  "
           f"netns={'private' if in_private_netns() else 'host'}", flush=True)
-    header = (f"{'study':<22} {'assoc':>5} {'receiver':<17} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
+    header = (f"{'study':<24} {'assoc':>5} {'receiver':<22} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
               f"{'fsync ms':>8}")
     print(header)
     print("-" * len(header))
@@ -201,6 +209,8 @@ def main() -> int:
         label = f"{study.name} ({len(study.paths)})"
         for n in (1, 4):
             makers: list[Callable[[Path], Peer]] = [lambda w, n=n: StoreSCPPeer(w, fork=n > 1)]
+            if durable_storescp:
+                makers.append(lambda w, n=n: StoreSCPPeer(w, fork=n > 1, durable=True))
             if want_orthanc:
                 makers.append(OrthancPeer)
             makers.append(NodePeer)
@@ -220,7 +230,7 @@ def main() -> int:
             node = median["dicom-node"]
             for name, rate in median.items():
                 ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH, SINGLE) else ""
-                print(f"{label:<22} {n:>5} {name:<17} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
+                print(f"{label:<24} {n:>5} {name:<22} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
                       f"{statistics.median(flush):>6.2f}", flush=True)
     print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")
     print(f"# \u2020 {FLOOR[:-1]}: the file-system steps alone, no network, no parsing, no database (see "

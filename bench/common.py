@@ -180,13 +180,39 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> Non
         proc.wait(10)
 
 
-class StoreSCPPeer(Peer):
-    """DCMTK storescp writing each object to a file (no fsync); ``fork`` serves associations in parallel."""
+FSYNC_SHIM_SOURCE = Path(__file__).resolve().parent / "fsync_on_close.c"
 
-    def __init__(self, work: Path, fork: bool) -> None:
-        self.name = "storescp --fork" if fork else "storescp"
+
+def fsync_shim() -> Path | None:
+    """``fsync_on_close.c`` built once into the cache (None without a C compiler): preloaded into storescp,
+    it fsyncs each object's file and folder before storescp answers, as the node does."""
+    out = CACHE / "fsync_on_close.so"
+    if out.exists() and out.stat().st_mtime >= FSYNC_SHIM_SOURCE.stat().st_mtime:
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    built = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(FSYNC_SHIM_SOURCE), "-ldl"],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"# cannot build {FSYNC_SHIM_SOURCE.name}: {built.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    tmp.replace(out)
+    return out
+
+
+class StoreSCPPeer(Peer):
+    """DCMTK storescp writing each object to a file; ``fork`` serves associations in parallel. ``durable``:
+    with ``fsync_shim`` preloaded, so each file and its folder are flushed before the response (no fsync
+    otherwise)."""
+
+    def __init__(self, work: Path, fork: bool, durable: bool = False) -> None:
+        self.name = ("storescp --fork" if fork else "storescp") + (" +fsync" if durable else "")
         self.ae_title = "STORESCP"
         self.fork = fork
+        self.durable = durable
         self.out = work / "storescp"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -196,8 +222,14 @@ class StoreSCPPeer(Peer):
         args = [STORESCP, "-aet", self.ae_title, "-od", str(self.out), "-pm", "+xa", "-uf"]
         if self.fork:
             args.append("--fork")
+        env = DCMTK_ENV
+        if self.durable:
+            shim = fsync_shim()
+            if shim is None:
+                raise RuntimeError("a durable storescp needs fsync_on_close.so, and it could not be built")
+            env = {**DCMTK_ENV, "LD_PRELOAD": str(shim)}
         self.proc = subprocess.Popen([*args, str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, env=DCMTK_ENV, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, env=env, start_new_session=True)
         wait_for(lambda: port_open(self.port), 10, "storescp's port")
         return self
 
