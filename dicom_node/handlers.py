@@ -19,7 +19,7 @@ from dicom_node import __version__
 from dicom_node.dataset_check import MalformedDataset, check_and_find, inflated_head
 from dicom_node.header_sniff import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, sniff_uids
 from dicom_node.upper_layer import file_meta
-from storage.files import FileStore, StorageFullError, UnsafeNameError, check_uid
+from storage.files import FileStore, StorageFullError, UnsafeNameError, check_uid, start_writeback
 from storage.records import NewInstance
 
 SUCCESS = 0x0000
@@ -32,6 +32,7 @@ UID_MISMATCH = 0xC212
 MISSING_UID = 0xC213
 
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1234.1"
+WRITEBACK_BYTES = 128 << 10  # queue a large instance's bytes for disk this often as they arrive
 IMPLEMENTATION_VERSION = f"DICOMNODE_{__version__}"[:16]
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
@@ -124,6 +125,7 @@ class IncomingInstance:
         self.started = False  # file meta written
         self.size = 0  # dataset bytes received
         self.file_size = 0
+        self.written_back = 0  # bytes already queued for writeback (see storage.files.start_writeback)
         self.head = bytearray()
         self.error: RejectedInstance | None = None
 
@@ -144,6 +146,9 @@ class IncomingInstance:
             if len(self.head) < SNIFF_BYTES:
                 self.head += data[:SNIFF_BYTES - len(self.head)]
             self._write_all(data)
+            if self.file_size - self.written_back >= WRITEBACK_BYTES:
+                start_writeback(self.fd, self.written_back, self.file_size - self.written_back)
+                self.written_back = self.file_size
         except RejectedInstance as exc:
             self._fail(exc)
         except StorageFullError as exc:
