@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, text
@@ -138,22 +138,15 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn:
             return {sop: path for sop, path in conn.execute(text(sql), params)}
-    with _sqlite_cursor(engine, raw) as cur:  # autocommit: the SELECT is its own read transaction
-        try:
-            return dict(cur.execute(sql, params).fetchall())
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
-
-
-@contextmanager
-def _sqlite_cursor(engine: Engine, raw: Any) -> Iterator[sqlite3.Cursor]:
-    """A cursor on ``raw`` (a kept connection) or on one borrowed from the pool for this block only; the
-    pool's connections carry the engine's pragmas and run in autocommit mode, so any BEGIN is the caller's."""
+    # ``raw``: a kept connection, else one borrowed from the pool for this call. The pool's connections carry
+    # the engine's pragmas and run in autocommit mode: the SELECT is its own read transaction.
     conn = raw if raw is not None else engine.raw_connection()
     try:
         cur = conn.cursor()
         try:
-            yield cur
+            return dict(cur.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
         finally:
             cur.close()
     finally:
@@ -185,29 +178,69 @@ class KeptConnection:
                 conn.invalidate()
 
 
-@contextmanager
-def instance_batch(engine: Engine, *, raw: Any = None) -> Iterator[InstanceBatch]:
+def instance_batch(engine: Engine, *, raw: Any = None) -> AbstractContextManager[InstanceBatch]:
     """One transaction; committed (durably, per the engine's settings) when the block exits normally.
 
     SQLite errors surface as SQLAlchemy's DBAPIError subclasses, as they do through the engine. ``raw``: a
     kept DBAPI connection (see ``KeptConnection``) instead of one from the pool."""
     if engine.dialect.name != "sqlite":
-        with engine.begin() as conn:
-            yield InstanceBatch(_CoreExecutor(conn))
-        return
-    with _sqlite_cursor(engine, raw) as cur:
+        return _core_batch(engine)
+    return _SqliteBatch(engine, raw)
+
+
+@contextmanager
+def _core_batch(engine: Engine) -> Iterator[InstanceBatch]:
+    with engine.begin() as conn:
+        yield InstanceBatch(_CoreExecutor(conn))
+
+
+class _SqliteBatch:
+    """BEGIN IMMEDIATE ... COMMIT on a DBAPI cursor, as a plain class: it runs once per received instance
+    on one association, where a generator-based context manager costs as much as the statements' Python."""
+
+    def __init__(self, engine: Engine, raw: Any) -> None:
+        self._engine = engine
+        self._raw = raw
+        self._conn: Any = None
+        self._cur: sqlite3.Cursor | None = None
+
+    def __enter__(self) -> InstanceBatch:
+        self._conn = self._raw if self._raw is not None else self._engine.raw_connection()
         try:
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield InstanceBatch(_SqliteExecutor(cur))
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+            self._cur = self._conn.cursor()
+            self._cur.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                cur.execute("ROLLBACK")
+            self._close()
             raise _wrap(exc) from exc
+        except BaseException:
+            self._close()
+            raise
+        return InstanceBatch(_SqliteExecutor(self._cur))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        assert self._cur is not None
+        try:
+            if exc_type is None:
+                try:
+                    self._cur.execute("COMMIT")
+                    return
+                except sqlite3.Error as err:
+                    exc = err
+            with contextlib.suppress(sqlite3.Error):
+                self._cur.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):  # the body's or COMMIT's: as SQLAlchemy would raise it
+                raise _wrap(exc) from exc
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        cur, self._cur = self._cur, None
+        if cur is not None:
+            with contextlib.suppress(sqlite3.Error):
+                cur.close()
+        if self._raw is None and self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
 
 def _wrap(exc: sqlite3.Error) -> DBAPIError:

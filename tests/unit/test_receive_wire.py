@@ -7,6 +7,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from pydicom import dcmread
 from pydicom import uid as pduid
 from pydicom.dataset import Dataset
@@ -19,7 +20,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import upper_layer as ul
 from dicom_node.header_sniff import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, sniff_uids
-from storage.batching import instance_batch
+from storage.batching import KeptConnection, instance_batch
 from storage.db import make_engine
 from storage.jobstore import JobStore
 from storage.records import NewInstance
@@ -184,3 +185,24 @@ def test_batch_equals_one_record_instance_per_instance(tmp_path: Path, late_arri
             got = tx.record(instances, late_arrivals=late_arrivals)
         assert got == want
         assert _state(batch) == _state(one)
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_instance_batch_rolls_back_on_any_error_and_wraps_sqlite_ones(tmp_path: Path, kept: bool) -> None:
+    """A failed block leaves no row; SQLite's own errors come out as SQLAlchemy's, others unchanged; the
+    connection (kept or borrowed) is usable afterwards."""
+    js = JobStore(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    js.create_schema()
+    keep = KeptConnection(js.engine)
+    raw = keep.get() if kept else None
+    with pytest.raises(ValueError, match="not a database error"), instance_batch(js.engine, raw=raw) as tx:
+        tx.record([_inst("1.2.3.4.1")])
+        raise ValueError("not a database error")
+    with pytest.raises(sqlalchemy.exc.OperationalError), instance_batch(js.engine, raw=raw) as tx:
+        tx.record([_inst("1.2.3.4.1")])
+        tx._db.rows("SELECT * FROM no_such_table", {})
+    assert js.all_instances() == []
+    with instance_batch(js.engine, raw=raw) as tx:
+        assert tx.record([_inst("1.2.3.4.1")]) == ["stored"]
+    assert [i.sop_instance_uid for i in js.all_instances()] == ["1.2.3.4.1"]
+    keep.discard()
