@@ -12,13 +12,13 @@ differently, only sooner. The tests compare its answers with pynetdicom's byte f
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from storage.files import is_valid_uid
+
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _ITEM = struct.Struct(">BxH")
 _ROLE_SELECTION, _MAX_LENGTH, _IMPL_UID, _IMPL_VERSION = 0x54, 0x51, 0x52, 0x55
 
@@ -44,7 +44,7 @@ class _NotPlain(Exception):
 
 def _uid(value: bytes) -> str:
     text = value.rstrip(b"\0").decode("ascii")
-    if not 0 < len(text) <= 64 or not _UID.match(text):
+    if not is_valid_uid(text):  # stricter than pynetdicom (no leading zeros): anything else goes to it
         raise _NotPlain
     return text
 

@@ -2,7 +2,8 @@
 
 One thread per association does blocking reads: a P-DATA fragment goes from the socket buffer straight
 to the instance's temp file, and the response goes out as soon as the instance is durable. Negotiation
-(once per association) reuses pynetdicom's PDU classes and its presentation-context negotiation against
+(once per association) answers plain requests directly (association_rq, checked byte for byte against
+pynetdicom) and leaves the rest to pynetdicom's PDU classes and presentation-context negotiation against
 the AE built in scp.py, so what is accepted is exactly what that AE supports.
 """
 
@@ -32,6 +33,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import negotiate_as_acceptor
 
 from dicom_node import upper_layer as ul
+from dicom_node.association_rq import APPLICATION_CONTEXT
 from dicom_node.association_rq import accept as accept_plain_request
 from dicom_node.association_rq import parse as parse_plain_request
 from dicom_node.group_commit import GroupCommitter
@@ -52,7 +54,6 @@ from storage.files import FileStore
 
 log = logging.getLogger("dicom_node.listener")
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 MAX_PDU_ACCEPTED = 64 << 20  # peers must respect our maximum; a little slack, never unbounded
 UNRECOGNISED_OPERATION = 0x0211
 
@@ -412,7 +413,8 @@ class _Association:
 
     def _prepare_spare(self) -> None:
         """Make the next instance's temp file now, while the peer is still preparing that instance: creating
-        a file costs 0.1-0.3 ms of kernel time here, which this takes off the wait between two instances."""
+        a file costs ~0.03 ms of kernel time, up to 0.3 ms on ext4 without a journal soon after mass deletions,
+        which this takes off the wait between two instances."""
         if self.spare is None:
             try:
                 self.spare = self.server.files.open_temp()
