@@ -65,7 +65,7 @@ from common import (
 
 def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tuple[str, float]:
     """(receiver name, instances/s) of one run against a freshly started receiver."""
-    with workdir("bench-recv-", keep_until_exit=KEEP.on) as work:
+    with workdir("bench-recv-", keep_until_exit=KEEP_FILES) as work:
         peer = make(work).start()
         try:
             elapsed = send(peer, study.paths, associations)
@@ -77,10 +77,7 @@ def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tu
     return peer.name, len(study.paths) / elapsed
 
 
-class KEEP:
-    """Whether receivers' files stay until the run ends (see common.workdir); off when the disk is short."""
-
-    on = True
+KEEP_FILES = True  # receivers' files stay until the run ends (see common.workdir); main() turns it off when short
 
 
 NO_FLUSH = "node, no flush*"
@@ -97,7 +94,7 @@ def measure_flush_floor(study: Study, threads: int) -> float:
     import threading
 
     blobs = [p.read_bytes() for p in study.paths]
-    with workdir("bench-floor-", keep_until_exit=KEEP.on) as work:
+    with workdir("bench-floor-", keep_until_exit=KEEP_FILES) as work:
         folder = work / "incoming" / "study" / "series"
         folder.mkdir(parents=True)
         index = os.open(work / "index", os.O_RDWR | os.O_CREAT, 0o600)
@@ -148,7 +145,7 @@ def measure_without_flushes(study: Study, associations: int) -> float:
     from dicom_node.runtime import open_runtime
     from dicom_node.scp import start_listener
 
-    with (workdir("bench-noflush-", keep_until_exit=KEEP.on) as work, mock.patch("os.fsync"),
+    with (workdir("bench-noflush-", keep_until_exit=KEEP_FILES) as work, mock.patch("os.fsync"),
           mock.patch("storage.files._fsync_dir")):
         cfg = parse_config({"node": {"port": 0, "bind": "127.0.0.1", "data_dir": str(work / "var"), "min_free_mb": 0,
                                      "sqlite_synchronous": "OFF"}}, work)
@@ -192,8 +189,9 @@ def main() -> int:
     # storescp, the node and the floor, then the optional rows
     receivers = 3 + durable_storescp + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic
     needed = 2 * args.repeats * receivers * (big.bytes + small.bytes)  # 1 and 4 associations per study
-    KEEP.on = shutil.disk_usage(BENCH_TMP).free > needed + (2 << 30)
-    if not KEEP.on:
+    global KEEP_FILES
+    KEEP_FILES = shutil.disk_usage(BENCH_TMP).free > needed + (2 << 30)
+    if not KEEP_FILES:
         print(f"# {BENCH_TMP} has less than {needed / 2**30:.1f} GiB + 2 GiB free: each receiver's files are "
               "removed right after its run, which on ext4 without a journal slows the next one", flush=True)
     print(f"# receive benchmark  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "

@@ -35,6 +35,7 @@ from tests.peers import (  # noqa: E402  (the repo root goes on sys.path first)
     children,
     free_port,
     port_open,
+    stored_instances,
     wait_for,
     write_config,
 )
@@ -295,10 +296,7 @@ class NodePeer(Peer):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         cfg = write_config(self.dir / "config.toml", port=self.port, data_dir=self.dir / "var", destinations=[],
-                           stable_seconds=3600, models="", routes="")
-        if self.extra_node:  # extra [node] keys go right under the section header
-            text = cfg.read_text().replace("[node]\n", f"[node]\n{self.extra_node}\n", 1)
-            cfg.write_text(text)
+                           stable_seconds=3600, models="", routes="", node_extra=self.extra_node)
         self.proc = NodeProcess(cfg, self.port, self.dir / "node.log").start()
         return self
 
@@ -309,10 +307,7 @@ class NodePeer(Peer):
                 raise RuntimeError(f"the node exited with {rc}:\n{self.proc.log_text()[-3000:]}")
 
     def count(self) -> int:
-        import sqlite3
-
-        with contextlib.closing(sqlite3.connect(self.dir / "var" / "node.db")) as db:
-            return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+        return stored_instances(self.dir / "var")
 
     def pids(self) -> list[int]:
         if self.proc is None or self.proc.proc is None:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -128,7 +129,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def write_config(path: Path, *, port: int, data_dir: Path, destinations: Sequence[dict[str, Any]],
                  stable_seconds: float = 1.0, extra: str = "", models: str | None = None,
-                 routes: str | None = None, route_models: Sequence[str] = ("chest-ct-seg",)) -> Path:
+                 routes: str | None = None, route_models: Sequence[str] = ("chest-ct-seg",), node_extra: str = "",
+                 log_level: str = "INFO") -> Path:
+    """A node config on loopback; ``node_extra``: more [node] keys (TOML lines); ``extra``: more sections."""
     dest = "\n".join(
         f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d.get("ae_title", "PACS")}"\n'
         f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in destinations)
@@ -149,6 +152,7 @@ port = {port}
 bind = "127.0.0.1"
 data_dir = "{data_dir}"
 min_free_mb = 0
+{node_extra}
 
 [completion]
 stable_seconds = {stable_seconds}
@@ -168,13 +172,19 @@ dimse_timeout = 20
 network_timeout = 10
 
 [logging]
-level = "INFO"
+level = "{log_level}"
 {extra}
 {dest}
 {models}
 {routes}
 """)
     return path
+
+
+def stored_instances(data_dir: Path) -> int:
+    """Rows in the node's instance index under ``data_dir``, read as an outsider would (plain sqlite3)."""
+    with contextlib.closing(sqlite3.connect(data_dir / "node.db")) as db:
+        return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
 
 
 class NodeProcess:

@@ -16,7 +16,17 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from ai_models.phantom import generate_phantom
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
-from tests.peers import DCMTK_ENV, STORESCU, NodeProcess, children, free_port, storescu, wait_for, write_config
+from tests.peers import (
+    DCMTK_ENV,
+    STORESCU,
+    NodeProcess,
+    children,
+    free_port,
+    stored_instances,
+    storescu,
+    wait_for,
+    write_config,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -33,10 +43,19 @@ def _alive(pid: int) -> bool:
 def _node(tmp_path: Path, processes: int = 2, node_keys: str = "") -> NodeProcess:
     port = free_port()
     cfg = write_config(tmp_path / "config.toml", port=port, data_dir=tmp_path / "var", destinations=[],
-                       stable_seconds=3600, models="", routes="")
-    text = cfg.read_text().replace("[node]\n", f"[node]\nlistener_processes = {processes}\n{node_keys}\n", 1)
-    cfg.write_text(text.replace('level = "INFO"', 'level = "DEBUG"'))
+                       stable_seconds=3600, models="", routes="",
+                       node_extra=f"listener_processes = {processes}\n{node_keys}", log_level="DEBUG")
     return NodeProcess(cfg, port, tmp_path / "node.log").start()
+
+
+def _listeners(node: NodeProcess, what: str) -> list[int]:
+    """The node's two listener processes, once there are two (one read of /proc per try)."""
+
+    def two() -> list[int] | None:
+        found = children(node.proc.pid)
+        return found if len(found) == 2 else None
+
+    return wait_for(two, 30, what)
 
 
 @pytest.fixture()
@@ -45,28 +64,17 @@ def study(tmp_path: Path) -> list[Path]:
     return write_datasets(phantom_datasets(ph, StudyIds.new(8)), tmp_path / "in")
 
 
-def _stored(node: NodeProcess) -> int:
-    import sqlite3
-
-    db = sqlite3.connect(node.config.parent / "var" / "node.db")
-    try:
-        return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
-    finally:
-        db.close()
-
-
 def test_parallel_associations_are_spread_over_the_listener_processes(tmp_path: Path, study: list[Path]) -> None:
     node = _node(tmp_path)
     try:
-        listeners = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
-                             "two listener processes")
+        listeners = _listeners(node, "two listener processes")
         procs = [subprocess.Popen([STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
                                    *map(str, study[i::4])], env=DCMTK_ENV, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT) for i in range(4)]
         for p in procs:
             out, _ = p.communicate(timeout=120)
             assert p.returncode == 0, out.decode(errors="replace")[-2000:]
-        assert _stored(node) == len(study)
+        assert stored_instances(node.config.parent / "var") == len(study)
         pids = {int(m) for m in re.findall(r"event=association_accepted .*?pid=(\d+)", node.log_text())}
         assert pids == set(listeners), f"associations accepted by {pids}, listeners {listeners}"
     finally:
@@ -79,7 +87,7 @@ def test_association_limit_counts_every_listener_process(tmp_path: Path) -> None
     ae.add_requested_context(CTImageStorage)
     held = []
     try:
-        wait_for(lambda: len(children(node.proc.pid)) == 2, 30, "two listener processes")
+        _listeners(node, "two listener processes")
         for _ in range(2):
             assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
             assert assoc.is_established
@@ -106,25 +114,22 @@ def test_association_limit_counts_every_listener_process(tmp_path: Path) -> None
 def test_a_killed_listener_process_is_replaced(tmp_path: Path, study: list[Path]) -> None:
     node = _node(tmp_path)
     try:
-        first = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
-                         "two listener processes")
+        first = _listeners(node, "two listener processes")
         os.kill(first[0], signal.SIGKILL)
         wait_for(lambda: "listener_process_restarted" in node.log_text(), 30, "the restart")
-        now = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
-                       "two listener processes again")
+        now = _listeners(node, "two listener processes again")
         assert first[0] not in now and first[1] in now
         assert "event=listener_process_exited" in node.log_text()
         for _ in range(4):  # whichever process takes each association, every instance is stored
             storescu(node.port, study[:3])
-        assert _stored(node) == 3
+        assert stored_instances(node.config.parent / "var") == 3
     finally:
         assert node.stop() == 0
 
 
 def test_listener_processes_end_with_the_node(tmp_path: Path, study: list[Path]) -> None:
     node = _node(tmp_path)
-    listeners = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
-                         "two listener processes")
+    listeners = _listeners(node, "two listener processes")
     storescu(node.port, study[:2])
     assert node.stop(signal.SIGTERM) == 0
     assert not any(_alive(p) for p in listeners)
@@ -132,8 +137,7 @@ def test_listener_processes_end_with_the_node(tmp_path: Path, study: list[Path])
 
     (tmp_path / "again").mkdir()
     node = _node(tmp_path / "again")
-    listeners = wait_for(lambda: len(children(node.proc.pid)) == 2 and children(node.proc.pid), 30,
-                         "two listener processes")
+    listeners = _listeners(node, "two listener processes")
     node.stop(signal.SIGKILL)  # no clean-up code runs in the parent: the kernel ends the children
     wait_for(lambda: not any(_alive(p) for p in listeners), 10, "the listener processes to end")
     with socket.socket() as s:  # and nothing holds the port any more

@@ -101,6 +101,7 @@ def test_plain_requests_get_pynetdicoms_answer_byte_for_byte(contexts: list[tupl
 
 def test_dcmtk_storescus_own_request_gets_pynetdicoms_answer(tmp_path: Path) -> None:
     server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)  # storescu never connecting fails the test below instead of hanging it
     got: list[bytes] = []
 
     def capture() -> None:
@@ -110,7 +111,7 @@ def test_dcmtk_storescus_own_request_gets_pynetdicoms_answer(tmp_path: Path) -> 
             body = conn.recv(int.from_bytes(head[2:], "big"), socket.MSG_WAITALL)
             got.append(head + body)
 
-    t = threading.Thread(target=capture)
+    t = threading.Thread(target=capture, daemon=True)
     t.start()
     empty = tmp_path / "x.dcm"
     empty.write_bytes(b"")

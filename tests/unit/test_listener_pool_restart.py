@@ -53,7 +53,7 @@ def test_each_slot_restarts_on_its_own_pause() -> None:
         with lock:
             restarts = list(spawned)
         assert [slot for slot, _ in restarts] == [1], restarts
-        assert restarts[0][1] - crashed < 1.5  # its own 0.5 s pause plus one look, not slot 0's 8 s
+        assert restarts[0][1] - crashed < 4  # its own 0.5 s pause plus one look (~1 s), not slot 0's 8 s
         assert pool.procs[0] is None  # slot 0 still waits out its pause
     finally:
         pool._stop.set()
