@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from ai_models.device import resolve_device
-from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, head_activation
+from ai_models.fastpath import (
+    FastPreprocessing,
+    FastSlidingWindow,
+    ForwardClock,
+    head_activation,
+    linear_resample_padding,
+)
 from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public pieces lived here)
     AxisTaps,
     FastInvertPlan,
@@ -155,6 +161,11 @@ def bundle_hash(bundle_dir: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------- in-memory I/O
 
 
+def source_affine_xyz(volume: Volume) -> np.ndarray:
+    """4x4 RAS affine of the source grid in MONAI's (x, y, z) index order, as volume_to_metatensor builds."""
+    return _LPS_TO_RAS @ volume.affine_lps()
+
+
 def volume_to_metatensor(volume: Volume, name: str = "") -> Any:
     """The MetaTensor LoadImage(reader=ITKReader) would give for this series: no channel, axes (x, y, z),
     affine in RAS. Shares memory with volume.array (a transposed view)."""
@@ -162,7 +173,7 @@ def volume_to_metatensor(volume: Volume, name: str = "") -> Any:
     from monai.utils import MetaKeys, SpaceKeys
 
     array = np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0)
-    affine = torch.as_tensor(_LPS_TO_RAS @ volume.affine_lps(), dtype=torch.float64)
+    affine = torch.as_tensor(source_affine_xyz(volume), dtype=torch.float64)
     meta = {
         MetaKeys.ORIGINAL_AFFINE: affine.clone(),
         MetaKeys.AFFINE: affine,
@@ -283,8 +294,6 @@ RunnerFactory = Callable[[BundleContext], Runner]
 # give. Anything else runs the bundle's own transforms.
 
 _FAST_OPS = {"Orientation", "SpatialResample"}
-_LINEAR_MODES = {"bilinear", "trilinear"}
-_FAST_PADDING = {"border", "zeros"}
 
 
 def _fast_invert_head(transforms: Any, preprocessing: Any, image_key: str) -> Callable[[Any], Any] | None:
@@ -338,14 +347,12 @@ def _fast_invert_plan(image: Any, pred_shape: Any, volume: Volume, device: torch
             return None
         if name == "SpatialResample":
             resamples += 1
-            extra = op.get(TraceKeys.EXTRA_INFO, {})
-            if str(extra.get("mode")) not in _LINEAR_MODES or extra.get("align_corners") not in (False, TraceKeys.NONE):
+            accepted = linear_resample_padding(op)
+            if accepted is None or resamples > 1:  # two interpolations are not one
                 return None
-            padding = str(extra.get("padding_mode"))
-            if padding not in _FAST_PADDING or resamples > 1:  # two interpolations are not one
-                return None
+            padding = accepted
     return build_plan(
-        _LPS_TO_RAS @ volume.affine_lps(),
+        source_affine_xyz(volume),
         volume.array.shape[::-1],
         torch.as_tensor(image.affine).detach().cpu().numpy(),
         shape[1:],
@@ -436,6 +443,17 @@ class SegmentationRunner:
             "post": t3 - t2,
         }
         return SegmentationResult(identity=self.ctx.identity, mask=mask)
+
+    @contextmanager
+    def fast_paths_disabled(self) -> Iterator[None]:
+        """Inside the block, runs MONAI's own transforms (pre-processing, sliding window, Invertd): the
+        reference the fast paths must match. The fast paths come back on leaving it."""
+        saved = self.fast_head, self.fast_pre, self.fast_window
+        self.fast_head = self.fast_pre = self.fast_window = None
+        try:
+            yield
+        finally:
+            self.fast_head, self.fast_pre, self.fast_window = saved
 
     def _preprocess(self, volume: Volume) -> dict[str, Any]:
         return preprocess(volume, self.image_key, self.preprocessing, self.fast_pre)

@@ -24,11 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ai_models.bundle import BundleContext, preprocess
+from ai_models.bundle import BundleContext, preprocess, source_affine_xyz
 from ai_models.fastpath import FastPreprocessing
 from ai_models.types import Detection, DetectionResult, ModelError, Volume
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # as volume_to_metatensor builds the source affine
 
 # ---------------------------------------------------------------------------------------------- network
 
@@ -128,11 +126,6 @@ def build_retinanet(
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-
-
-def source_affine_xyz(volume: Volume) -> np.ndarray:
-    """4x4 RAS affine of the source grid in MONAI's (x, y, z) index order, as volume_to_metatensor builds."""
-    return _LPS_TO_RAS @ volume.affine_lps()
 
 
 def boxes_to_source(boxes_xyz: np.ndarray, work_affine: np.ndarray, volume: Volume) -> np.ndarray:

@@ -29,6 +29,24 @@ _LINEAR_MODES = {"bilinear", "trilinear"}
 _PADDING = {"border", "zeros"}
 
 
+def linear_resample_padding(op: dict[str, Any]) -> str | None:
+    """The padding mode of a recorded SpatialResample that ``resample_linear`` reproduces (linear mode, no
+    align_corners, border or zeros padding), else None. The pre-processing and the inversion fast paths
+    accept a trace by this one rule; each also allows at most one such resample (two interpolations are
+    not one)."""
+    from monai.utils import TraceKeys
+
+    extra = op.get(TraceKeys.EXTRA_INFO, {})
+    padding = str(extra.get("padding_mode"))
+    if (
+        str(extra.get("mode")) not in _LINEAR_MODES
+        or extra.get("align_corners") not in (False, TraceKeys.NONE)
+        or padding not in _PADDING
+    ):
+        return None
+    return padding
+
+
 def _name(obj: Any) -> str:
     return type(obj).__name__
 
@@ -167,13 +185,10 @@ class FastPreprocessing:
             xform = torch.as_tensor(op[LazyAttr.AFFINE])
             if name == "SpatialResample":
                 extra = op.get(TraceKeys.EXTRA_INFO, {})
-                padding = str(extra.get("padding_mode"))
-                if (
-                    str(extra.get("mode")) not in _LINEAR_MODES
-                    or extra.get("align_corners") not in (False, TraceKeys.NONE)
-                    or padding not in _PADDING
-                ):
+                accepted = linear_resample_padding(op)
+                if accepted is None:
                     return None
+                padding = accepted
                 unchanged = tuple(op[LazyAttr.SHAPE]) == tuple(op[TraceKeys.ORIG_SIZE]) and (
                     np.allclose(xform.numpy(), np.eye(4), atol=AFFINE_TOL)
                     or np.allclose(extra["src_affine"], (extra["src_affine"] @ xform).numpy(), atol=AFFINE_TOL)

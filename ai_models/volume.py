@@ -55,12 +55,15 @@ _SHARED_TAGS = (
 _NATIVE = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # syntax -> explicit VR
 
 
-def _raw_shared(ds: Dataset) -> tuple[object, ...] | None:
-    """The shared elements' raw encodings (VR, byte order, bytes), or None when one is already decoded."""
+def raw_values(ds: Dataset, tags: Sequence[int], *, missing_ok: bool = True) -> tuple[object, ...] | None:
+    """The elements' still-encoded values (VR, byte order, bytes), in tags order, or None when one is
+    already decoded (or absent, unless missing_ok: then an absent element reads as None). Slices of one
+    series carry byte-identical shared elements, so comparing these tuples stands in for decoding and
+    comparing each slice's values (pydicom's DS/IS parsing is slow)."""
     out: list[object] = []
-    for tag in _SHARED_TAGS:
+    for tag in tags:
         elem = ds.get_item(tag)
-        if elem is None:
+        if elem is None and missing_ok:
             out.append(None)
         elif isinstance(elem, RawDataElement):
             out.append((elem.VR, elem.is_little_endian, elem.value))
@@ -207,7 +210,7 @@ def read_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
         raise _geometry_error(f"{len(files)} instances is more than {MAX_SLICES}")
 
     first, first_offset = _read_header(files[0])
-    first_raw = _raw_shared(first)  # before any value below is decoded
+    first_raw = raw_values(first, _SHARED_TAGS)  # before any value below is decoded
     rows, cols = _check_matrix(first, files[0])
     if rows * cols * len(files) > max_voxels:
         raise _geometry_error(f"{rows}x{cols}x{len(files)} voxels exceeds the limit of {max_voxels}")
@@ -229,7 +232,7 @@ def read_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
     headers: list[_Header] = []
     for i, path in enumerate(files):
         ds, offset = (first, first_offset) if i == 0 else _read_header(path)
-        same = i == 0 or (first_raw is not None and _raw_shared(ds) == first_raw)
+        same = i == 0 or (first_raw is not None and raw_values(ds, _SHARED_TAGS) == first_raw)
         if same and str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") == syntax:
             # byte-identical to the first slice's checked elements: same geometry, layout and rescale
             headers.append(

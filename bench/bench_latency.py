@@ -145,9 +145,8 @@ def in_process_split(bundle: Path, paths: list[Path], monai_reference: bool) -> 
         out[f"model: {stage}"] = statistics.median(r[1][stage] for r in runs)
     if monai_reference:
         runner = model._runner  # type: ignore[attr-defined]
-        for attr in ("fast_head", "fast_pre", "fast_window"):
-            setattr(runner, attr, None)
-        ref, stages = model.run_timed(volume)
+        with runner.fast_paths_disabled():
+            ref, stages = model.run_timed(volume)
         for stage, secs in stages.items():
             out[f"MONAI path: {stage}"] = secs
         fast_mask, ref_mask = result.mask, ref.mask  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ai_models.bundle import volume_to_metatensor
+from ai_models.bundle import source_affine_xyz, volume_to_metatensor
 from ai_models.phantom import Phantom, generate_phantom, to_volume
 from ai_models.types import Volume
 
@@ -37,8 +37,6 @@ class WorkingCase:
 
 def nodules_on_grid(phantom: Phantom, volume: Volume, work_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3) working (x, y, z) centres and (N, 3) per-axis radii in working voxels."""
-    from ai_models.detection import source_affine_xyz
-
     if not phantom.nodules:
         return np.zeros((0, 3)), np.zeros((0, 3))
     src_xyz = np.array([n.center_zyx[::-1] for n in phantom.nodules], dtype=np.float64)

@@ -41,6 +41,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DS, format_number_as_ds
 
+from ai_models.volume import raw_values
+
 # Image classes whose instances are always single-frame with patient-based geometry (highdicom treats
 # them the same way); anything else takes the highdicom path.
 SINGLE_FRAME_CLASSES = frozenset({CTImageStorage, MRImageStorage, PositronEmissionTomographyImageStorage})
@@ -102,20 +104,10 @@ def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
 # ---- geometry ------------------------------------------------------------------------------------------
 
 
-_SHARED_TAGS = (0x00080016, 0x0020000D, 0x0020000E, 0x00280010, 0x00280011, 0x00200052, 0x00200037)  # the key's
-
-
-def _raw_shared(ds: pydicom.Dataset) -> tuple[Any, ...] | None:
-    """The key elements as still-encoded bytes (VR, byte order, value), or None once any is decoded: slices of
-    one series carry byte-identical values, so each distinct encoding is decoded and compared once, not
-    once per slice (pydicom's decoding of 7 x 300 values was most of this function's time)."""
-    out = []
-    for tag in _SHARED_TAGS:
-        elem = ds.get_item(tag)
-        if not isinstance(elem, RawDataElement):
-            return None
-        out.append((elem.VR, elem.is_little_endian, elem.value))
-    return tuple(out)
+# the key's elements, compared still encoded (raw_values; None once any is decoded or absent): slices of one
+# series carry byte-identical values, so each distinct encoding is decoded and compared once, not once per
+# slice (pydicom's decoding of 7 x 300 values was most of _plane_geometry's time)
+_SHARED_TAGS = (0x00080016, 0x0020000D, 0x0020000E, 0x00280010, 0x00280011, 0x00200052, 0x00200037)
 
 
 def _plane_geometry(source: Sequence[pydicom.Dataset]) -> tuple[list[str], np.ndarray, list[float]] | None:
@@ -128,7 +120,7 @@ def _plane_geometry(source: Sequence[pydicom.Dataset]) -> tuple[list[str], np.nd
     strings, values = [], []
     checked: dict[tuple[Any, ...], bool] = {}  # raw encoding of the shared elements -> matches key
     for ds in source:
-        raw = _raw_shared(ds)
+        raw = raw_values(ds, _SHARED_TAGS, missing_ok=False)
         same = checked.get(raw) if raw is not None else None
         if same is None:
             same = (ds.get("SOPClassUID"), ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("Rows"),

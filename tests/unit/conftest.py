@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+
+_SEG_BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
+
+
+@pytest.fixture(scope="session")
+def seg_bundle() -> Path:
+    """The shipped chest CT segmentation bundle's folder."""
+    return _SEG_BUNDLE
+
+
+@pytest.fixture(scope="session")
+def model(seg_bundle: Path) -> Any:
+    """The shipped segmentation bundle, loaded once on the CPU. Shared by every test that asks for it:
+    change it only through monkeypatch or ``fast_paths_disabled()``, which put it back."""
+    from ai_models.bundle import load_model
+
+    return load_model(seg_bundle, name="chest-ct-seg", device="cpu")
 
 
 @pytest.fixture

@@ -1,27 +1,22 @@
-"""The segmentation runner's axis-aligned inversion gives the labels the bundle's own Invertd would."""
+"""The segmentation runner's axis-aligned inversion gives the labels the bundle's own Invertd would (end to
+end, against the bundle's own path: tests/unit/test_fastpath.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import ai_models.bundle as bundle
 from ai_models.bundle import (
     _fast_invert_head,
     _fast_invert_plan,
     axis_aligned_maps,
     build_plan,
     invert_argmax_axis_aligned,
-    load_model,
     volume_to_metatensor,
 )
 from ai_models.phantom import generate_phantom, to_volume
 from ai_models.training.common import eval_seed
-
-BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
 
 
 def _affine(perm: tuple[int, int, int], scales: tuple[float, float, float], origin: tuple[float, ...]) -> np.ndarray:
@@ -82,54 +77,7 @@ def test_matches_monai_resample_then_argmax(padding: str, perm, scales, origin) 
     assert len(np.unique(fast)) > 1
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load_model(BUNDLE, name="chest-ct-seg", device="cpu")
-
-
 _ANGLE = np.deg2rad(12.0)
-
-
-@pytest.mark.parametrize(
-    ("index", "shape", "spacing", "row", "col"),
-    [
-        (910, (40, 96, 104), (2.5, 1.3, 1.3), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
-        (911, (50, 88, 80), (1.25, 1.6, 1.6), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),  # flipped rows
-        # oblique: Spacingd keeps the rotation, so working and source grids are still axis-aligned
-        (
-            912,
-            (30, 64, 72),
-            (2.0, 1.5, 1.5),
-            (np.cos(_ANGLE), np.sin(_ANGLE), 0.0),
-            (-np.sin(_ANGLE), np.cos(_ANGLE), 0.0),
-        ),
-    ],
-)
-def test_runner_fast_path_equals_bundle_invertd(
-    model, monkeypatch: pytest.MonkeyPatch, index: int, shape, spacing, row, col
-) -> None:
-    runner = model._runner
-    assert runner.fast_head is not None
-    ph = generate_phantom(eval_seed(0, index), shape=shape, spacing=spacing, n_nodules=1)
-    volume = to_volume(ph, origin=(-80.0, -70.0, -200.0), row_cosines=row, column_cosines=col)
-    used: list[bool] = []
-    original = bundle.invert_argmax_axis_aligned
-
-    def spy(scores: torch.Tensor, plan: bundle.FastInvertPlan, **kwargs) -> np.ndarray:
-        used.append(True)
-        return original(scores, plan, **kwargs)
-
-    monkeypatch.setattr(bundle, "invert_argmax_axis_aligned", spy)
-    fast = model.run(volume).mask
-    assert used == [True]
-    # the bundle's own path throughout: MONAI's transforms, sliding window and Invertd
-    for attr in ("fast_head", "fast_pre", "fast_window"):
-        monkeypatch.setattr(runner, attr, None)
-    slow = model.run(volume).mask
-    assert used == [True]
-    assert fast.shape == ph.labels.shape and fast.dtype == np.uint8
-    assert (fast == slow).mean() >= 0.9999
-    assert set(np.unique(fast)) >= {0, 1}
 
 
 def test_plan_refuses_rotated_grids_and_unknown_operations(model) -> None:

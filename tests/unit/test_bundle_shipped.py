@@ -8,25 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ai_models.bundle import load_model, read_metadata
+from ai_models.bundle import read_metadata
 from ai_models.phantom import generate_phantom, to_volume
 from ai_models.training.common import dice, eval_seed
 
-BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
 
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(BUNDLE, name="chest-ct-seg", device="cpu")
-
-
-def test_metadata_and_size() -> None:
-    info = read_metadata(BUNDLE)
+def test_metadata_and_size(seg_bundle: Path) -> None:
+    info = read_metadata(seg_bundle)
     assert info.task == "segmentation" and info.labels == {1: "lung", 2: "nodule"}
     assert info.version and info.metadata["eval_metrics"]["mean_dice_lung"] >= 0.95
     assert info.metadata["eval_metrics"]["mean_dice_nodule"] >= 0.75
-    assert (BUNDLE / "models" / "model.pt").stat().st_size < 5_000_000
-    json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    assert (seg_bundle / "models" / "model.pt").stat().st_size < 5_000_000
+    json.loads((seg_bundle / "configs" / "inference.json").read_text())
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from ai_models import grid
-from ai_models.bundle import _LPS_TO_RAS, load_model, volume_to_metatensor
+from ai_models.bundle import load_model, source_affine_xyz, volume_to_metatensor
 from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, head_activation
 from ai_models.phantom import generate_phantom, to_volume
 from ai_models.training.common import dice, eval_seed
 
-BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
 _ANGLE = np.deg2rad(12.0)
 GEOMETRIES = [
     ((24, 70, 64), (2.5, 1.3, 1.1), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
@@ -255,11 +254,6 @@ def test_inversion_from_window_sums_matches_monai(activation: str | None, paddin
 # ---------------------------------------------------------------------------------------------- the runner
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load_model(BUNDLE, name="chest-ct-seg", device="cpu")
-
-
 RUNNER_GEOMETRIES = [
     ((40, 96, 104), (2.5, 1.3, 1.3), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     ((50, 88, 80), (1.25, 1.6, 1.6), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
@@ -271,20 +265,30 @@ RUNNER_GEOMETRIES = [
 def test_runner_fast_paths_equal_the_bundles_own(model, monkeypatch: pytest.MonkeyPatch, shape, spacing, row, col):
     """Fast pre-processing + window sums + reduced inversion vs MONAI's Spacingd, SlidingWindowInferer and
     Invertd end to end: the same label map, voxel for voxel (Dice >= 0.999 per label allowed for float
-    rounding at boundaries; on these phantoms it is exact)."""
+    rounding at boundaries; on these phantoms it is exact). The fast run inverts once, axis-aligned."""
     runner = model._runner
     assert runner.fast_pre is not None and runner.fast_window is not None and runner.fast_activation == "softmax"
+    assert runner.fast_head is not None
     ph, volume = _volume(930, shape, spacing, row, col, nodules=1)
+    used: list[bool] = []
+    original = grid.invert_argmax_axis_aligned
+
+    def spy(scores: torch.Tensor, plan: grid.FastInvertPlan, **kwargs) -> np.ndarray:
+        used.append(True)
+        return original(scores, plan, **kwargs)
+
+    monkeypatch.setattr("ai_models.bundle.invert_argmax_axis_aligned", spy)
     fast = model.run(volume).mask
+    assert used == [True]
     timings = dict(runner.timings)
-    for attr in ("fast_head", "fast_pre", "fast_window"):
-        monkeypatch.setattr(runner, attr, None)
-    reference = model.run(volume).mask
+    with runner.fast_paths_disabled():
+        reference = model.run(volume).mask
+    assert used == [True]
     assert fast.shape == reference.shape == ph.labels.shape and fast.dtype == np.uint8
     for label in (1, 2):
         assert dice(fast == label, reference == label) >= 0.999
     assert np.array_equal(fast, reference)
-    assert {1} <= set(np.unique(fast))
+    assert {0, 1} <= set(np.unique(fast))
     assert set(timings) == {"pre", "forward", "window", "post"} and timings["forward"] > 0
 
 
@@ -303,9 +307,8 @@ def test_runner_falls_back_when_the_geometry_is_not_its_own(model, monkeypatch: 
     monkeypatch.setattr("ai_models.fastpath.resample_linear", lambda *a: calls.append("pre") or original(*a))
     result = model.run(volume).mask
     assert calls == []
-    for attr in ("fast_head", "fast_pre", "fast_window"):
-        monkeypatch.setattr(runner, attr, None)
-    assert np.array_equal(result, model.run(volume).mask)
+    with runner.fast_paths_disabled():
+        assert np.array_equal(result, model.run(volume).mask)
 
 
 def test_forward_clock_counts_only_the_network() -> None:
@@ -335,7 +338,7 @@ def test_plan_source_affine_matches_volume(model) -> None:
         monai = runner.preprocessing({"image": volume_to_metatensor(volume)})["image"]
     assert torch.equal(fast.affine, monai.affine) and fast.shape == monai.shape
     plan = grid.build_plan(
-        _LPS_TO_RAS @ volume.affine_lps(),
+        source_affine_xyz(volume),
         volume.array.shape[::-1],
         fast.affine.numpy(),
         fast.shape[1:],
@@ -346,12 +349,12 @@ def test_plan_source_affine_matches_volume(model) -> None:
 
 
 @pytest.mark.parametrize("name", ["chest_ct_seg", "chest_ct_det", "chest_ct_cls"])
-def test_shipped_bundles_preprocessing_matches_monai(name: str) -> None:
+def test_shipped_bundles_preprocessing_matches_monai(seg_bundle: Path, name: str) -> None:
     """Every shipped bundle's pre-processing (the detection and classification ones crop to the body after
     resampling: that crop runs as MONAI's own) comes out as MONAI's, trace included."""
     from ai_models.bundle import make_parser
 
-    pre = make_parser(BUNDLE.parent / name).get_parsed_content("preprocessing")
+    pre = make_parser(seg_bundle.parent / name).get_parsed_content("preprocessing")
     fast = FastPreprocessing.of(pre, "image")
     assert fast is not None
     _, volume = _volume(933, *GEOMETRIES[1])
@@ -419,9 +422,8 @@ def test_zoo_spleen_bundle_fast_paths_equal_its_own(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(runner, "fast_window", _Spy(runner.fast_window, used))
     fast = spleen.run(volume).mask
     assert used == [True]  # the window sums went straight to the inversion
-    for attr in ("fast_head", "fast_pre", "fast_window"):
-        monkeypatch.setattr(runner, attr, None)
-    reference = spleen.run(volume).mask
+    with runner.fast_paths_disabled():
+        reference = spleen.run(volume).mask
     assert np.array_equal(fast, reference)
     assert 0 < np.count_nonzero(fast) < fast.size  # random weights still label some voxels, not all
 
