@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BENCH_TMP,
     ORTHANC,
+    CpuUse,
     NodePeer,
     OrthancPeer,
     Peer,
@@ -63,18 +64,19 @@ from common import (
 )
 
 
-def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tuple[str, float]:
-    """(receiver name, instances/s) of one run against a freshly started receiver."""
+def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tuple[str, float, CpuUse]:
+    """(receiver name, instances/s, CPU used while sending) of one run against a freshly started receiver."""
     with workdir("bench-recv-", keep_until_exit=KEEP_FILES) as work:
         peer = make(work).start()
         try:
-            elapsed = send(peer, study.paths, associations)
+            with CpuUse() as cpu:
+                elapsed = send(peer, study.paths, associations)
             stored = peer.count()
         finally:
             peer.stop()
     if stored != len(study.paths):
         raise RuntimeError(f"{peer.name} stored {stored} of {len(study.paths)} instances")
-    return peer.name, len(study.paths) / elapsed
+    return peer.name, len(study.paths) / elapsed, cpu
 
 
 KEEP_FILES = True  # receivers' files stay until the run ends (see common.workdir); main() turns it off when short
@@ -86,7 +88,7 @@ FLOOR = "flush floor\u2020"
 INDEX_PAGE = 4096
 
 
-def measure_flush_floor(study: Study, threads: int) -> float:
+def measure_flush_floor(study: Study, threads: int) -> tuple[float, CpuUse]:
     """The least any receiver that answers only once an instance is durable must do, with nothing else: per
     instance, in ``threads`` threads, write the file's bytes (read into memory beforehand) to a new temp
     file, rename it into a study/series folder, fsync the file and the folder, then write one 4 KiB index
@@ -125,19 +127,18 @@ def measure_flush_floor(study: Study, threads: int) -> float:
                 errors.append(exc)
 
         workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        elapsed = time.perf_counter() - start
+        with CpuUse() as cpu:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
         os.close(index)
     if errors:
         raise errors[0]
-    return len(blobs) / elapsed
+    return len(blobs) / cpu.wall, cpu
 
 
-def measure_without_flushes(study: Study, associations: int) -> float:
+def measure_without_flushes(study: Study, associations: int) -> tuple[float, CpuUse]:
     """Diagnostic only: the listener in this process, every fsync a no-op, SQLite synchronous=OFF."""
     from unittest import mock
 
@@ -154,7 +155,8 @@ def measure_without_flushes(study: Study, associations: int) -> float:
         try:
             peer = Peer()
             peer.ae_title, peer.port = cfg.node.ae_title, server.server_address[1]
-            elapsed = send(peer, study.paths, associations)
+            with CpuUse() as cpu:
+                send(peer, study.paths, associations)
             stored = len(rt.jobs.all_instances())
         finally:
             server.shutdown()
@@ -162,7 +164,7 @@ def measure_without_flushes(study: Study, associations: int) -> float:
             rt.jobs.engine.dispose()
     if stored != len(study.paths):
         raise RuntimeError(f"stored {stored} of {len(study.paths)} instances")
-    return len(study.paths) / elapsed
+    return len(study.paths) / cpu.wall, cpu
 
 
 def main() -> int:
@@ -198,7 +200,7 @@ def main() -> int:
           f"fsync={flush_latency_ms():.2f} ms  fs={describe_file_system()}  "
           f"netns={'private' if in_private_netns() else 'host'}", flush=True)
     header = (f"{'study':<24} {'assoc':>5} {'receiver':<22} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
-              f"{'fsync ms':>8}")
+              f"{'fsync ms':>8} {'busy %':>6} {'rcv CPU ms':>10}")
     print(header)
     print("-" * len(header))
     started = time.monotonic()
@@ -215,24 +217,30 @@ def main() -> int:
             if args.single_process_row:
                 makers.append(lambda w: NodePeer(w, extra_node="listener_processes = 1", name=SINGLE))
             rates: dict[str, list[float]] = {}
+            cpus: dict[str, list[CpuUse]] = {}
             flush = []
             for _ in range(args.repeats):  # receivers interleaved, so a change in the machine's load hits all
                 flush.append(flush_latency_ms(20))
-                for make in makers:
-                    name, rate = measure(make, study, n)
-                    rates.setdefault(name, []).append(rate)
+                results = [measure(make, study, n) for make in makers]
                 if args.flush_diagnostic:
-                    rates.setdefault(NO_FLUSH, []).append(measure_without_flushes(study, n))
-                rates.setdefault(FLOOR, []).append(measure_flush_floor(study, n))
+                    results.append((NO_FLUSH, *measure_without_flushes(study, n)))
+                results.append((FLOOR, *measure_flush_floor(study, n)))
+                for name, rate, cpu in results:
+                    rates.setdefault(name, []).append(rate)
+                    cpus.setdefault(name, []).append(cpu)
             median = {name: statistics.median(r) for name, r in rates.items()}
             node = median["dicom-node"]
             for name, rate in median.items():
                 ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH, SINGLE) else ""
+                busy = statistics.median(c.busy_percent() for c in cpus[name])
+                rcv_ms = statistics.median(c.receiver_ms(len(study.paths)) for c in cpus[name])
                 print(f"{label:<24} {n:>5} {name:<22} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
-                      f"{statistics.median(flush):>6.2f}", flush=True)
+                      f"{statistics.median(flush):>8.2f} {busy:>6.0f} {rcv_ms:>10.3f}", flush=True)
     print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")
     print(f"# \u2020 {FLOOR[:-1]}: the file-system steps alone, no network, no parsing, no database (see "
           "measure_flush_floor); node/peer on its row is the node's rate against it.")
+    print(f"# busy %: the machine's CPU use while sending, out of {100 * (os.cpu_count() or 1)}; rcv CPU ms: CPU time "
+          "per instance of everything but the senders (the receiver, and the kernel's work for it).")
     if args.flush_diagnostic:
         print("# * diagnostic only: listener in-process with fsync a no-op and SQLite synchronous=OFF (not durable)")
     return 0

@@ -342,6 +342,45 @@ def send(peer: Peer, paths: Sequence[Path], associations: int) -> float:
     return elapsed
 
 
+@dataclass
+class CpuUse:
+    """CPU time spent on the whole machine and by this process's reaped children (the senders) over a span:
+    what a receiver costs is the machine's busy time less the senders', whatever processes it forks."""
+
+    wall: float = 0.0
+    busy: float = 0.0  # CPU-seconds, all cores
+    senders: float = 0.0
+    _start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __enter__(self) -> CpuUse:
+        self._start = (time.perf_counter(), _machine_busy_seconds(), _children_seconds())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, children = self._start
+        self.wall = time.perf_counter() - wall
+        self.busy = _machine_busy_seconds() - busy
+        self.senders = _children_seconds() - children
+
+    def busy_percent(self) -> float:
+        return 100 * self.busy / self.wall if self.wall else 0.0
+
+    def receiver_ms(self, instances: int) -> float:
+        """Clamped at 0: both counts are clock-tick samples, and an idle receiver's share is below their error."""
+        return max(0.0, 1000 * (self.busy - self.senders) / instances)
+
+
+def _machine_busy_seconds() -> float:
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")  # not idle, iowait, or a VM's steal
+
+
+def _children_seconds() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def flush_latency_ms(samples: int = 40) -> float:
     """Median time of write-4-KiB-then-fsync in the benchmarks' temp folder: what one durable step costs on
     this disk right now (a durable receive needs three in a row per instance: file, folder, index)."""
