@@ -416,13 +416,16 @@ def head_activation(head: Any) -> str | bool | None:
 
 class ForwardClock:
     """Seconds spent inside the network's forward calls (hooks on a Module; a wrapper for TorchScript,
-    which takes no hooks). On CUDA each call is synchronised so the time is the work's, not the launch's."""
+    which takes no hooks). On CUDA each call is bracketed by events on the current stream and the times are
+    read once, when ``seconds`` is asked for: synchronising around every call would stall the host until
+    the GPU is idle, so the next window batch could not be prepared while this one runs."""
 
     def __init__(self, network: Any, device: torch.device) -> None:
-        self.seconds = 0.0
         self.calls = 0
-        self._sync = device.type == "cuda"
-        self._start = 0.0
+        self._seconds = 0.0
+        self._cuda = device.type == "cuda"
+        self._pending: list[tuple[Any, Any]] = []  # (start, end) CUDA events not yet read
+        self._start: Any = 0.0
         self.network = network
         self.predictor: Callable[..., Any] = network
         if isinstance(network, torch.jit.ScriptModule) or not isinstance(network, torch.nn.Module):
@@ -431,19 +434,32 @@ class ForwardClock:
             network.register_forward_pre_hook(self._before)
             network.register_forward_hook(self._after)
 
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
+    @property
+    def seconds(self) -> float:
+        if self._pending:
+            self._pending[-1][1].synchronize()  # the last call's end: every earlier event has completed too
+            self._seconds += sum(start.elapsed_time(end) for start, end in self._pending) / 1000
+            self._pending.clear()
+        return self._seconds
 
-    def _now(self) -> float:
-        if self._sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    def reset(self) -> None:
+        self._seconds, self.calls = 0.0, 0
+        self._pending.clear()
 
     def _before(self, *_: Any) -> None:
-        self._start = self._now()
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
 
     def _after(self, *_: Any) -> None:
-        self.seconds += self._now() - self._start
+        if self._cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            self._seconds += time.perf_counter() - self._start
         self.calls += 1
 
     def _wrapped(self, *args: Any, **kwargs: Any) -> Any:

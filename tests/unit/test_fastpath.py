@@ -3,6 +3,7 @@ anything they do not reproduce exactly."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -436,3 +437,44 @@ class _Spy:
         out = self.inner(inputs, network)
         self.used.append(out is not None)
         return out
+
+
+class _FakeCudaEvent:
+    """Stands in for torch.cuda.Event on a CPU machine: 'records' a clock reading."""
+
+    recorded = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.at: float | None = None
+
+    def record(self) -> None:
+        _FakeCudaEvent.recorded += 1
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        assert self.at is not None
+
+    def elapsed_time(self, end: _FakeCudaEvent) -> float:
+        assert self.at is not None and end.at is not None
+        return (end.at - self.at) * 1000  # milliseconds, as CUDA reports them
+
+
+def test_forward_clock_on_cuda_times_with_events_not_per_call_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_sync() -> None:
+        raise AssertionError("a device-wide synchronize per forward call stalls the host")
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    _FakeCudaEvent.recorded = 0
+    net = _Net().eval()
+    clock = ForwardClock(net, torch.device("cuda"))
+    with torch.inference_mode():
+        for _ in range(3):
+            net(torch.zeros(1, 1, 8, 8, 8))
+    assert clock.calls == 3 and _FakeCudaEvent.recorded == 6
+    first = clock.seconds
+    assert first > 0
+    assert clock.seconds == first  # read once; later reads do not count the same calls again
+    clock.reset()
+    assert clock.calls == 0 and clock.seconds == 0.0
