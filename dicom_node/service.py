@@ -127,6 +127,8 @@ class Node:
             w.set()
         for t in self.threads:
             t.join(timeout=SHUTDOWN_GRACE_SECONDS if t.name == "worker" else 5)
+        if not any(t.name == "worker" and t.is_alive() for t in self.threads):
+            self.worker.close()  # else the job still running may yet write a result; the process is ending anyway
         job = self.worker.current_job
         if job is not None and self.rt.jobs.release_job(job, self.owner):
             log_event(log, "job_lease_released", job_id=job)

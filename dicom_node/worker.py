@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import highdicom as hd
 import pydicom
@@ -47,6 +47,9 @@ from dicom_node.results.uids import derive_uid
 from storage.files import FileStore
 from storage.jobstore import JobStore
 from storage.records import JobRecord, NewResult
+
+if TYPE_CHECKING:
+    from ai_models.bundle import LoadedModel  # torch and MONAI load only with the first model
 
 log = logging.getLogger("dicom_node.worker")
 _T = TypeVar("_T")
@@ -213,18 +216,19 @@ class Worker:
             return self._encode_results(job, volume, headers, digest, model_results, t), t
 
     @staticmethod
-    def _infer(model: object, volume: Volume, t: Timings) -> ModelResult:
+    def _infer(model: LoadedModel, volume: Volume, t: Timings) -> ModelResult:
         """Run one model; the runner's own stages (pre, forward, window, post) are added to the job's
         timings as inference_<stage>, summed over the job's models, so the log and the job row say how
         much of inference is the network's forward pass."""
-        run_timed = getattr(model, "run_timed", None)
-        if run_timed is None:
-            return model.run(volume)  # type: ignore[attr-defined, no-any-return]
-        result, stages = run_timed(volume)
+        result, stages = model.run_timed(volume)
         for stage, seconds in stages.items():
             key = f"inference_{stage}"
             t.stages[key] = round(t.stages.get(key, 0.0) + seconds, 3)
-        return result  # type: ignore[no-any-return]
+        return result
+
+    def close(self) -> None:
+        """Stop the result-writer thread, once the worker loop has ended."""
+        self._writer.shutdown(wait=True)
 
     def _write(self, ds: Dataset, kind: str, model: str) -> NewResult:
         """Serialise, then store durably in a helper thread while the bytes are read back and checked here:
