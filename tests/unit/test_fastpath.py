@@ -478,3 +478,19 @@ def test_forward_clock_on_cuda_times_with_events_not_per_call_syncs(monkeypatch:
     assert clock.seconds == first  # read once; later reads do not count the same calls again
     clock.reset()
     assert clock.calls == 0 and clock.seconds == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_runner_stages_on_cuda_time_work_not_launches(seg_bundle: Path) -> None:
+    """On a real GPU: the forward calls are timed by events and the window stage, measured after one
+    synchronize per volume, is never negative; the mask is the CPU's up to autocast's borderline voxels."""
+    from ai_models.bundle import load_model
+
+    _, volume = _volume(923, *GEOMETRIES[0], nodules=2)
+    gpu = load_model(seg_bundle, name="chest-ct-seg", device="cuda")
+    result, stages = gpu.run_timed(volume)
+    assert stages["forward"] > 0 and stages["window"] >= 0
+    assert gpu._runner.clock.calls > 0  # type: ignore[attr-defined]
+    cpu_mask = load_model(seg_bundle, name="chest-ct-seg", device="cpu").run(volume).mask
+    assert np.mean(result.mask == cpu_mask) > 0.99
