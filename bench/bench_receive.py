@@ -7,7 +7,7 @@ sent on one association and on 4 in parallel (the files split over 4 storescu pr
              is left out without a compiler): each file and its folder fsynced before the response, as
              the node does; it still keeps no index;
   Orthanc    Debian's package, SQLite index, its own temp storage;
-  dicom-node `dicom-node serve` with its defaults (one listener process per CPU core), no models or routes:
+  dicom-node `dicom-node serve` with its defaults (one listener process per CPU core, at most 4), no models or routes:
              each instance renamed into place and fsynced, its folder fsynced and its row committed (SQLite
              WAL, synchronous FULL) before Success is answered;
   flush floor   no receiver: the file-system steps alone that answering only once an instance is durable
@@ -16,8 +16,10 @@ Each receiver is started fresh for each measurement, in a folder of its own, and
 instances checked afterwards; the folders are removed only when the run ends (see common.workdir:
 on ext4 without a journal, deleting the previous receiver's files would slow the next one's);
 with --repeats the receivers are interleaved and medians reported (the machine's load moves a lot here).
-The last column is the disk's median write+fsync time probed just before the cell: the node waits for
+The `fsync ms` column is the disk's median write+fsync time probed just before the cell: the node waits for
 three flushes in a row per instance (file, folder, index), storescp +fsync for two, storescp for none.
+`busy %` is the machine's CPU use while sending, `rcv CPU ms` the CPU per instance of everything but the
+senders (see common.CpuUse).
 Time is storescu's wall time (including its own file reading, the same for every peer). The run happens
 in a private network namespace (Orthanc listens on all interfaces), so nothing leaves loopback.
 
@@ -69,14 +71,14 @@ def measure(make: Callable[[Path], Peer], study: Study, associations: int) -> tu
     with workdir("bench-recv-", keep_until_exit=KEEP_FILES) as work:
         peer = make(work).start()
         try:
-            with CpuUse() as cpu:
-                elapsed = send(peer, study.paths, associations)
+            with CpuUse() as cpu:  # its wall time is storescu's, start to exit
+                send(peer, study.paths, associations)
             stored = peer.count()
         finally:
             peer.stop()
     if stored != len(study.paths):
         raise RuntimeError(f"{peer.name} stored {stored} of {len(study.paths)} instances")
-    return peer.name, len(study.paths) / elapsed, cpu
+    return peer.name, len(study.paths) / cpu.wall, cpu
 
 
 KEEP_FILES = True  # receivers' files stay until the run ends (see common.workdir); main() turns it off when short
