@@ -221,25 +221,18 @@ def main() -> None:
         split = {} if args.no_split else in_process_split(bundle, list(study.paths), args.monai_reference)
 
     complete, started, finished = (float(first[k]["ts"]) for k in ("study_complete", "job_started", "job_done"))
-    stages = [("load", "load (read_series: headers + pixels)"), ("headers", "headers (older worker: re-read)"),
-              ("model_load", "model load (cached: warm node)"),
+    stages = [("load", "load (read_series: headers + pixels)"), ("model_load", "model load (cached: warm node)"),
               ("inference_pre", "inference: pre-processing"), ("inference_forward", "inference: forward pass*"),
               ("inference_window", "inference: sliding window around it"),
               ("inference_post", "inference: post-processing + inversion"),
-              ("inference", "inference (older worker: not split)"),
+              ("inference_rest", "inference: worker around it"),
               ("seg_encode", "SEG build"), ("sr_encode", "SR build"),
-              ("write", "write SEG+SR (serialise, read back, store+fsync)"),
-              ("encode", "encode (older worker: build + write)")]
-    split_inference = "inference_forward" in timings
-    if split_inference:
-        stages = [(k, label) for k, label in stages if k != "inference"]
-        # the runner's stages inside "inference"; what the worker spent around the model call stays there
-        timings["inference_rest"] = timings["inference"] - sum(
-            v for k, v in timings.items() if k.startswith("inference_"))
-        stages.insert(stages.index(("seg_encode", "SEG build")), ("inference_rest", "inference: worker around it"))
+              ("write", "write SEG+SR (serialise, read back, store+fsync)")]
+    # the runner's stages inside "inference"; what the worker spent around the model call stays there
+    timings["inference_rest"] = timings["inference"] - sum(v for k, v in timings.items() if k.startswith("inference_"))
     stages = [(key, label) for key, label in stages if key in timings]
     in_stages = sum(v for k, v in timings.items() if not k.startswith("inference_"))
-    forward = timings.get("inference_forward")
+    forward = timings["inference_forward"]
     rows: list[tuple[str, float]] = [
         ("completion wait (stable_seconds + assembler poll)", complete - acked),
         ("job pickup (worker woken by the assembler)", started - complete),
@@ -255,13 +248,11 @@ def main() -> None:
     for label, secs in rows:
         print(f"{label:56s} {secs:8.3f}")
     print(f"{'total: last instance acked -> SEG and SR acked':56s} {total:8.3f}   (PACS holds {received} objects)")
-    excluded = rows[0][1] + (forward if forward is not None else timings.get("inference", 0.0))
-    budget = total - excluded
-    what = "forward pass*" if forward is not None else "whole inference stage (older worker)"
+    budget = total - rows[0][1] - forward
     verdict = "within" if budget <= BUDGET_S else "OVER"
-    print(f"{'everything but completion wait and ' + what:56s} {budget:8.3f}   {verdict} the {BUDGET_S:.0f} s goal")
-    if forward is not None:
-        print("* the network's forward calls only (hooks on the network, summed over the sliding windows)")
+    label = "everything but completion wait and forward pass*"
+    print(f"{label:56s} {budget:8.3f}   {verdict} the {BUDGET_S:.0f} s goal")
+    print("* the network's forward calls only (hooks on the network, summed over the sliding windows)")
     if split:
         print("\nIn-process split of the worker's stages (same bundle, same series, warm; medians):")
         for label, secs in split.items():

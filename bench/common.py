@@ -357,10 +357,10 @@ class CpuUse:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall, busy, children = self._start
+        wall, busy, senders = self._start
         self.wall = time.perf_counter() - wall
         self.busy = _machine_busy_seconds() - busy
-        self.senders = _children_seconds() - children
+        self.senders = _children_seconds() - senders
 
     def busy_percent(self) -> float:
         return 100 * self.busy / self.wall if self.wall else 0.0

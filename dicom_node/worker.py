@@ -99,7 +99,11 @@ class Timings:
         try:
             return fn()
         finally:
-            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t0, 3)
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Summed per stage (a route's models share the inference stages), to the millisecond."""
+        self.stages[name] = round(self.stages.get(name, 0.0) + seconds, 3)
 
 
 def input_digest(sop_uids: Sequence[str]) -> str:
@@ -222,8 +226,7 @@ class Worker:
         much of inference is the network's forward pass."""
         result, stages = model.run_timed(volume)
         for stage, seconds in stages.items():
-            key = f"inference_{stage}"
-            t.stages[key] = round(t.stages.get(key, 0.0) + seconds, 3)
+            t.add(f"inference_{stage}", seconds)
         return result
 
     def close(self) -> None:
