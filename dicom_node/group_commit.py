@@ -16,8 +16,11 @@ A file that replaces an indexed one (duplicate_policy "replace") is flushed befo
 an acknowledged file is never swapped for a partial one. Batch k is indexed while batch k+1 is placed. A
 caller returns only once its own file and row are durable, or with a failure status and nothing left
 behind: Success is never answered early. An instance whose SOP Instance UID is still in flight waits for
-that one to finish and is then judged against the outcome (kept first, replaced, refused). With one
-association each stage is the plain per-instance step, with no extra thread hop.
+that one to finish and is then judged against the outcome (kept first, replaced, refused). Across listener
+processes the same holds through the file system: a new file is renamed only where no file has its name
+yet, and a name taken by a file another process is still storing (its temp file's flock, see
+FileStore.open_temp) makes this instance wait for that process and be judged again. With one association
+each stage is the plain per-instance step, with no extra thread hop.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class _Slot:
     placed_new: bool = False
     flushed: bool = False
     blocked_by: _Slot | None = None  # an in-flight instance with the same SOP Instance UID
+    held_elsewhere: bool = False  # its final name is taken by a file another process is still storing
     stage_done: int = 0
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -127,10 +131,14 @@ class GroupCommitter:
             while True:
                 slot.stage_done = 0
                 self._place.run(slot)
-                if slot.blocked_by is None:
+                if slot.blocked_by is not None:
+                    slot.blocked_by.finished.wait()
+                    slot.blocked_by = None
+                elif slot.held_elsewhere:  # another listener process: wait for its outcome, then judge again
+                    slot.held_elsewhere = False
+                    self.files.wait_until_written(slot.pending.path)
+                else:
                     break
-                slot.blocked_by.finished.wait()
-                slot.blocked_by = None
             if slot.status < 0 and not slot.flushed:
                 self._flush(slot)
             if slot.status < 0:
@@ -200,10 +208,21 @@ class GroupCommitter:
                 placed.append(s)
         for s in placed:
             try:
-                if not s.placed_new:  # replaces an acknowledged file: its bytes must be durable first
+                if s.placed_new and not self.files.place_new(s.pending.tmp, s.pending.path):
+                    # The name is taken though no row had it: never replaced blindly, since that file may be
+                    # another listener process's instance in flight, which would be lost if this one failed.
+                    s.placed_new = False
+                    if self.files.being_written(s.pending.path):
+                        s.held_elsewhere = True
+                        with self._in_flight_lock:
+                            del self._in_flight[s.sop]
+                        continue
+                    # nobody is storing it: left by a crash before its row (never acknowledged) or indexed
+                    # since the lookup; replaced below as a whole durable file, like a resend's replace
+                if not s.placed_new:  # replaces an existing file: its bytes must be durable first
                     os.fsync(s.pending.fd)
                     s.flushed = True
-                self.files.place(s.pending.tmp, s.pending.path)
+                    self.files.place(s.pending.tmp, s.pending.path)
             except OSError as exc:
                 s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
                 s.placed_new = False

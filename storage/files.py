@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import functools
 import os
 import re
@@ -63,6 +65,35 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_no_replace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` atomically, raising FileExistsError if ``dst`` exists (never replacing it)."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # a file system without the flag: link below
+            raise OSError(err, os.strerror(err), dst)  # EEXIST makes a FileExistsError
+    os.link(src, dst)  # the same guarantee: link never replaces; a crash in between leaves a temp name
+    os.unlink(src)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -170,13 +201,55 @@ class FileStore:
     # ---- streamed writes: temp file first, placed under its final name once the header is known -----------
 
     def open_temp(self) -> tuple[int, Path]:
-        """A new private temp file under ``incoming/`` (same file system as the final names); (fd, path)."""
+        """A new private temp file under ``incoming/`` (same file system as the final names); (fd, path).
+        It stays locked (flock) until ``fd`` is closed, so that another process finding it under its final
+        name can tell it is still being stored (``being_written``)."""
         self.ensure_dir(self._incoming)
         name = f"{self._incoming_prefix}{os.urandom(16).hex()}"  # one per received instance: kept cheap
         try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), Path(name)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise _storage_error(exc) from exc
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+        return fd, Path(name)
+
+    def place_new(self, tmp: Path, path: Path) -> bool:
+        """Rename ``tmp`` to ``path`` unless a file already has that name: then False, and ``tmp`` stays."""
+        try:
+            self.ensure_dir(os.path.dirname(path))
+            rename_no_replace(str(tmp), str(path))
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        return True
+
+    @staticmethod
+    def being_written(path: Path) -> bool:
+        """Whether the file at ``path`` is still open in the process that made it with ``open_temp``."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    @staticmethod
+    def wait_until_written(path: Path) -> None:
+        """Return once no process holds the file at ``path`` open from ``open_temp`` (at once if it is gone)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
 
     def place(self, tmp: Path, path: Path) -> None:
         """Rename a complete, fsynced temp file to ``path``; durable once ``sync_dirs`` covered its folder."""
