@@ -34,7 +34,7 @@ from ai_models.fastpath import (
     FastSlidingWindow,
     ForwardClock,
     head_activation,
-    linear_resample_padding,
+    linear_trace_padding,
 )
 from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public pieces lived here)
     AxisTaps,
@@ -293,9 +293,6 @@ RunnerFactory = Callable[[BundleContext], Runner]
 # same work separably: the same working grid and trace, the same window sums, the labels Invertd + argmax
 # give. Anything else runs the bundle's own transforms.
 
-_FAST_OPS = {"Orientation", "SpatialResample"}
-
-
 def _fast_invert_head(transforms: Any, preprocessing: Any, image_key: str) -> Callable[[Any], Any] | None:
     """The transforms to run before our own inversion, when the postprocessing is activations -> Invertd
     (linear, of the preprocessing, keyed on the image) -> optionally AsDiscreted(argmax); else None."""
@@ -332,25 +329,14 @@ def _fast_invert_plan(image: Any, pred_shape: Any, volume: Volume, device: torch
     """The plan when the image got only Orientation + one linear Spacing on its way to the working grid,
     the prediction (C, x, y, z) has several channels on that grid and the grid is axis-aligned with the
     source; None sends the run through the bundle's Invertd."""
-    from monai.utils import TraceKeys
-
     shape = tuple(int(s) for s in pred_shape)
     if getattr(image, "pending_operations", None) or len(shape) != 4 or shape[0] < 2:
         return None
     if shape[1:] != tuple(image.shape[1:]):
         return None
-    padding = "border"
-    resamples = 0
-    for op in image.applied_operations:
-        name = op.get(TraceKeys.CLASS_NAME)
-        if name not in _FAST_OPS:
-            return None
-        if name == "SpatialResample":
-            resamples += 1
-            accepted = linear_resample_padding(op)
-            if accepted is None or resamples > 1:  # two interpolations are not one
-                return None
-            padding = accepted
+    padding = linear_trace_padding(image.applied_operations)
+    if padding is None:
+        return None
     return build_plan(
         source_affine_xyz(volume),
         volume.array.shape[::-1],

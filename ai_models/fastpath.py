@@ -29,21 +29,32 @@ _LINEAR_MODES = {"bilinear", "trilinear"}
 _PADDING = {"border", "zeros"}
 
 
-def linear_resample_padding(op: dict[str, Any]) -> str | None:
-    """The padding mode of a recorded SpatialResample that ``resample_linear`` reproduces (linear mode, no
-    align_corners, border or zeros padding), else None. The pre-processing and the inversion fast paths
-    accept a trace by this one rule; each also allows at most one such resample (two interpolations are
-    not one)."""
+_TRACE_OPS = frozenset({"Orientation", "SpatialResample"})
+
+
+def linear_trace_padding(ops: Sequence[dict[str, Any]]) -> str | None:
+    """The padding mode with which ``resample_linear`` reproduces a recorded trace of Orientation and at most
+    one SpatialResample in linear mode without align_corners, padding border or zeros ("border" when there
+    is no resample), else None. The pre-processing and the inversion fast paths accept a trace by this one
+    rule (two interpolations are not one)."""
     from monai.utils import TraceKeys
 
-    extra = op.get(TraceKeys.EXTRA_INFO, {})
-    padding = str(extra.get("padding_mode"))
-    if (
-        str(extra.get("mode")) not in _LINEAR_MODES
-        or extra.get("align_corners") not in (False, TraceKeys.NONE)
-        or padding not in _PADDING
-    ):
-        return None
+    padding, resamples = "border", 0
+    for op in ops:
+        name = op.get(TraceKeys.CLASS_NAME)
+        if name not in _TRACE_OPS:
+            return None
+        if name == "SpatialResample":
+            resamples += 1
+            extra = op.get(TraceKeys.EXTRA_INFO, {})
+            padding = str(extra.get("padding_mode"))
+            if (
+                resamples > 1
+                or str(extra.get("mode")) not in _LINEAR_MODES
+                or extra.get("align_corners") not in (False, TraceKeys.NONE)
+                or padding not in _PADDING
+            ):
+                return None
     return padding
 
 
@@ -175,28 +186,20 @@ class FastPreprocessing:
         except (NotImplementedError, ValueError, TypeError, RuntimeError):
             return None
         pending = lazy[self.key].pending_operations
-        resamples = [op for op in pending if op.get(TraceKeys.CLASS_NAME) == "SpatialResample"]
-        if not pending or len(resamples) > 1:  # MONAI interpolates twice; one separable pass is not that
+        padding = linear_trace_padding(pending)
+        if not pending or padding is None:
             return None
-        padding = "border"
         affine = image.affine
         for op in pending:
-            name = op.get(TraceKeys.CLASS_NAME)
             xform = torch.as_tensor(op[LazyAttr.AFFINE])
-            if name == "SpatialResample":
+            if op.get(TraceKeys.CLASS_NAME) == "SpatialResample":
                 extra = op.get(TraceKeys.EXTRA_INFO, {})
-                accepted = linear_resample_padding(op)
-                if accepted is None:
-                    return None
-                padding = accepted
                 unchanged = tuple(op[LazyAttr.SHAPE]) == tuple(op[TraceKeys.ORIG_SIZE]) and (
                     np.allclose(xform.numpy(), np.eye(4), atol=AFFINE_TOL)
                     or np.allclose(extra["src_affine"], (extra["src_affine"] @ xform).numpy(), atol=AFFINE_TOL)
                 )
                 if unchanged:  # eager MONAI keeps the image and its affine as they are
                     return None
-            elif name != "Orientation":
-                return None
             # as eager track_transform_meta updates the affine, step by step in float64
             orig = convert_to_dst_type(affine, xform, dtype=torch.float64)[0]
             affine = orig @ to_affine_nd(orig.shape[-1] - 1, xform, dtype=torch.float64)
