@@ -171,8 +171,8 @@ class FastPreprocessing:
         the recorded resampling done separably; a ScaleIntensityRange that follows is applied to each slab
         while it is in cache (the same operations MONAI's does, on the same float32 values)."""
         from monai.data import MetaTensor
-        from monai.data.utils import AFFINE_TOL, to_affine_nd
-        from monai.utils import LazyAttr, TraceKeys, convert_to_dst_type
+        from monai.data.utils import AFFINE_TOL
+        from monai.utils import LazyAttr, TraceKeys
 
         image = d.get(self.key)
         if not isinstance(image, MetaTensor) or image.pending_operations or image.ndim != 4:
@@ -189,10 +189,9 @@ class FastPreprocessing:
         padding = linear_trace_padding(pending)
         if not pending or padding is None:
             return None
-        affine = image.affine
         for op in pending:
-            xform = torch.as_tensor(op[LazyAttr.AFFINE])
             if op.get(TraceKeys.CLASS_NAME) == "SpatialResample":
+                xform = torch.as_tensor(op[LazyAttr.AFFINE])
                 extra = op.get(TraceKeys.EXTRA_INFO, {})
                 unchanged = tuple(op[LazyAttr.SHAPE]) == tuple(op[TraceKeys.ORIG_SIZE]) and (
                     np.allclose(xform.numpy(), np.eye(4), atol=AFFINE_TOL)
@@ -200,10 +199,9 @@ class FastPreprocessing:
                 )
                 if unchanged:  # eager MONAI keeps the image and its affine as they are
                     return None
-            # as eager track_transform_meta updates the affine, step by step in float64
-            orig = convert_to_dst_type(affine, xform, dtype=torch.float64)[0]
-            affine = orig @ to_affine_nd(orig.shape[-1] - 1, xform, dtype=torch.float64)
-        shape = tuple(int(s) for s in pending[-1][LazyAttr.SHAPE])
+        # the grid the pending operations lead to, composed in float64 as eager MONAI composes it
+        affine = lazy[self.key].peek_pending_affine()
+        shape = tuple(int(s) for s in lazy[self.key].peek_pending_shape())
         plan = build_plan(affine.numpy(), shape, image.affine.numpy(), tuple(image.shape[1:]), padding, image.device)
         if plan is None:
             return None
