@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -300,8 +301,9 @@ class FastSlidingWindow:
         scan = _get_scan_interval(image_size, roi, 3, overlap)
         slices = dense_patch_slices(image_size, roi, scan, return_slice=True)
         starts = [sorted({s[d].start for s in slices}) for d in range(3)]
-        if len(slices) != len(starts[0]) * len(starts[1]) * len(starts[2]):
-            return None
+        grid = [tuple(slice(a, a + r) for a, r in zip(combo, roi, strict=True)) for combo in product(*starts)]
+        if grid != [tuple(slice(s.start, s.stop) for s in w) for w in slices]:
+            return None  # not the product of the per-axis starts in lexicographic order: MONAI's own loop
         data = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         try:
             sums = self._accumulate(data, network, slices, roi, starts)
@@ -325,7 +327,8 @@ class FastSlidingWindow:
     ) -> torch.Tensor:
         """Sum the windows' outputs in MONAI's order. MONAI adds every window into a zeroed buffer; here the
         part of a window no earlier window covered is copied instead (0 + p is p), so the buffer needs no
-        zeroing pass and a third of the additions become copies."""
+        zeroing pass and a third of the additions become copies. ``slices`` are the product of ``starts``
+        in lexicographic order (checked by the caller)."""
         batch = max(1, int(self.inferer.sw_batch_size))
         fresh = _first_cover(slices, starts, roi)
         sums: torch.Tensor | None = None
@@ -337,13 +340,8 @@ class FastSlidingWindow:
             if not isinstance(out, torch.Tensor) or out.ndim != 5 or tuple(out.shape[2:]) != tuple(roi):
                 raise _NotMine
             if sums is None:
-                shape = (out.shape[1], *data.shape[2:])
-                make = torch.empty if fresh is not None else torch.zeros
-                sums = make(shape, dtype=data.dtype, device=data.device)
+                sums = torch.empty((out.shape[1], *data.shape[2:]), dtype=data.dtype, device=data.device)
             for k, s in enumerate(group):
-                if fresh is None:
-                    sums[(slice(None), *s)] += out[k]
-                    continue
                 new, old = fresh[first + k]
                 sums[(slice(None), *_shift(new, s, 0))].copy_(out[k][(slice(None), *_shift(new, s, 1))])
                 for box in old:
@@ -361,14 +359,11 @@ def _shift(box: tuple[slice, ...], window: tuple[slice, ...], local: int) -> tup
 
 def _first_cover(
     slices: list[tuple[slice, ...]], starts: list[list[int]], roi: Sequence[int]
-) -> list[tuple[tuple[slice, ...], list[tuple[slice, ...]]]] | None:
+) -> list[tuple[tuple[slice, ...], list[tuple[slice, ...]]]]:
     """For each window, in MONAI's (lexicographic) order: the box of voxels it is the first to cover, and the
     boxes of its voxels an earlier window already covered. Along each axis the voxels a window is first to
-    cover start where the previous window along that axis ends; the windows are the product of the
-    per-axis starts. None when the windows are not in that order (then the buffer is zeroed as MONAI's)."""
-    order = [tuple(slice(a, a + r) for a, r in zip(combo, roi, strict=True)) for combo in _product(starts)]
-    if order != [tuple(slice(s.start, s.stop) for s in w) for w in slices]:
-        return None
+    cover start where the previous window along that axis ends (the windows are the product of the
+    per-axis starts)."""
     out = []
     for window in slices:
         lo = []
@@ -386,10 +381,6 @@ def _first_cover(
                 old.append(box)
         out.append((new, old))
     return out
-
-
-def _product(starts: list[list[int]]) -> list[tuple[int, ...]]:
-    return [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
 
 
 def head_activation(head: Any) -> str | bool | None:
