@@ -37,6 +37,7 @@ from ai_models.fastpath import (
     linear_trace_padding,
 )
 from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public pieces lived here)
+    MAX_LABELS,
     AxisTaps,
     FastInvertPlan,
     axis_aligned_maps,
@@ -330,8 +331,8 @@ def _fast_invert_plan(image: Any, pred_shape: Any, volume: Volume, device: torch
     the prediction (C, x, y, z) has several channels on that grid and the grid is axis-aligned with the
     source; None sends the run through the bundle's Invertd."""
     shape = tuple(int(s) for s in pred_shape)
-    if getattr(image, "pending_operations", None) or len(shape) != 4 or shape[0] < 2:
-        return None
+    if getattr(image, "pending_operations", None) or len(shape) != 4 or not 2 <= shape[0] <= MAX_LABELS:
+        return None  # one channel, or 256 (a uint8 mask's whole range; grid reserves one code): MONAI's path
     if shape[1:] != tuple(image.shape[1:]):
         return None
     padding = linear_trace_padding(image.applied_operations)

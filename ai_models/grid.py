@@ -36,6 +36,7 @@ SLAB_BYTES = 1 << 21
 INVERT_SLAB_BYTES = 1 << 22
 _SLAB_LOCK = threading.Lock()
 _UNSURE = 255  # working-grid code: the 2x2x2 block around this voxel holds more than one label
+MAX_LABELS = _UNSURE  # channels invert_argmax_axis_aligned takes: labels 0..254, 255 is its own code
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,7 @@ def invert_argmax_axis_aligned(
     working grid takes that label (a convex combination cannot change the winner); the others, near a
     boundary (well under 1% of a CT), are interpolated exactly from their 8 taps. Work goes in slabs of
     source rows, so every temporary stays small."""
-    if scores.shape[0] > _UNSURE:
+    if scores.shape[0] > MAX_LABELS:
         raise ModelError("more than 255 labels do not fit a uint8 mask")
     inverter = _Inverter(scores, plan, counts, activation)
     nx, ny, nz = plan.source_shape

@@ -99,6 +99,9 @@ def test_plan_refuses_rotated_grids_and_unknown_operations(model) -> None:
     assert _fast_invert_plan(cropped, pred.shape, volume, torch.device("cpu")) is None
     one_channel = (1, *image.shape[1:])  # one channel: rounding, not argmax
     assert _fast_invert_plan(image, one_channel, volume, torch.device("cpu")) is None
+    all_codes = (256, *image.shape[1:])  # labels 0..255: MONAI's argmax fits uint8, the fast inversion does not
+    assert _fast_invert_plan(image, all_codes, volume, torch.device("cpu")) is None
+    assert _fast_invert_plan(image, (255, *image.shape[1:]), volume, torch.device("cpu")) is not None
 
 
 def test_head_only_for_the_common_postprocessing() -> None:
