@@ -16,6 +16,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dicom_node import upper_layer as ul
 from storage.files import is_valid_uid
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -65,7 +66,7 @@ def _items(data: bytes, pos: int, end: int) -> list[tuple[int, bytes]]:
 def parse(raw: bytes) -> PlainRequest | None:
     """The request if it is plain (see module docstring), else None. ``raw`` is the whole PDU."""
     try:
-        if len(raw) < 74 or raw[0] != 0x01 or int.from_bytes(raw[2:6], "big") != len(raw) - 6:
+        if len(raw) < 74 or raw[0] != ul.A_ASSOCIATE_RQ or int.from_bytes(raw[2:6], "big") != len(raw) - 6:
             return None
         if raw[6:8] != b"\0\1":
             return None
@@ -132,4 +133,4 @@ def accept(rq: PlainRequest, supported: Mapping[str, tuple[str, ...]], *, max_pd
             + _item(_IMPL_VERSION, implementation_version.encode("ascii")))
     body = (b"\0\1\0\0" + rq.called_ae + rq.calling_ae + bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
             + b"".join(results) + _item(0x50, user))
-    return b"\x02\x00" + struct.pack(">I", len(body)) + body, accepted
+    return ul.pdu(ul.A_ASSOCIATE_AC, body), accepted

@@ -54,6 +54,10 @@ MAX_BATCH = 256
 _MOVED = "SOPInstanceUID already stored under another study or series"
 
 
+def _cannot_write(exc: OSError) -> tuple[int, str]:
+    return OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
+
+
 @dataclass(eq=False)
 class _Slot:
     pending: Pending
@@ -157,7 +161,7 @@ class GroupCommitter:
             os.fsync(s.pending.fd)
             s.flushed = True
         except OSError as exc:
-            s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
+            s.status, s.outcome = _cannot_write(exc)
             self._undo(s)
 
     def _guarded(self, step: Callable[[list[_Slot]], None]) -> Callable[[list[_Slot]], None]:
@@ -224,7 +228,7 @@ class GroupCommitter:
                     s.flushed = True
                     self.files.place(s.pending.tmp, s.pending.path)
             except OSError as exc:
-                s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
+                s.status, s.outcome = _cannot_write(exc)
                 s.placed_new = False
                 self.files.remove(s.pending.tmp)
 
@@ -233,7 +237,7 @@ class GroupCommitter:
             self.files.sync_dirs({os.path.dirname(s.pending.path) for s in batch})
         except OSError as exc:
             for s in batch:
-                s.status, s.outcome = OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
+                s.status, s.outcome = _cannot_write(exc)
                 self._undo(s)
             return
         try:

@@ -167,5 +167,3 @@ class ListenerPool:
             os.close(self._ready_w)
         if self.counts is not None:
             self.counts.close()
-            with contextlib.suppress(OSError):
-                os.close(self.counts.fd)

@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.shutdown()
     ae.shutdown()
     counts.publish(0)
+    counts.close()
     rt.jobs.engine.dispose()
     log_event(log, "listener_stopped", pid=os.getpid())
     return 0

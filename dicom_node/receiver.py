@@ -115,8 +115,7 @@ class ReceiveServer:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[socket.socket, threading.Thread]] = {}
         self.accepted_cache: dict[bytes, _Accepted] = {}
-        self.supported = {str(cx.abstract_syntax): tuple(str(ts) for ts in cx.transfer_syntax)
-                          for cx in ae.supported_contexts}
+        self.supported = supported_syntaxes(ae)
         self._thread = threading.Thread(target=self._accept_loop, name="listener", daemon=True)
 
     def start(self) -> ReceiveServer:
@@ -211,6 +210,11 @@ class ReceiveServer:
 
 
 LISTEN_BACKLOG = 128
+
+
+def supported_syntaxes(ae: AE) -> dict[str, tuple[str, ...]]:
+    """{abstract syntax: transfer syntaxes} of ``ae``'s supported contexts: what association_rq accepts."""
+    return {str(cx.abstract_syntax): tuple(str(ts) for ts in cx.transfer_syntax) for cx in ae.supported_contexts}
 
 
 def pynetdicom_accept(rq: A_ASSOCIATE, ae: AE, max_pdu: int) -> tuple[bytes, dict[int, tuple[str, str]]]:

@@ -41,4 +41,6 @@ class SharedCounts:
         return sum(_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self.slots))
 
     def close(self) -> None:
+        """Unmap the table and close this process's fd of it."""
         self._map.close()
+        os.close(self.fd)

@@ -129,19 +129,23 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class:
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
+def pdu(pdu_type: int, body: bytes) -> bytes:
+    """A whole PDU: type, reserved byte, length, body."""
+    return _PDU_HEADER.pack(pdu_type, len(body)) + body
+
+
 def p_data_command(context_id: int, command: bytes) -> bytes:
     """One P-DATA-TF PDU carrying a whole command set in one PDV."""
-    pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
-    return _PDU_HEADER.pack(P_DATA_TF, len(pdv)) + pdv
+    return pdu(P_DATA_TF, _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command)
 
 
 def release_rp() -> bytes:
-    return _PDU_HEADER.pack(A_RELEASE_RP, 4) + b"\0\0\0\0"
+    return pdu(A_RELEASE_RP, b"\0\0\0\0")
 
 
 def abort(source: int = 0x02, reason: int = 0x00) -> bytes:
     """A-ABORT: source 0 = service user, 2 = service provider (reason then says why)."""
-    return _PDU_HEADER.pack(A_ABORT, 4) + bytes([0, 0, source, reason])
+    return pdu(A_ABORT, bytes([0, 0, source, reason]))
 
 
 # ---- file meta information (PS3.10 7.1) --------------------------------------------------------------

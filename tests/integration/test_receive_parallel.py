@@ -26,6 +26,7 @@ from dicom_node.runtime import open_runtime
 from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from storage.batching import InstanceBatch
+from storage.files import TMP_PREFIX
 from tests.peers import DCMTK_ENV, STORESCU, free_port, wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -190,7 +191,7 @@ def test_index_failure_answers_a701_leaves_nothing_and_the_next_instance_is_stor
         # but the empty temp file the association keeps ready for its next instance
         assert rt.jobs.all_instances() == []
         left = [p for p in rt.files.root.rglob("*") if p.is_file()]
-        assert [p for p in left if p.stat().st_size or not p.name.startswith(".tmp-")] == []
+        assert [p for p in left if p.stat().st_size or not p.name.startswith(TMP_PREFIX)] == []
         assert len(left) <= 1
         monkeypatch.undo()  # the index works again: the committer's fresh connection stores the resend
         assert int(assoc.send_c_store(_ct("1.2.3.4.9")).Status) == 0

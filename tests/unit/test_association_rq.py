@@ -24,12 +24,12 @@ from pynetdicom.presentation import build_context
 from dicom_node.association_rq import accept, parse
 from dicom_node.config import parse_config
 from dicom_node.handlers import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
-from dicom_node.receiver import pynetdicom_accept
+from dicom_node.receiver import pynetdicom_accept, supported_syntaxes
 from dicom_node.scp import build_ae
 from tests.peers import DCMTK_ENV, STORESCU
 
 AE_ = build_ae(parse_config({}, Path(".")))
-SUPPORTED = {str(cx.abstract_syntax): tuple(str(t) for t in cx.transfer_syntax) for cx in AE_.supported_contexts}
+SUPPORTED = supported_syntaxes(AE_)
 MAX_PDU = 262144
 ABSTRACT = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4",
             "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.3.4.5.6"]  # the last: not a storage class
