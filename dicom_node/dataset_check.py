@@ -14,7 +14,7 @@ import os
 import struct
 import zlib
 
-from dicom_node.header_sniff import WANTED
+from dicom_node.header_sniff import WANTED, value_text
 
 MAX_DEPTH = 64
 _UNDEFINED = 0xFFFFFFFF
@@ -137,7 +137,7 @@ def _walk(reader: _Reader, pos: int, end: int, explicit: bool, found: dict[int, 
                 start = pos - base
                 if start + length > len(buf):  # longer than a window: not a UID, leave it to pydicom
                     raise _Unreadable
-                collected[tag] = buf[start:start + length].decode("ascii").rstrip("\0 ").lstrip(" ")
+                collected[tag] = value_text(buf[start:start + length])
         if length == _UNDEFINED:
             depth += 1
             if depth > MAX_DEPTH:

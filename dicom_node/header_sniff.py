@@ -74,6 +74,12 @@ def _skip_value(buf: bytes, pos: int, vr: bytes, length: int, explicit: bool, de
     return _skip_sequence(buf, pos, explicit, depth)
 
 
+def value_text(raw: bytes | bytearray | memoryview) -> str:
+    """A UI/short-text value as pydicom reads it: ASCII, trailing NUL/space padding and leading spaces removed
+    (UnicodeDecodeError for anything else: the caller then asks pydicom)."""
+    return bytes(raw).decode("ascii").rstrip("\0 ").lstrip(" ")
+
+
 def sniff_uids(buf: bytes | memoryview, *, explicit: bool, complete: bool) -> dict[int, str] | None:
     """{tag: value} of the WANTED tags found (missing tags are absent, empty values are ''), or None when
     undecided. ``complete`` says ``buf`` holds the whole dataset (so running out of bytes means absent)."""
@@ -87,7 +93,7 @@ def sniff_uids(buf: bytes | memoryview, *, explicit: bool, complete: bool) -> di
             if tag in WANTED:
                 if length == _UNDEFINED or start + length > end:
                     raise _Undecided
-                found[tag] = bytes(buf[start:start + length]).decode("ascii").rstrip("\0 ").lstrip(" ")
+                found[tag] = value_text(buf[start:start + length])
             pos = _skip_value(buf, start, vr, length, explicit, 0)
     except (_Undecided, UnicodeDecodeError, struct.error):
         return None
