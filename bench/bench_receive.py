@@ -11,7 +11,10 @@ sent on one association and on 4 in parallel (the files split over 4 storescu pr
              each instance renamed into place and fsynced, its folder fsynced and its row committed (SQLite
              WAL, synchronous FULL) before Success is answered;
   flush floor   no receiver: the file-system steps alone that answering only once an instance is durable
-             takes (see measure_flush_floor), in 1 or 4 threads.
+             takes (see measure_flush_floor), in 1 or 4 threads;
+  C durable ceiling   with --native-ceiling: bench/durable_ceiling.c (built with cc into the cache), the
+             least a receiver keeping the node's durability rule does, written in C: a measuring stick for
+             what a native receive path could reach, not a receiver to deploy (it checks nothing).
 Each receiver is started fresh for each measurement, in a folder of its own, and the count of stored
 instances checked afterwards; the folders are removed only when the run ends (see common.workdir:
 on ext4 without a journal, deleting the previous receiver's files would slow the next one's);
@@ -24,7 +27,7 @@ Time is storescu's wall time (including its own file reading, the same for every
 in a private network namespace (Orthanc listens on all interfaces), so nothing leaves loopback.
 
     .venv/bin/python bench/bench_receive.py [--quick] [--repeats N] [--no-orthanc] [--flush-diagnostic]
-                                            [--single-process-row]
+                                            [--single-process-row] [--native-ceiling]
 
 --single-process-row adds the node with node.listener_processes = 1 (receiving in its main process), to
 show what the extra listener processes bring.
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BENCH_TMP,
     ORTHANC,
+    CeilingPeer,
     CpuUse,
     NodePeer,
     OrthancPeer,
@@ -57,6 +61,7 @@ from common import (
     Study,
     cached_ct_study,
     describe_file_system,
+    durable_ceiling,
     flush_latency_ms,
     fsync_shim,
     in_private_netns,
@@ -87,6 +92,7 @@ KEEP_FILES = True  # receivers' files stay until the run ends (see common.workdi
 NO_FLUSH = "node, no flush*"
 SINGLE = "node, 1 listener"
 FLOOR = "flush floor\u2020"
+CEILING = CeilingPeer.name
 INDEX_PAGE = 4096
 
 
@@ -177,6 +183,8 @@ def main() -> int:
     ap.add_argument("--flush-diagnostic", action="store_true", help="add rows for the node without flushes")
     ap.add_argument("--single-process-row", action="store_true",
                     help="add the node with node.listener_processes = 1")
+    ap.add_argument("--native-ceiling", action="store_true",
+                    help="add bench/durable_ceiling.c: a minimal durable receiver in C, as a bound")
     args = ap.parse_args()
     want_orthanc = not args.no_orthanc and Path(ORTHANC).exists()
     if want_orthanc:
@@ -190,8 +198,10 @@ def main() -> int:
         big, small = Study(big.name + "-quick", big.paths[:100]), Study(small.name + "-quick", small.paths[:500])
 
     durable_storescp = fsync_shim() is not None
+    ceiling = args.native_ceiling and durable_ceiling() is not None
     # storescp, the node and the floor, then the optional rows
-    receivers = 3 + durable_storescp + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic
+    receivers = (3 + durable_storescp + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic
+                 + ceiling)
     needed = 2 * args.repeats * receivers * (big.bytes + small.bytes)  # 1 and 4 associations per study
     global KEEP_FILES
     KEEP_FILES = shutil.disk_usage(BENCH_TMP).free > needed + (2 << 30)
@@ -216,6 +226,8 @@ def main() -> int:
             if want_orthanc:
                 makers.append(OrthancPeer)
             makers.append(NodePeer)
+            if ceiling:
+                makers.append(CeilingPeer)
             if args.single_process_row:
                 makers.append(lambda w: NodePeer(w, extra_node="listener_processes = 1", name=SINGLE))
             rates: dict[str, list[float]] = {}
@@ -238,11 +250,17 @@ def main() -> int:
                 rcv_ms = statistics.median(c.receiver_ms(len(study.paths)) for c in cpus[name])
                 print(f"{label:<24} {n:>5} {name:<22} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
                       f"{statistics.median(flush):>8.2f} {busy:>6.0f} {rcv_ms:>10.3f}", flush=True)
+            if CEILING in median:  # what a durable receiver in C reaches against the storescp goals
+                plain = next(rate for name, rate in median.items() if name.startswith("storescp") and "+" not in name)
+                print(f"{label:<24} {n:>5} {'  ceiling / storescp':<22} {median[CEILING] / plain:>26.2f}x")
     print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")
     print(f"# \u2020 {FLOOR[:-1]}: the file-system steps alone, no network, no parsing, no database (see "
           "measure_flush_floor); node/peer on its row is the node's rate against it.")
     print(f"# busy %: the machine's CPU use while sending, out of {100 * (os.cpu_count() or 1)}; rcv CPU ms: CPU time "
           "per instance of everything but the senders (the receiver, and the kernel's work for it).")
+    if ceiling:
+        print(f"# {CEILING}: bench/durable_ceiling.c, the node's durability rule kept with the least work C allows "
+              "and no checks at all: a bound for a native receive path, not a receiver to deploy.")
     if args.flush_diagnostic:
         print("# * diagnostic only: listener in-process with fsync a no-op and SQLite synchronous=OFF (not durable)")
     return 0

@@ -204,6 +204,72 @@ def fsync_shim() -> Path | None:
     return out
 
 
+CEILING_SOURCE = Path(__file__).resolve().parent / "durable_ceiling.c"
+
+
+def durable_ceiling() -> Path | None:
+    """``durable_ceiling.c`` built once into the cache (None without a C compiler or SQLite's headers)."""
+    out = CACHE / "durable_ceiling"
+    if out.exists() and out.stat().st_mtime >= CEILING_SOURCE.stat().st_mtime:
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    built = subprocess.run([cc, "-O2", "-pthread", "-o", str(tmp), str(CEILING_SOURCE), "-lsqlite3"],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"# cannot build {CEILING_SOURCE.name}: {built.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    tmp.replace(out)
+    return out
+
+
+class CeilingPeer(Peer):
+    """``durable_ceiling.c``: the least a durable receiver does, in C (a measuring stick, see its header)."""
+
+    name = "C durable ceiling"
+
+    def __init__(self, work: Path) -> None:
+        self.ae_title = "CEILING"
+        self.dir = work / "ceiling"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CeilingPeer:
+        exe = durable_ceiling()
+        if exe is None:
+            raise RuntimeError("durable_ceiling.c could not be built")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen([str(exe), str(self.port), str(self.dir)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "the ceiling's port")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"durable_ceiling exited: {self.proc.stderr.read().decode()[-500:]}")
+        return self
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+
+    def count(self) -> int:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.dir / "index.sqlite")) as db:
+            rows = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
+        stored = sorted(p for p in (self.dir / "store").iterdir() if p.suffix == ".dcm" and p.stem in rows)
+        if stored:  # a stick that kept less than it was sent would measure nothing: read one back whole
+            import pydicom
+
+            ds = pydicom.dcmread(stored[-1])
+            if ds.SOPInstanceUID != stored[-1].stem or len(ds.PixelData) != ds.Rows * ds.Columns * 2:
+                raise RuntimeError(f"durable_ceiling stored a broken file: {stored[-1]}")
+        return len(stored)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+
 class StoreSCPPeer(Peer):
     """DCMTK storescp writing each object to a file; ``fork`` serves associations in parallel. ``durable``:
     with ``fsync_shim`` preloaded, so each file and its folder are flushed before the response (no fsync

@@ -252,7 +252,8 @@ def test_refusal_status_fails_at_once_and_is_recorded(make_setup, status: int,
 @pytest.mark.parametrize("abort", ["--abort-after", "--abort-during"])
 def test_pacs_aborting_mid_send_is_retried(make_setup, tmp_path: Path, abort: str) -> None:
     port = free_port()
-    s = make_setup(port=port)
+    # a long DIMSE timeout: waiting it out would take 20 s, so the bound below holds on a loaded machine
+    s = make_setup(port=port, dimse_timeout=20)
     bad = StoreSCP(tmp_path / "aborting", port=port, extra=[abort]).start()
     with running(bad):
         t0 = time.monotonic()
