@@ -113,6 +113,50 @@ def test_scale_intensity_range_in_place_is_bit_identical() -> None:
         assert torch.equal(y, torch.as_tensor(scaler(x.clone())))
 
 
+@pytest.mark.parametrize("order", ["scale_first", "kept_tensor_between", "new_tensor_between"])
+def test_scaler_not_right_after_the_resampling_matches_monai(order: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bundles put ScaleIntensityRanged elsewhere too: before Orientationd/Spacingd (MONAI's own scaler, and
+    the caller's volume untouched), or after a transform that keeps the resampled tensor (scaled in place
+    as a whole) or replaces it (MONAI's own again). Each gives eager MONAI's values, grid and trace."""
+    from monai.transforms import Compose, CropForegroundd
+
+    from ai_models import fastpath
+
+    first, orientation, spacing, scale, ensure = _preprocessing().transforms
+    if order == "scale_first":
+        chain = [first, scale, orientation, spacing, ensure]
+    elif order == "kept_tensor_between":
+        chain = [first, orientation, spacing, ensure, scale]
+    else:
+        chain = [first, orientation, spacing, CropForegroundd(keys="image", source_key="image", margin=2), scale]
+    pre = Compose(chain)
+    fast = FastPreprocessing.of(pre, "image")
+    assert fast is not None
+    whole: list[tuple[int, ...]] = []
+    real = fastpath._scale_in_place
+
+    def spy(image: torch.Tensor, scaler) -> None:
+        whole.append(tuple(image.shape))
+        real(image, scaler)
+
+    monkeypatch.setattr(fastpath, "_scale_in_place", spy)
+    _, volume = _volume(924, *GEOMETRIES[1])
+    before = volume.array.copy()
+    with torch.inference_mode():
+        got = fast({"image": volume_to_metatensor(volume)})
+        want = pre({"image": volume_to_metatensor(volume)})
+    assert got is not None
+    assert np.array_equal(volume.array, before)
+    g, w = got["image"], want["image"]
+    assert g.shape == w.shape and g.dtype == w.dtype == torch.float32
+    assert torch.equal(g.affine, w.affine)
+    assert (g - w).abs().max().item() < 1e-5
+    assert float(g.min()) >= 0.0 and 0.5 < float(g.max()) <= 1.0  # scaled and clipped
+    assert [op["class"] for op in g.applied_operations] == [op["class"] for op in w.applied_operations]
+    # the in-place scaler ran on the whole resampled image only where that tensor was still the fast path's
+    assert (tuple(g.shape) in whole) == (order == "kept_tensor_between")
+
+
 def test_unrecognised_chains_fall_back_to_monai() -> None:
     from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, NormalizeIntensityd, Spacingd
 
