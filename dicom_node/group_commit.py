@@ -31,7 +31,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,9 +44,8 @@ from dicom_node.handlers import (
     StoreSettings,
 )
 from dicom_node.logs import log_event
-from storage.batching import KeptConnection, existing_paths, instance_batch
+from storage.batching import InstanceIndex
 from storage.files import FileStore
-from storage.locks import WriterLock
 
 log = logging.getLogger("dicom_node.listener")
 MAX_BATCH = 256
@@ -108,25 +106,16 @@ class _Stage:
 class GroupCommitter:
     def __init__(self, files: FileStore, engine: Engine, settings: StoreSettings) -> None:
         self.files = files
-        self.engine = engine
         self.settings = settings
         self._in_flight: dict[str, _Slot] = {}  # SOP Instance UID -> placed, not yet indexed
         self._in_flight_lock = threading.Lock()
-        self._place = _Stage(1, self._guarded(self._place_batch))
-        self._index = _Stage(2, self._guarded(self._index_batch))
-        self._lookup_db = KeptConnection(engine)  # used by the place stage's leader only
-        self._index_db = KeptConnection(engine)  # used by the index stage's leader only
-        db = engine.url.database if engine.dialect.name == "sqlite" else None
-        # listener processes queue on this instead of meeting SQLite's sleep-and-retry on a locked database
-        self._writers = WriterLock(Path(db + ".writers.lock")) if db and db != ":memory:" else None
+        self._place_stage = _Stage(1, self._guarded(self._place_batch))
+        self._index_stage = _Stage(2, self._guarded(self._index_batch))
+        self._db = InstanceIndex(engine)  # look-ups by the place stage's leader, commits by the index stage's
 
     def close(self) -> None:
-        """Give back the stages' kept database connections (at shutdown)."""
-        self._lookup_db.discard()
-        self._index_db.discard()
-        if self._writers is not None:
-            self._writers.close()
-            self._writers = None
+        """Give back the index's kept database connections (at shutdown)."""
+        self._db.close()
 
     def commit(self, pending: Pending) -> tuple[int, str]:
         """Place and index one instance (durably) together with whatever else is waiting."""
@@ -134,7 +123,7 @@ class GroupCommitter:
         try:
             while True:
                 slot.stage_done = 0
-                self._place.run(slot)
+                self._place_stage.run(slot)
                 if slot.blocked_by is not None:
                     slot.blocked_by.finished.wait()
                     slot.blocked_by = None
@@ -146,7 +135,7 @@ class GroupCommitter:
             if slot.status < 0 and not slot.flushed:
                 self._flush(slot)
             if slot.status < 0:
-                self._index.run(slot)
+                self._index_stage.run(slot)
         finally:
             with contextlib.suppress(OSError):
                 os.close(pending.fd)
@@ -186,9 +175,8 @@ class GroupCommitter:
         placed: list[_Slot] = []
         with self._in_flight_lock:  # held across the lookup: a slot leaves in-flight only after its commit
             try:
-                existing = existing_paths(self.engine, [s.sop for s in batch], raw=self._lookup_db.get())
+                existing = self._db.existing_paths([s.sop for s in batch])
             except SQLAlchemyError as exc:
-                self._lookup_db.discard()
                 for s in batch:
                     s.status, s.outcome = OUT_OF_RESOURCES_DB, f"cannot index: {type(exc).__name__}"
                     self.files.remove(s.pending.tmp)
@@ -241,10 +229,8 @@ class GroupCommitter:
                 self._undo(s)
             return
         try:
-            with self._writers or contextlib.nullcontext(), instance_batch(self.engine, raw=self._index_db.get()) as tx:
-                outcomes = tx.record([s.pending.instance for s in batch], late_arrivals=self.settings.late_arrivals)
+            outcomes = self._db.record([s.pending.instance for s in batch], late_arrivals=self.settings.late_arrivals)
         except SQLAlchemyError as exc:
-            self._index_db.discard()
             log_event(log, "index_failed", logging.WARNING, instances=len(batch), error=type(exc).__name__)
             for s in batch:
                 s.status, s.outcome = OUT_OF_RESOURCES_DB, f"cannot index: {type(exc).__name__}"

@@ -13,11 +13,13 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
+from storage.locks import WriterLock
 from storage.records import NewInstance
 
 _NEW_STUDY = (
@@ -142,7 +144,10 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
     # the engine's pragmas and run in autocommit mode: the SELECT is its own read transaction.
     conn = raw if raw is not None else engine.raw_connection()
     try:
-        cur = conn.cursor()
+        try:
+            cur = conn.cursor()
+        except sqlite3.Error as exc:  # a connection an earlier error left unusable: the caller replaces it
+            raise _wrap(exc) from exc
         try:
             return dict(cur.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
@@ -176,6 +181,44 @@ class KeptConnection:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.invalidate()
+
+
+class InstanceIndex:
+    """What one listener process keeps open to index received instances: a connection for look-ups and one
+    for commits (each used by one group-commit stage's leader at a time, replaced after a database error),
+    and for a SQLite file the lock that queues the commits of all listener processes (``WriterLock``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lookup = KeptConnection(engine)
+        self._commit = KeptConnection(engine)
+        db = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._writers = WriterLock(Path(db + ".writers.lock")) if db and db != ":memory:" else None
+
+    def existing_paths(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+        """As ``existing_paths``, on the kept look-up connection."""
+        try:
+            return existing_paths(self.engine, sop_instance_uids, raw=self._lookup.get())
+        except SQLAlchemyError:
+            self._lookup.discard()
+            raise
+
+    def record(self, instances: Sequence[NewInstance], *, late_arrivals: str) -> list[str]:
+        """``InstanceBatch.record`` in one transaction of its own, committed before it returns."""
+        try:
+            with self._writers or contextlib.nullcontext(), instance_batch(self.engine, raw=self._commit.get()) as tx:
+                return tx.record(instances, late_arrivals=late_arrivals)
+        except SQLAlchemyError:
+            self._commit.discard()
+            raise
+
+    def close(self) -> None:
+        """Give back the kept connections and the lock's file (at shutdown)."""
+        self._lookup.discard()
+        self._commit.discard()
+        if self._writers is not None:
+            self._writers.close()
+            self._writers = None
 
 
 def instance_batch(engine: Engine, *, raw: Any = None) -> AbstractContextManager[InstanceBatch]:

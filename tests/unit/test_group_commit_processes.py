@@ -54,7 +54,7 @@ def _index_held(committer: GroupCommitter, release: threading.Event, fail: bool 
             raise OperationalError("INSERT", {}, Exception("disk I/O error"))
         index(batch)
 
-    committer._index.work = committer._guarded(held)
+    committer._index_stage.work = committer._guarded(held)
     return reached
 
 

@@ -1,0 +1,54 @@
+"""The listener's index connections: a database error fails that batch only; the next look-up and commit
+run on fresh connections, and the rows committed are the ones the store reads back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage.batching import InstanceIndex
+from storage.db import make_engine
+from storage.jobstore import JobStore
+from storage.records import NewInstance
+
+
+def _instance(n: int) -> NewInstance:
+    return NewInstance(sop_instance_uid=f"1.2.3.4.{n}", study_uid="1.2.3", series_uid="1.2.3.4",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
+                       path=f"1.2.3/1.2.3.4/1.2.3.4.{n}.dcm", size=100 + n)
+
+
+@pytest.fixture
+def index(tmp_path: Path):
+    jobs = JobStore(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    jobs.create_schema()
+    idx = InstanceIndex(jobs.engine)
+    yield idx, jobs
+    idx.close()
+    jobs.engine.dispose()
+
+
+def test_a_broken_connection_fails_one_batch_and_is_replaced(index) -> None:
+    idx, jobs = index
+    assert idx.record([_instance(1)], late_arrivals="rerun") == ["stored"]
+    assert idx.existing_paths(["1.2.3.4.1", "9.9"]) == {"1.2.3.4.1": "1.2.3/1.2.3.4/1.2.3.4.1.dcm"}
+    idx._commit.get().dbapi_connection.close()  # as a connection left unusable by an I/O error would be
+    idx._lookup.get().dbapi_connection.close()
+    with pytest.raises(SQLAlchemyError):
+        idx.record([_instance(2)], late_arrivals="rerun")
+    with pytest.raises(SQLAlchemyError):
+        idx.existing_paths(["1.2.3.4.1"])
+    assert idx.record([_instance(2), _instance(1)], late_arrivals="rerun") == ["stored", "replaced"]
+    assert idx.existing_paths(["1.2.3.4.2"]) == {"1.2.3.4.2": "1.2.3/1.2.3.4/1.2.3.4.2.dcm"}
+    assert sorted(i.sop_instance_uid for i in jobs.all_instances()) == ["1.2.3.4.1", "1.2.3.4.2"]
+
+
+def test_commits_queue_on_the_writer_lock_of_the_database_file(index, tmp_path: Path) -> None:
+    idx, _ = index
+    assert (tmp_path / "node.db.writers.lock").exists()
+    idx.close()
+    memory = InstanceIndex(make_engine("sqlite://"))
+    assert memory._writers is None  # nothing to share with other processes
+    memory.close()
