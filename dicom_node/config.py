@@ -83,6 +83,7 @@ class WorkerSection:
     max_attempts: int = 3
     retry_backoff_seconds: float = 30.0
     poll_seconds: float = 0.25  # an idle SQLite query; latency, not load, is what the interval costs
+    preload_models: bool = True  # load every configured model when the node starts, before the first job
 
 
 @dataclass(frozen=True)

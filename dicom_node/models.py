@@ -34,6 +34,21 @@ class ModelCache:
             return model
 
 
+    def preload(self) -> int:
+        """Load every configured model now, so the first study does not wait for it and a bundle that cannot
+        load is in the log when the node starts, not at its first job (which would then fail on it as
+        usual, recorded against that job). Returns how many loaded."""
+        loaded = 0
+        for spec in self.cfg.models:
+            try:
+                self.get(spec.name)
+                loaded += 1
+            except Exception as exc:  # any bundle error: logged here, raised again for the job that needs it
+                log_event(log, "model_load_failed", logging.ERROR, model=spec.name,
+                          error=f"{type(exc).__name__}: {exc}"[:500])
+        return loaded
+
+
 def _freeze_long_lived() -> None:
     """Move everything alive now (imports, networks, parsed bundle configs: ~300k objects that live as long
     as the process) out of the cyclic garbage collector's reach. A full collection, which a job's header

@@ -14,6 +14,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import AE
 
@@ -72,6 +73,14 @@ def _then_wake(step: Callable[[], object], other: threading.Event) -> Callable[[
     return run
 
 
+def _preloading(models: ModelCache) -> Callable[..., None]:
+    """The worker's loop, after loading its models (in the worker's thread: receiving starts at once)."""
+    def run(*args: Any) -> None:
+        models.preload()
+        _loop(*args)
+    return run
+
+
 class Node:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -109,7 +118,8 @@ class Node:
             ("worker", _then_wake(self.worker.run_once, wake["sender"]), c.worker.poll_seconds, self.worker_stop),
             ("sender", self.sender.run_once, c.sender.poll_seconds, self.stop),
         ):
-            t = threading.Thread(target=_loop, args=(name, step, poll, stop, wake[name]), name=name, daemon=True)
+            loop = _preloading(self.models) if name == "worker" and c.worker.preload_models and c.models else _loop
+            t = threading.Thread(target=loop, args=(name, step, poll, stop, wake[name]), name=name, daemon=True)
             t.start()
             self.threads.append(t)
         log_event(log, "node_started", owner=self.owner, database=self.rt.jobs.engine.dialect.name,
