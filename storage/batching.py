@@ -44,12 +44,16 @@ def _in(column: str, values: Sequence[str]) -> tuple[str, dict[str, object]]:
 
 
 class _Executor(Protocol):
+    concurrent: bool  # other writers' transactions may run beside ours (no database-wide write lock)
+
     def rows(self, sql: str, params: dict[str, object]) -> list[tuple]: ...
 
     def many(self, sql: str, params: list[dict[str, object]]) -> None: ...
 
 
 class _CoreExecutor:
+    concurrent = True  # PostgreSQL: row locks only
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
@@ -62,6 +66,8 @@ class _CoreExecutor:
 
 class _SqliteExecutor:
     """The DBAPI cursor itself: SQLAlchemy's per-statement work is most of the cost of a small batch."""
+
+    concurrent = False  # BEGIN IMMEDIATE: one writer at a time
 
     def __init__(self, cursor: sqlite3.Cursor) -> None:
         self.cur = cursor
@@ -92,10 +98,18 @@ class InstanceBatch:
         if not instances:
             return []
         now = time.time() if now is None else now
-        known = set(self.existing_paths([i.sop_instance_uid for i in instances]))
         study_uids = list(dict.fromkeys(i.study_uid for i in instances))
         where, params = _in("study_uid", study_uids)
-        found = self._db.rows(f"SELECT study_uid, state, generation FROM studies WHERE {where}", params)
+        select_studies = f"SELECT study_uid, state, generation FROM studies WHERE {where}"
+        if self._db.concurrent:
+            # Another machine's listener may be indexing the same new study at this moment, or its assembler
+            # completing it: create missing study rows without failing on theirs, then lock the rows for the
+            # read-modify-write below, in one order so two batches never wait on each other in a cycle.
+            self._db.many(_NEW_STUDY + " ON CONFLICT (study_uid) DO NOTHING",
+                          [{"study_uid": uid, "now": now} for uid in sorted(study_uids)])
+            select_studies += " ORDER BY study_uid FOR UPDATE"
+        found = self._db.rows(select_studies, params)
+        known = set(self.existing_paths([i.sop_instance_uid for i in instances]))  # as of holding the study rows
         studies: dict[str, list] = {uid: [state, gen, 0] for uid, state, gen in found}  # [state, generation, added]
         new_studies = [uid for uid in study_uids if uid not in studies]
         for uid in new_studies:

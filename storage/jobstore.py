@@ -2,8 +2,11 @@
 
 Each public method is one unit of work (one session, one transaction). Claims are atomic: the row is
 selected and updated inside one BEGIN IMMEDIATE transaction (SQLite) or with FOR UPDATE SKIP LOCKED
-(other databases), so two workers never hold the same job. A lease that runs out makes the job claimable
-again, which is how work survives a killed process.
+(PostgreSQL), so two workers never hold the same job. A lease that runs out makes the job claimable
+again, which is how work survives a killed process. On PostgreSQL, where writers of several machines run
+side by side, every read-modify-write of a row locks it first (FOR UPDATE; SQLite has no such clause and
+needs none), so a worker whose lease ran out cannot overwrite its successor's claim, nor an instance
+being indexed a study's completion.
 """
 
 from __future__ import annotations
@@ -103,16 +106,14 @@ class JobStore:
         """Index a stored instance; returns "stored", "replaced" (same SOP UID again) or "reopened"."""
         now = time.time() if now is None else now
         with self._tx() as s:
+            study = s.get(StudyRow, inst.study_uid, with_for_update=True)  # held against concurrent writers
+            if study is None:
+                self._create_study(s, inst.study_uid, now)
+                study = s.get(StudyRow, inst.study_uid, with_for_update=True, populate_existing=True)
+                assert study is not None
             existing = s.get(InstanceRow, inst.sop_instance_uid)
             outcome = "stored" if existing is None else "replaced"
-            study = s.get(StudyRow, inst.study_uid)
-            if study is None:
-                s.add(StudyRow(study_uid=inst.study_uid, state="receiving", generation=0, first_received_at=now,
-                               last_received_at=now, instance_count=0))
-                s.flush()  # the instance's foreign key needs the study row first
-                study = s.get(StudyRow, inst.study_uid)
-                assert study is not None
-            elif study.state == "complete" and late_arrivals == "rerun":
+            if study.state == "complete" and late_arrivals == "rerun":
                 study.state = "receiving"
                 study.generation += 1
                 outcome = "reopened" if existing is None else outcome
@@ -128,6 +129,21 @@ class JobStore:
                 existing.path, existing.size, existing.received_at = inst.path, inst.size, now
                 existing.transfer_syntax = inst.transfer_syntax
         return outcome
+
+    def _create_study(self, s: Session, study_uid: str, now: float) -> None:
+        """A new study row; where another writer creates the same one at this moment (PostgreSQL: several
+        machines), theirs is kept and used instead of failing this transaction."""
+        row = StudyRow(study_uid=study_uid, state="receiving", generation=0, first_received_at=now,
+                       last_received_at=now, instance_count=0)
+        if self._sqlite:  # BEGIN IMMEDIATE: nobody else writes until we commit
+            s.add(row)
+            s.flush()
+            return
+        try:
+            with s.begin_nested():
+                s.add(row)
+        except IntegrityError:
+            pass
 
     def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self._tx() as s:
@@ -171,7 +187,7 @@ class JobStore:
         """
         now = time.time()
         with self._tx() as s:
-            study = s.get(StudyRow, study_uid)
+            study = s.get(StudyRow, study_uid, with_for_update=True)  # an instance may be being indexed now
             if study is None or study.generation != generation or study.state != "receiving":
                 return []
             study.state = "complete"
@@ -233,7 +249,7 @@ class JobStore:
             return res.rowcount == 1
 
     def _owned(self, s: Session, job_id: int, owner: str) -> JobRow | None:
-        row = s.get(JobRow, job_id)
+        row = s.get(JobRow, job_id, with_for_update=True)  # a worker whose lease ran out races the new holder
         if row is None or row.state != "running" or row.lease_owner != owner:
             return None
         return row
@@ -304,7 +320,7 @@ class JobStore:
         """Admin: run a failed or cancelled job again (fresh attempt count) and re-send its failed deliveries;
         for a done job, send all its results again (same UIDs, so the PACS keeps one copy)."""
         with self._tx() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise JobStoreError(f"no job {job_id}")
             resend = DeliveryRow.state == "failed"
@@ -321,7 +337,7 @@ class JobStore:
 
     def cancel_job(self, job_id: int) -> JobRecord:
         with self._tx() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise JobStoreError(f"no job {job_id}")
             if row.state in ("done", "failed", "cancelled"):
@@ -379,7 +395,7 @@ class JobStore:
         if state not in ("done", "pending", "failed"):
             raise JobStoreError(f"bad delivery state {state!r}")
         with self._tx() as s:
-            r = s.get(DeliveryRow, delivery_id)
+            r = s.get(DeliveryRow, delivery_id, with_for_update=True)
             if r is None or r.state != "sending" or r.lease_owner != owner:
                 return False
             r.state, r.last_status, r.error, r.not_before = state, status, error[:2000], not_before
@@ -419,11 +435,12 @@ class JobStore:
 
         now = time.time()
         with self._tx() as s:
-            jobs = [r for r in s.scalars(select(JobRow).where(JobRow.state == "running")).all() if dead(r.lease_owner)]
+            jobs = [r for r in s.scalars(select(JobRow).where(JobRow.state == "running").with_for_update()).all()
+                    if dead(r.lease_owner)]
             for r in jobs:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "queued", "", 0.0, now
-            dels = [r for r in s.scalars(select(DeliveryRow).where(DeliveryRow.state == "sending")).all()
-                    if dead(r.lease_owner)]
+            dels = [r for r in s.scalars(select(DeliveryRow).where(DeliveryRow.state == "sending").with_for_update())
+                    .all() if dead(r.lease_owner)]
             for r in dels:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "pending", "", 0.0, now
             return len(jobs), len(dels)

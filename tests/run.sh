@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite on a fresh Debian machine (the README's second command; CI runs it).
-# Installs the real peers the tests use (DCMTK, dicom3tools, Orthanc), a venv with the CPU build of torch,
-# then runs ruff and pytest. Every service a test needs is started by that test, on 127.0.0.1 only.
+# Installs the real peers the tests use (DCMTK, dicom3tools, Orthanc, PostgreSQL), a venv with the CPU build of
+# torch, then runs ruff and pytest. Every service a test needs is started by that test, on 127.0.0.1 only
+# (PostgreSQL on a Unix socket in a temp folder, no TCP port at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in dcmtk dicom3tools orthanc; do
+for pkg in dcmtk dicom3tools orthanc postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

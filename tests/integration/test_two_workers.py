@@ -1,4 +1,5 @@
-"""Two worker processes on one SQLite database never hold the same job at once, and every job runs once.
+"""Two worker processes on one database (SQLite, or PostgreSQL as several machines would share) never hold
+the same job at once, and every job runs once.
 
 Each process claims jobs from the same JobStore in a loop, "works" a few ms while recording (job id, pid,
 start, end) to its own file, then finishes the job. Run as a module, this file is that worker process.
@@ -13,6 +14,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from storage.db import integrity_check, make_engine
 from storage.jobstore import JobStore
@@ -53,8 +56,9 @@ def worker_main(db_url: str, out: Path, ready: Path, go: Path) -> int:
                 fh.flush()
 
 
-def test_two_worker_processes_share_one_database(tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'node.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_worker_processes_share_one_database(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    db_url = f"sqlite:///{tmp_path / 'node.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     store = JobStore(make_engine(db_url))
     store.create_schema()
     for i in range(N_JOBS):
@@ -100,7 +104,9 @@ def test_two_worker_processes_share_one_database(tmp_path: Path) -> None:
     counts = store.counts()["jobs"]
     assert counts == {"done": N_JOBS}, counts
     assert all(j.attempts == 1 for j in store.list_jobs(limit=N_JOBS))
-    assert integrity_check(store.engine) == "ok"
+    if backend == "sqlite":
+        assert integrity_check(store.engine) == "ok"
+    store.engine.dispose()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,18 @@ def _store(tmp_path: Path) -> JobStore:
     js = JobStore(make_engine(f"sqlite:///{tmp_path / 'db' / 'node.db'}"))
     js.create_schema()
     return js
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def js(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    """The job store on SQLite (the default) and on PostgreSQL (several machines sharing the work)."""
+    if request.param == "sqlite":
+        store = _store(tmp_path)
+    else:
+        store = JobStore(make_engine(request.getfixturevalue("postgres_url")))
+        store.create_schema()
+    yield store
+    store.engine.dispose()
 
 
 def _inst(sop: str, study: str = "1.2.3", series: str = "1.2.3.4") -> NewInstance:
@@ -36,8 +49,7 @@ def test_sqlite_pragmas_and_private_file(tmp_path: Path) -> None:
     assert integrity_check(js.engine) == "ok"
 
 
-def test_study_completes_once_and_enqueue_is_idempotent(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_study_completes_once_and_enqueue_is_idempotent(js: JobStore) -> None:
     t0 = time.time()
     assert js.record_instance(_inst("1.1"), now=t0) == "stored"
     assert js.record_instance(_inst("1.2"), now=t0 + 1) == "stored"
@@ -53,8 +65,7 @@ def test_study_completes_once_and_enqueue_is_idempotent(tmp_path: Path) -> None:
     assert js.due_studies(5, now=t0 + 100) == []
 
 
-def test_late_arrival_reopens_study_with_new_generation(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_late_arrival_reopens_study_with_new_generation(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     (due,) = js.due_studies(1, now=10)
     js.complete_study(due.study_uid, due.generation, [_job()])
@@ -66,8 +77,7 @@ def test_late_arrival_reopens_study_with_new_generation(tmp_path: Path) -> None:
     assert len(js.list_jobs()) == 2
 
 
-def test_claim_lease_expiry_and_attempts(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_claim_lease_expiry_and_attempts(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     js.complete_study("1.2.3", 0, [_job()])
     a = js.claim_job("A", lease_seconds=10, now=100)
@@ -84,8 +94,7 @@ def test_claim_lease_expiry_and_attempts(tmp_path: Path) -> None:
     assert sorted(d.destination for d in deliveries) == ["backup", "pacs"]
 
 
-def test_fail_with_backoff_then_failed_then_admin_retry(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_fail_with_backoff_then_failed_then_admin_retry(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     (job,) = js.complete_study("1.2.3", 0, [_job()])
     c = js.claim_job("W", 60)
@@ -102,8 +111,7 @@ def test_fail_with_backoff_then_failed_then_admin_retry(tmp_path: Path) -> None:
         js.retry_job(job.id)  # running
 
 
-def test_release_does_not_count_attempt_and_cancel(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_release_does_not_count_attempt_and_cancel(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     (job,) = js.complete_study("1.2.3", 0, [_job()])
     c = js.claim_job("W", 60)
@@ -113,8 +121,7 @@ def test_release_does_not_count_attempt_and_cancel(tmp_path: Path) -> None:
     assert js.claim_job("W", 60) is None
 
 
-def test_deliveries_claim_retry_and_done(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_deliveries_claim_retry_and_done(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     js.complete_study("1.2.3", 0, [_job()])
     c = js.claim_job("W", 60)
@@ -138,8 +145,7 @@ def test_deliveries_claim_retry_and_done(tmp_path: Path) -> None:
     assert js.counts()["deliveries"] == {"done": 2, "pending": 2}
 
 
-def test_leases_of_dead_local_processes_are_recovered_at_once(tmp_path: Path) -> None:
-    js = _store(tmp_path)
+def test_leases_of_dead_local_processes_are_recovered_at_once(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     js.complete_study("1.2.3", 0, [_job("a"), _job("b")])
     dead = js.claim_job("host1:111:x", 600)
