@@ -269,10 +269,32 @@ def _check_port(value: int, key: str) -> None:
         raise ConfigError(f"{key}: port {value} out of range 0-65535")
 
 
+def _check_database_url(url: str) -> None:
+    """SQLite or PostgreSQL (the job store's SQL is written for those two), with its driver installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if not url:
+        return
+    try:
+        u = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"node.database_url: not a database URL: {exc}") from exc
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"node.database_url: expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB, "
+                          f"got a {u.get_backend_name()} URL")
+    try:
+        u.get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise ConfigError(f"node.database_url: the {u.drivername} driver is not installed ({exc}); for PostgreSQL "
+                          "use postgresql+psycopg://... after .venv/bin/pip install -e '.[postgres]'") from exc
+
+
 def _validate(cfg: Config) -> None:
     n = cfg.node
     _check_ae(n.ae_title, "node.ae_title")
     _check_port(n.port, "node.port")
+    _check_database_url(n.database_url)
     if n.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ConfigError(f"node.sqlite_synchronous: expected OFF, NORMAL, FULL or EXTRA, got {n.sqlite_synchronous!r}")
     if n.duplicate_policy not in {"keep_first", "replace"}:

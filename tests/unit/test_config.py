@@ -43,6 +43,9 @@ def test_empty_config_is_valid() -> None:
     ({"routes": [{"name": "r", "models": [], "send_to": [], "match": {"Modality": "/CT(/"}}]},
      "routes[0].match.Modality: invalid regex"),
     ({"models": [{"name": "m", "bundle": "/nonexistent"}]}, "models[0].bundle: no MONAI bundle"),
+    ({"node": {"database_url": "mysql://u@h/db"}}, "node.database_url: expected sqlite:///PATH or postgresql"),
+    ({"node": {"database_url": "postgresql+pg8000://u@h/db"}}, "node.database_url: the postgresql.pg8000 driver"),
+    ({"node": {"database_url": "not a url"}}, "node.database_url: not a database URL"),
     ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1},
                        {"name": "p", "ae_title": "Q", "host": "h", "port": 2}]}, "destinations[1].name: duplicate"),
 ])
