@@ -27,10 +27,12 @@ Time is storescu's wall time (including its own file reading, the same for every
 in a private network namespace (Orthanc listens on all interfaces), so nothing leaves loopback.
 
     .venv/bin/python bench/bench_receive.py [--quick] [--repeats N] [--no-orthanc] [--flush-diagnostic]
-                                            [--single-process-row] [--native-ceiling]
+                                            [--single-process-row] [--postgres-row] [--native-ceiling]
 
 --single-process-row adds the node with node.listener_processes = 1 (receiving in its main process), to
-show what the extra listener processes bring.
+show what the extra listener processes bring. --postgres-row adds the node with its job store on
+PostgreSQL (node.database_url; a throwaway server of Debian's package on a Unix socket, see
+tests/postgres.py), as sites run it when several machines share the work.
 --flush-diagnostic adds rows for the node's listener run in this process with fsync made a no-op and
 SQLite synchronous=OFF: not a mode of the product (it would acknowledge instances a power cut can lose),
 only a way to show how much of the node's time is the disk's flushes rather than its own work.
@@ -93,6 +95,18 @@ NO_FLUSH = "node, no flush*"
 SINGLE = "node, 1 listener"
 FLOOR = "flush floor\u2020"
 CEILING = CeilingPeer.name
+POSTGRES = "node, PostgreSQL"
+
+
+def _postgres_server():  # type: ignore[no-untyped-def]
+    """The tests' throwaway PostgreSQL server (tests/postgres.py), stopped when the run ends."""
+    import atexit
+
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    atexit.register(server.stop)
+    return server
 INDEX_PAGE = 4096
 
 
@@ -183,6 +197,8 @@ def main() -> int:
     ap.add_argument("--flush-diagnostic", action="store_true", help="add rows for the node without flushes")
     ap.add_argument("--single-process-row", action="store_true",
                     help="add the node with node.listener_processes = 1")
+    ap.add_argument("--postgres-row", action="store_true",
+                    help="add the node with its job store on PostgreSQL (a throwaway local server, Unix socket)")
     ap.add_argument("--native-ceiling", action="store_true",
                     help="add bench/durable_ceiling.c: a minimal durable receiver in C, as a bound")
     args = ap.parse_args()
@@ -201,7 +217,8 @@ def main() -> int:
     ceiling = args.native_ceiling and durable_ceiling() is not None
     # storescp, the node and the floor, then the optional rows
     receivers = (3 + durable_storescp + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic
-                 + ceiling)
+                 + ceiling + args.postgres_row)
+    postgres = _postgres_server() if args.postgres_row else None
     needed = 2 * args.repeats * receivers * (big.bytes + small.bytes)  # 1 and 4 associations per study
     global KEEP_FILES
     KEEP_FILES = shutil.disk_usage(BENCH_TMP).free > needed + (2 << 30)
@@ -226,6 +243,8 @@ def main() -> int:
             if want_orthanc:
                 makers.append(OrthancPeer)
             makers.append(NodePeer)
+            if postgres is not None:
+                makers.append(lambda w, pg=postgres: NodePeer(w, name=POSTGRES, database_url=pg.new_database()))
             if ceiling:
                 makers.append(CeilingPeer)
             if args.single_process_row:
@@ -245,7 +264,7 @@ def main() -> int:
             median = {name: statistics.median(r) for name, r in rates.items()}
             node = median["dicom-node"]
             for name, rate in median.items():
-                ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH, SINGLE) else ""
+                ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH, SINGLE, POSTGRES) else ""
                 busy = statistics.median(c.busy_percent() for c in cpus[name])
                 rcv_ms = statistics.median(c.receiver_ms(len(study.paths)) for c in cpus[name])
                 print(f"{label:<24} {n:>5} {name:<22} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "

@@ -349,13 +349,15 @@ class OrthancPeer(Peer):
 
 
 class NodePeer(Peer):
-    """`dicom-node serve` with a temp config: no models and no routes, so only the listener does work."""
+    """`dicom-node serve` with a temp config: no models and no routes, so only the listener does work.
+    ``database_url``: its job store there instead of SQLite in its data folder."""
 
-    def __init__(self, work: Path, extra_node: str = "", name: str = "dicom-node") -> None:
+    def __init__(self, work: Path, extra_node: str = "", name: str = "dicom-node", database_url: str = "") -> None:
         self.name = name
         self.ae_title = "DICOM_NODE"
         self.dir = work / "node"
-        self.extra_node = extra_node
+        self.database_url = database_url
+        self.extra_node = extra_node + (f'\ndatabase_url = "{database_url}"' if database_url else "")
         self.proc: NodeProcess | None = None
 
     def start(self) -> NodePeer:
@@ -373,7 +375,16 @@ class NodePeer(Peer):
                 raise RuntimeError(f"the node exited with {rc}:\n{self.proc.log_text()[-3000:]}")
 
     def count(self) -> int:
-        return stored_instances(self.dir / "var")
+        if not self.database_url:
+            return stored_instances(self.dir / "var")
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM instances")).scalar_one())
+        finally:
+            engine.dispose()
 
     def pids(self) -> list[int]:
         if self.proc is None or self.proc.proc is None:

@@ -152,6 +152,8 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
     where, params = _in("sop_instance_uid", sop_instance_uids)
     sql = f"SELECT sop_instance_uid, path FROM instances WHERE {where}"
     if engine.dialect.name != "sqlite":
+        if raw is not None:  # a kept connection in autocommit mode: the SELECT is all that crosses the wire
+            return {sop: path for sop, path in raw.execute(text(sql), params)}
         with engine.connect() as conn:
             return {sop: path for sop, path in conn.execute(text(sql), params)}
     # ``raw``: a kept connection, else one borrowed from the pool for this call. The pool's connections carry
@@ -174,19 +176,24 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
 
 
 class KeptConnection:
-    """A pooled SQLite connection kept checked out by one group-commit stage: checking one out and back in
-    (with its reset) per batch costs about as much as the batch's own statements. Only the stage's current
-    leader uses it, so it is never used by two threads at once; after an error it is replaced."""
+    """A pooled connection kept checked out by one group-commit stage: checking one out and back in (with
+    its reset, and on PostgreSQL the pool's liveness ping) per batch costs about as much as the batch's own
+    statements. Only the stage's current leader uses it, so it is never used by two threads at once; after
+    an error it is replaced. SQLite: the DBAPI connection itself; other databases: a SQLAlchemy Connection,
+    in autocommit mode if ``autocommit`` (for look-ups that need no transaction of their own)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, autocommit: bool = False) -> None:
         self.engine = engine
+        self.autocommit = autocommit
         self._conn: Any = None
 
     def get(self) -> Any:
-        if self.engine.dialect.name != "sqlite":
-            return None
         if self._conn is None:
-            self._conn = self.engine.raw_connection()
+            if self.engine.dialect.name == "sqlite":
+                self._conn = self.engine.raw_connection()
+            else:
+                conn = self.engine.connect()
+                self._conn = conn.execution_options(isolation_level="AUTOCOMMIT") if self.autocommit else conn
         return self._conn
 
     def discard(self) -> None:
@@ -195,6 +202,9 @@ class KeptConnection:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.invalidate()
+            if isinstance(conn, Connection):
+                with contextlib.suppress(Exception):
+                    conn.close()
 
 
 class InstanceIndex:
@@ -204,7 +214,7 @@ class InstanceIndex:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._lookup = KeptConnection(engine)
+        self._lookup = KeptConnection(engine, autocommit=True)
         self._commit = KeptConnection(engine)
         db = engine.url.database if engine.dialect.name == "sqlite" else None
         self._writers = WriterLock(Path(db + ".writers.lock")) if db and db != ":memory:" else None
@@ -241,12 +251,16 @@ def instance_batch(engine: Engine, *, raw: Any = None) -> AbstractContextManager
     SQLite errors surface as SQLAlchemy's DBAPIError subclasses, as they do through the engine. ``raw``: a
     kept DBAPI connection (see ``KeptConnection``) instead of one from the pool."""
     if engine.dialect.name != "sqlite":
-        return _core_batch(engine)
+        return _core_batch(engine, raw)
     return _SqliteBatch(engine, raw)
 
 
 @contextmanager
-def _core_batch(engine: Engine) -> Iterator[InstanceBatch]:
+def _core_batch(engine: Engine, kept: Connection | None) -> Iterator[InstanceBatch]:
+    if kept is not None:
+        with kept.begin():
+            yield InstanceBatch(_CoreExecutor(kept))
+        return
     with engine.begin() as conn:
         yield InstanceBatch(_CoreExecutor(conn))
 
