@@ -9,6 +9,8 @@ re-opened by a late arrival, a replaced instance), so the result equals calling 
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -77,6 +79,48 @@ class _SqliteExecutor:
 
     def many(self, sql: str, params: list[dict[str, object]]) -> None:
         self.cur.executemany(sql, params)
+
+
+class _PyformatExecutor:
+    """A DBAPI cursor of a pyformat-style driver (psycopg) under a kept SQLAlchemy Connection: SQLAlchemy's
+    per-statement work would be most of the Python cost of a one-instance batch here too. The driver's
+    errors surface as SQLAlchemy's, as they do through the engine."""
+
+    concurrent = True  # PostgreSQL: row locks only
+
+    def __init__(self, cursor: Any, dbapi: Any) -> None:
+        self.cur = cursor
+        self.dbapi = dbapi
+
+    def rows(self, sql: str, params: dict[str, object]) -> list[tuple]:
+        try:
+            self.cur.execute(_pyformat(sql), params)
+            return self.cur.fetchall()
+        except self.dbapi.Error as exc:
+            raise _wrap(exc, self.dbapi) from exc
+
+    def many(self, sql: str, params: list[dict[str, object]]) -> None:
+        try:
+            self.cur.executemany(_pyformat(sql), params)
+        except self.dbapi.Error as exc:
+            raise _wrap(exc, self.dbapi) from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _pyformat(sql: str) -> str:
+    """``:name`` parameters (as written here for sqlite3 and SQLAlchemy) in pyformat style, ``%(name)s``."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
+
+
+def _pyformat_cursor(kept: Connection) -> Any | None:
+    """A raw cursor under the kept Connection where its driver takes pyformat parameters, else None."""
+    dbapi = kept.dialect.dbapi
+    if getattr(dbapi, "paramstyle", "") != "pyformat":
+        return None
+    try:
+        return kept.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    except dbapi.Error as exc:  # a connection an earlier error left unusable: the caller replaces it
+        raise _wrap(exc, dbapi) from exc
 
 
 class InstanceBatch:
@@ -153,7 +197,11 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
     sql = f"SELECT sop_instance_uid, path FROM instances WHERE {where}"
     if engine.dialect.name != "sqlite":
         if raw is not None:  # a kept connection in autocommit mode: the SELECT is all that crosses the wire
-            return {sop: path for sop, path in raw.execute(text(sql), params)}
+            cur = _pyformat_cursor(raw)
+            if cur is None:
+                return {sop: path for sop, path in raw.execute(text(sql), params)}
+            with contextlib.closing(cur):
+                return dict(_PyformatExecutor(cur, raw.dialect.dbapi).rows(sql, params))
         with engine.connect() as conn:
             return {sop: path for sop, path in conn.execute(text(sql), params)}
     # ``raw``: a kept connection, else one borrowed from the pool for this call. The pool's connections carry
@@ -259,7 +307,12 @@ def instance_batch(engine: Engine, *, raw: Any = None) -> AbstractContextManager
 def _core_batch(engine: Engine, kept: Connection | None) -> Iterator[InstanceBatch]:
     if kept is not None:
         with kept.begin():
-            yield InstanceBatch(_CoreExecutor(kept))
+            cur = _pyformat_cursor(kept)
+            if cur is None:
+                yield InstanceBatch(_CoreExecutor(kept))
+            else:
+                with contextlib.closing(cur):
+                    yield InstanceBatch(_PyformatExecutor(cur, kept.dialect.dbapi))
         return
     with engine.begin() as conn:
         yield InstanceBatch(_CoreExecutor(conn))
@@ -314,6 +367,6 @@ class _SqliteBatch:
         self._conn = None
 
 
-def _wrap(exc: sqlite3.Error) -> DBAPIError:
-    kind = IntegrityError if isinstance(exc, sqlite3.IntegrityError) else OperationalError
+def _wrap(exc: Exception, dbapi: Any = sqlite3) -> DBAPIError:
+    kind = IntegrityError if isinstance(exc, dbapi.IntegrityError) else OperationalError
     return kind("instance batch", None, exc)
