@@ -25,6 +25,16 @@ def test_kill_9_during_200_instance_sends_loses_nothing(tmp_path: Path) -> None:
     assert totals["jobs_for_study"] == 1
 
 
+def test_kill_9_during_sends_with_the_job_store_on_postgresql_loses_nothing(tmp_path: Path, postgres_url: str) -> None:
+    totals = run_rounds(tmp_path, rounds=2, seed=8, log=lambda _msg: None, database_url=postgres_url)
+    assert totals["acknowledged"] > 0
+    assert totals["lost"] == 0
+    assert totals["orphan_rows"] == 0
+    assert totals["temp_files_left"] == 0
+    assert totals["integrity_ok"] == 1
+    assert totals["jobs_for_study"] == 1
+
+
 def _setup(tmp_path: Path, name: str) -> tuple[list[Path], str, StoreSCP, NodeProcess, Path]:
     ph = generate_phantom(31, shape=(40, 128, 128), n_nodules=1)
     ids = StudyIds.new(f"crash-{name}")
