@@ -48,12 +48,16 @@ class Assembler:
 
     def complete(self, study: StudyRecord) -> list[int]:
         """Route one quiet study and enqueue its jobs; returns the job ids."""
-        infos = series_infos(self.files, self.jobs.instances_of_study(study.study_uid))
+        instances = self.jobs.instances_of_study(study.study_uid)
+        infos = series_infos(self.files, instances)
         plan = plan_jobs(self.cfg.routes, infos)
         routes = {r.name: r for r in self.cfg.routes}
         new = [NewJob(route=name, series_uid=s.series_uid, models=routes[name].models,
                       destinations=routes[name].send_to) for name, s in plan.items()]
-        jobs = self.jobs.complete_study(study.study_uid, study.generation, new)
+        jobs = self.jobs.complete_study(study.study_uid, study.generation, new, instance_count=len(instances))
+        if jobs is None:  # an instance arrived while the jobs were planned: once quiet again, planned again
+            log_event(log, "study_completion_deferred", study_uid=study.study_uid, generation=study.generation)
+            return []
         log_event(log, "study_complete", study_uid=study.study_uid, generation=study.generation,
                   instances=study.instance_count, series=len(infos),
                   job_ids=",".join(str(j.id) for j in jobs) or "none",

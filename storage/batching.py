@@ -106,7 +106,7 @@ class _PyformatExecutor:
             raise _wrap(exc, self.dbapi) from exc
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # one entry per statement and IN-list length
 def _pyformat(sql: str) -> str:
     """``:name`` parameters (as written here for sqlite3 and SQLAlchemy) in pyformat style, ``%(name)s``."""
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))

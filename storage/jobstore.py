@@ -179,17 +179,22 @@ class JobStore:
             ).all()
             return [_study(r) for r in rows]
 
-    def complete_study(self, study_uid: str, generation: int, jobs: Sequence[NewJob]) -> list[JobRecord]:
-        """Mark a study complete and enqueue its jobs, idempotently.
+    def complete_study(self, study_uid: str, generation: int, jobs: Sequence[NewJob], *,
+                       instance_count: int | None = None) -> list[JobRecord] | None:
+        """Mark a study complete and enqueue its jobs, idempotently; None when it was not completed.
 
-        Does nothing if an instance arrived meanwhile (the generation moved on or the study is receiving
-        again after the caller read it); enqueuing the same (study, route, generation) twice is a no-op.
+        ``instance_count``: how many instances the caller planned the jobs from. Nothing is done if the study
+        moved on since the caller read it: another instance indexed (its count differs: perhaps a series the
+        jobs do not cover; the study is completed once quiet again), a new generation, or completed already.
+        Enqueuing the same (study, route, generation) twice is a no-op.
         """
         now = time.time()
         with self._tx() as s:
             study = s.get(StudyRow, study_uid, with_for_update=True)  # an instance may be being indexed now
             if study is None or study.generation != generation or study.state != "receiving":
-                return []
+                return None
+            if instance_count is not None and study.instance_count != instance_count:
+                return None
             study.state = "complete"
             out: list[JobRow] = []
             for j in jobs:
@@ -435,12 +440,15 @@ class JobStore:
 
         now = time.time()
         with self._tx() as s:
-            jobs = [r for r in s.scalars(select(JobRow).where(JobRow.state == "running").with_for_update()).all()
-                    if dead(r.lease_owner)]
+            # only this host's leases, locked in one order: other hosts' workers keep their heartbeats going
+            mine = JobRow.lease_owner.startswith(prefix, autoescape=True)
+            jobs = [r for r in s.scalars(select(JobRow).where(JobRow.state == "running", mine)
+                                         .order_by(JobRow.id).with_for_update()).all() if dead(r.lease_owner)]
             for r in jobs:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "queued", "", 0.0, now
-            dels = [r for r in s.scalars(select(DeliveryRow).where(DeliveryRow.state == "sending").with_for_update())
-                    .all() if dead(r.lease_owner)]
+            mine_d = DeliveryRow.lease_owner.startswith(prefix, autoescape=True)
+            dels = [r for r in s.scalars(select(DeliveryRow).where(DeliveryRow.state == "sending", mine_d)
+                                         .order_by(DeliveryRow.id).with_for_update()).all() if dead(r.lease_owner)]
             for r in dels:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "pending", "", 0.0, now
             return len(jobs), len(dels)

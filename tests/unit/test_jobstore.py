@@ -59,10 +59,24 @@ def test_study_completes_once_and_enqueue_is_idempotent(js: JobStore) -> None:
     (due,) = js.due_studies(5, now=t0 + 8)
     jobs = js.complete_study(due.study_uid, due.generation, [_job()])
     assert len(jobs) == 1
-    assert js.complete_study(due.study_uid, due.generation, [_job()]) == []  # already complete
+    assert js.complete_study(due.study_uid, due.generation, [_job()]) is None  # already complete
     again = js.enqueue_job(due.study_uid, due.generation, _job())
     assert again.id == jobs[0].id
     assert js.due_studies(5, now=t0 + 100) == []
+
+
+def test_completion_stands_back_when_an_instance_arrived_after_the_jobs_were_planned(js: JobStore) -> None:
+    js.record_instance(_inst("1.1"), now=1.0)
+    (due,) = js.due_studies(1, now=10)
+    planned = len(js.instances_of_study(due.study_uid))  # the assembler routes what it sees here
+    js.record_instance(_inst("2.1", series="1.2.3.9"), now=11.0)  # a series the plan does not know
+    assert js.complete_study(due.study_uid, due.generation, [_job()], instance_count=planned) is None
+    assert js.get_study("1.2.3").state == "receiving" and js.list_jobs() == []
+    assert js.due_studies(1, now=11.5) == []  # not quiet yet
+    (again,) = js.due_studies(1, now=20)
+    jobs = js.complete_study(again.study_uid, again.generation, [_job()],
+                             instance_count=len(js.instances_of_study(again.study_uid)))
+    assert jobs is not None and len(jobs) == 1 and js.get_study("1.2.3").state == "complete"
 
 
 def test_late_arrival_reopens_study_with_new_generation(js: JobStore) -> None:
