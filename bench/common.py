@@ -182,48 +182,37 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> Non
 
 
 FSYNC_SHIM_SOURCE = Path(__file__).resolve().parent / "fsync_on_close.c"
+CEILING_SOURCE = Path(__file__).resolve().parent / "durable_ceiling.c"
+
+
+def _built(source: Path, out: Path, flags: Sequence[str], libs: Sequence[str]) -> Path | None:
+    """``source`` compiled with ``flags`` and linked with ``libs`` into ``out`` in the cache, once (again when
+    the source is newer);
+    None without a C compiler or when it does not build (the reason printed)."""
+    if out.exists() and out.stat().st_mtime >= source.stat().st_mtime:
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    built = subprocess.run([cc, *flags, "-o", str(tmp), str(source), *libs], capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"# cannot build {source.name}: {built.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    tmp.replace(out)
+    return out
 
 
 def fsync_shim() -> Path | None:
     """``fsync_on_close.c`` built once into the cache (None without a C compiler): preloaded into storescp,
     it fsyncs each object's file and folder before storescp answers, as the node does."""
-    out = CACHE / "fsync_on_close.so"
-    if out.exists() and out.stat().st_mtime >= FSYNC_SHIM_SOURCE.stat().st_mtime:
-        return out
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    built = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(FSYNC_SHIM_SOURCE), "-ldl"],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        print(f"# cannot build {FSYNC_SHIM_SOURCE.name}: {built.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    tmp.replace(out)
-    return out
-
-
-CEILING_SOURCE = Path(__file__).resolve().parent / "durable_ceiling.c"
+    return _built(FSYNC_SHIM_SOURCE, CACHE / "fsync_on_close.so", ["-shared", "-fPIC", "-O2"], ["-ldl"])
 
 
 def durable_ceiling() -> Path | None:
     """``durable_ceiling.c`` built once into the cache (None without a C compiler or SQLite's headers)."""
-    out = CACHE / "durable_ceiling"
-    if out.exists() and out.stat().st_mtime >= CEILING_SOURCE.stat().st_mtime:
-        return out
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    built = subprocess.run([cc, "-O2", "-pthread", "-o", str(tmp), str(CEILING_SOURCE), "-lsqlite3"],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        print(f"# cannot build {CEILING_SOURCE.name}: {built.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    tmp.replace(out)
-    return out
+    return _built(CEILING_SOURCE, CACHE / "durable_ceiling", ["-O2", "-pthread"], ["-lsqlite3"])
 
 
 class CeilingPeer(Peer):

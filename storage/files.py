@@ -43,6 +43,22 @@ def check_uid(uid: str, what: str) -> str:
     return uid
 
 
+def _shared_flock(path: Path, *, wait: bool) -> bool:
+    """Take and drop a shared flock on the file at ``path``: False when ``open_temp``'s exclusive one is held
+    (only without ``wait``), True once it is free or the file is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def _storage_error(exc: OSError) -> OSError:
     return StorageFullError(28, "no space left on device") if exc.errno == 28 else exc
 
@@ -227,29 +243,12 @@ class FileStore:
     @staticmethod
     def being_written(path: Path) -> bool:
         """Whether the file at ``path`` is still open in the process that made it with ``open_temp``."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return not _shared_flock(path, wait=False)
 
     @staticmethod
     def wait_until_written(path: Path) -> None:
         """Return once no process holds the file at ``path`` open from ``open_temp`` (at once if it is gone)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        finally:
-            os.close(fd)
+        _shared_flock(path, wait=True)
 
     def place(self, tmp: Path, path: Path) -> None:
         """Rename a complete, fsynced temp file to ``path``; durable once ``sync_dirs`` covered its folder."""
