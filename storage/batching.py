@@ -112,15 +112,20 @@ def _pyformat(sql: str) -> str:
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
 
 
-def _pyformat_cursor(kept: Connection) -> Any | None:
-    """A raw cursor under the kept Connection where its driver takes pyformat parameters, else None."""
+@contextmanager
+def _kept_executor(kept: Connection) -> Iterator[_Executor]:
+    """Statements on a kept Connection: on its driver's own cursor where that takes pyformat parameters
+    (psycopg), else through SQLAlchemy Core. Transactions stay the Connection's."""
     dbapi = kept.dialect.dbapi
     if getattr(dbapi, "paramstyle", "") != "pyformat":
-        return None
+        yield _CoreExecutor(kept)
+        return
     try:
-        return kept.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur = kept.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     except dbapi.Error as exc:  # a connection an earlier error left unusable: the caller replaces it
         raise _wrap(exc, dbapi) from exc
+    with contextlib.closing(cur):
+        yield _PyformatExecutor(cur, dbapi)
 
 
 class InstanceBatch:
@@ -197,11 +202,8 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
     sql = f"SELECT sop_instance_uid, path FROM instances WHERE {where}"
     if engine.dialect.name != "sqlite":
         if raw is not None:  # a kept connection in autocommit mode: the SELECT is all that crosses the wire
-            cur = _pyformat_cursor(raw)
-            if cur is None:
-                return {sop: path for sop, path in raw.execute(text(sql), params)}
-            with contextlib.closing(cur):
-                return dict(_PyformatExecutor(cur, raw.dialect.dbapi).rows(sql, params))
+            with _kept_executor(raw) as db:
+                return dict(db.rows(sql, params))
         with engine.connect() as conn:
             return {sop: path for sop, path in conn.execute(text(sql), params)}
     # ``raw``: a kept connection, else one borrowed from the pool for this call. The pool's connections carry
@@ -306,13 +308,8 @@ def instance_batch(engine: Engine, *, raw: Any = None) -> AbstractContextManager
 @contextmanager
 def _core_batch(engine: Engine, kept: Connection | None) -> Iterator[InstanceBatch]:
     if kept is not None:
-        with kept.begin():
-            cur = _pyformat_cursor(kept)
-            if cur is None:
-                yield InstanceBatch(_CoreExecutor(kept))
-            else:
-                with contextlib.closing(cur):
-                    yield InstanceBatch(_PyformatExecutor(cur, kept.dialect.dbapi))
+        with kept.begin(), _kept_executor(kept) as db:
+            yield InstanceBatch(db)
         return
     with engine.begin() as conn:
         yield InstanceBatch(_CoreExecutor(conn))
