@@ -33,7 +33,6 @@ class ModelCache:
                 _freeze_long_lived()
             return model
 
-
     def preload(self) -> int:
         """Load every configured model now, so the first study does not wait for it and a bundle that cannot
         load is in the log when the node starts, not at its first job (which would then fail on it as

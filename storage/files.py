@@ -63,39 +63,23 @@ def _storage_error(exc: OSError) -> OSError:
     return StorageFullError(28, "no space left on device") if exc.errno == 28 else exc
 
 
-def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+def _libc(name: str, argtypes: tuple[type, ...]) -> Callable[..., int] | None:
+    """A C library function of Linux's (None elsewhere, or where this libc lacks it)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    write = 2  # SYNC_FILE_RANGE_WRITE: queue the range for writeback, do not wait
-
-    def start(fd: int, offset: int, length: int) -> None:
-        fn(fd, offset, length, write)  # advisory: a failure here changes nothing, the fsync decides
-
-    return start
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
 
 
-_renameat2 = _load_renameat2()
+_sync_file_range = _libc("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
+_SYNC_FILE_RANGE_WRITE = 2  # queue the range for writeback, do not wait
+# glibc 2.28+
+_renameat2 = _libc("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -117,7 +101,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     fsync that makes the file durable later finds most of it written: a large instance's earlier fragments
     go to disk while its later ones are still arriving."""
     if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length)
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: the fsync later decides
 
 
 def _fsync_dir(path: str | Path) -> None:
