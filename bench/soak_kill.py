@@ -113,7 +113,8 @@ def check_store(data_dir: Path, datasets: dict[str, Dataset], acked: set[str],
         if not same:
             lost.append(sop)
     orphans = [sop for sop, r in rows.items() if not (root / r.path).is_file()]
-    temps = len(list(root.rglob(".tmp-*")))
+    # received instances' temp files only: a result the restarted node's worker is writing right now has one
+    temps = len(list((root / "incoming").glob(".tmp-*")))
     js.engine.dispose()
     return lost, orphans, temps
 
