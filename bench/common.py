@@ -364,16 +364,7 @@ class NodePeer(Peer):
                 raise RuntimeError(f"the node exited with {rc}:\n{self.proc.log_text()[-3000:]}")
 
     def count(self) -> int:
-        if not self.database_url:
-            return stored_instances(self.dir / "var")
-        from sqlalchemy import create_engine, text
-
-        engine = create_engine(self.database_url)
-        try:
-            with engine.connect() as conn:
-                return int(conn.execute(text("SELECT count(*) FROM instances")).scalar_one())
-        finally:
-            engine.dispose()
+        return stored_instances(self.dir / "var", self.database_url)
 
     def pids(self) -> list[int]:
         if self.proc is None or self.proc.proc is None:

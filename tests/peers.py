@@ -181,8 +181,18 @@ level = "{log_level}"
     return path
 
 
-def stored_instances(data_dir: Path) -> int:
-    """Rows in the node's instance index under ``data_dir``, read as an outsider would (plain sqlite3)."""
+def stored_instances(data_dir: Path, database_url: str = "") -> int:
+    """Rows in the node's instance index, read as an outsider would: plain sqlite3 on the file under
+    ``data_dir``, or a connection of its own to ``database_url`` when the node indexes there."""
+    if database_url:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(database_url)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM instances")).scalar_one())
+        finally:
+            engine.dispose()
     with contextlib.closing(sqlite3.connect(data_dir / "node.db")) as db:
         return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
 
