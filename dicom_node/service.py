@@ -14,7 +14,6 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from pynetdicom import AE
 
@@ -49,8 +48,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event, wake: threading.Event) -> None:
-    """Run ``step`` until stopped; when it found nothing to do, wait ``poll`` or until woken."""
+def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event, wake: threading.Event,
+          first: Callable[[], object] | None = None) -> None:
+    """Run ``step`` until stopped; when it found nothing to do, wait ``poll`` or until woken. ``first`` runs
+    once before, in this thread (the worker's model loading: the listeners already receive meanwhile)."""
+    if first is not None:
+        first()
     while not stop.is_set():
         try:
             busy = step()
@@ -70,14 +73,6 @@ def _then_wake(step: Callable[[], object], other: threading.Event) -> Callable[[
         if did:
             other.set()
         return did
-    return run
-
-
-def _preloading(models: ModelCache) -> Callable[..., None]:
-    """The worker's loop, after loading its models (in the worker's thread: receiving starts at once)."""
-    def run(*args: Any) -> None:
-        models.preload()
-        _loop(*args)
     return run
 
 
@@ -118,8 +113,9 @@ class Node:
             ("worker", _then_wake(self.worker.run_once, wake["sender"]), c.worker.poll_seconds, self.worker_stop),
             ("sender", self.sender.run_once, c.sender.poll_seconds, self.stop),
         ):
-            loop = _preloading(self.models) if name == "worker" and c.worker.preload_models and c.models else _loop
-            t = threading.Thread(target=loop, args=(name, step, poll, stop, wake[name]), name=name, daemon=True)
+            first = self.models.preload if name == "worker" and c.worker.preload_models and c.models else None
+            t = threading.Thread(target=_loop, args=(name, step, poll, stop, wake[name], first), name=name,
+                                 daemon=True)
             t.start()
             self.threads.append(t)
         log_event(log, "node_started", owner=self.owner, database=self.rt.jobs.engine.dialect.name,

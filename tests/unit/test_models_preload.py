@@ -12,7 +12,7 @@ import pytest
 from ai_models.types import ModelError
 from dicom_node.config import parse_config
 from dicom_node.models import ModelCache
-from dicom_node.service import _preloading
+from dicom_node.service import _loop
 from tests.fault_models import write_fault_bundle
 
 
@@ -51,7 +51,7 @@ def test_the_worker_loop_preloads_before_its_first_poll(tmp_path: Path) -> None:
         stop.set()
         return False
 
-    _preloading(cache)("worker", step, 0.01, stop, threading.Event())
+    _loop("worker", step, 0.01, stop, threading.Event(), cache.preload)
     assert polled == [1]  # the good model was loaded before the worker looked for a job
 
 
