@@ -176,6 +176,8 @@ def test_studies_come_back_as_seg_and_sr_at_the_pacs(workdir: Path) -> None:
         log = node.log_text()
         assert "study_complete" in log and "job_done" in log
         assert "t_inference_forward" in log  # the runner's stages reach the job's timings
+        # worker.preload_models (default): each model loaded once, at start, before the first job
+        assert log.count("model_loaded") == 3 and log.rindex("model_loaded") < log.index("job_started")
         for s in studies:  # no patient names or IDs at INFO
             assert s.ids.patient_name.split("^")[0] not in log and s.ids.patient_id not in log
         assert node.stop() == 0
