@@ -159,7 +159,7 @@ def in_process_split(bundle: Path, paths: list[Path], monai_reference: bool) -> 
     out["encode: SEG build"], seg = timed(lambda: build_seg(
         headers, result, series_uid="2.25.1", sop_uid="2.25.2", series_number=900, node=node), 3)
     out["encode: SR build"], sr = timed(lambda: build_sr(
-        headers, volume, seg=seg, segmentation=result, detections=[], classifications=[], series_uid="2.25.3",
+        headers, volume, segmentations=[(result, seg)], detections=[], classifications=[], series_uid="2.25.3",
         sop_uid="2.25.4", series_number=901, node=node), 3)
 
     def to_bytes(ds: pydicom.Dataset) -> bytes:

@@ -266,8 +266,7 @@ class Worker:
         segs = [r for r in model_results if isinstance(r, SegmentationResult)]
         dets = [r for r in model_results if isinstance(r, DetectionResult)]
         clss = [r for r in model_results if isinstance(r, ClassificationResult)]
-        seg_ds: pydicom.Dataset | None = None
-        seg_result: SegmentationResult | None = None
+        reported: list[tuple[SegmentationResult, pydicom.Dataset | None]] = []  # each with its SEG, if any
         for i, r in enumerate(segs):
             ident = r.identity
             key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
@@ -278,15 +277,15 @@ class Worker:
                     series_description=f"AI SEG {ident.name}"[:64]))
             except EmptySegmentationError:
                 log_event(log, "segmentation_empty", study_uid=job.study_uid, job_id=job.id, model=ident.name)
+                reported.append((r, None))
                 continue
             out.append(t.measure("write", lambda ds=ds, ident=ident: self._write(ds, "seg", ident.name)))
-            if seg_ds is None:
-                seg_ds, seg_result = ds, r
+            reported.append((r, ds))
         idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
         sr_key = (volume.series_instance_uid, job.route, *idents)
         sr = t.measure("sr_encode", lambda: build_sr(
-            headers, volume, seg=seg_ds, segmentation=seg_result if seg_ds is not None else (segs[0] if segs else None),
-            detections=dets, classifications=clss, series_uid=derive_uid("sr-series", *sr_key),
-            sop_uid=derive_uid("sr", *sr_key, digest), series_number=rc.sr_series_number, node=self.node))
+            headers, volume, segmentations=reported, detections=dets, classifications=clss,
+            series_uid=derive_uid("sr-series", *sr_key), sop_uid=derive_uid("sr", *sr_key, digest),
+            series_number=rc.sr_series_number, node=self.node))
         out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
         return out

@@ -18,7 +18,11 @@ Choices worth knowing:
 - Pulmonary nodule is SCT 786838002 in category SCT 49755003 "Morphologically Abnormal Structure".
 - "Anatomical Structure" is SCT 91723000 (current CID 7150); 123037004 is the retired code whose
   SNOMED meaning is now "Body structure".
-- Absent is SCT 272519000 (CID 240/241 Present-Absent; replaced the older 2667000).
+- Absent is SCT 272519000 (CID 240/241 Present-Absent; replaced the older 2667000). It is said of findings
+  (a nodule) only: an anatomical structure a model did not segment was "Not detected" (SCT 260415000),
+  for it may simply lie outside the scan.
+- Procedure Reported (TID 1500 row 4, DCID 100) follows the source modality: LOINC "CT / MRI / PET
+  unspecified body region", else SCT 363679005 "Imaging procedure".
 - Detection score and classification probability are DCM 111012 "Certainty of Finding" in percent
   (UCUM "%"), as in DICOM CAD reports (0-100).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -44,8 +49,11 @@ def _sct(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
 
 
-def coding_scheme_identification() -> list[CodingSchemeIdentificationItem]:
-    """Declares the private scheme so receivers can tell where its codes come from."""
+def coding_scheme_identification(codings: Iterable[SegmentCoding]) -> list[CodingSchemeIdentificationItem] | None:
+    """Declares the private scheme, so receivers can tell where its codes come from, where ``codings`` (those
+    an object uses) include one of its codes; else nothing (an undeclared-use warning in every validator)."""
+    if not any(c.scheme_designator == PRIVATE_SCHEME for coding in codings for c in coding.concepts):
+        return None
     return [
         CodingSchemeIdentificationItem(
             designator=PRIVATE_SCHEME,
@@ -63,6 +71,7 @@ PORTAL_AND_SPLENIC_VEIN = _private("PORTSPLVEIN", "Portal vein and splenic vein"
 
 PRESENT = hd.sr.CodedConcept.from_code(codes.SCT.Present)  # 52101004
 ABSENT = hd.sr.CodedConcept.from_code(codes.SCT.Absent)  # 272519000
+NOT_DETECTED = _sct("260415000", "Not detected")
 RIGHT = hd.sr.CodedConcept.from_code(codes.SCT.Right)
 LEFT = hd.sr.CodedConcept.from_code(codes.SCT.Left)
 
@@ -79,6 +88,15 @@ class SegmentCoding:
     category: hd.sr.CodedConcept
     type: hd.sr.CodedConcept
     modifier: hd.sr.CodedConcept | None = None
+
+    @property
+    def concepts(self) -> tuple[hd.sr.CodedConcept, ...]:
+        return (self.category, self.type) if self.modifier is None else (self.category, self.type, self.modifier)
+
+    @property
+    def is_anatomy(self) -> bool:
+        """An anatomical structure, of which "Absent" would be a wrong clinical claim (see module docstring)."""
+        return self.category == ANATOMICAL_STRUCTURE
 
     @property
     def display(self) -> str:
@@ -140,12 +158,35 @@ def normalise_label(name: str) -> str:
     return " ".join(_TYPOS.get(w, w) for w in words if w)
 
 
+def _fresh(concept: hd.sr.CodedConcept) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=concept.value, scheme_designator=concept.scheme_designator,
+                              meaning=concept.meaning, scheme_version=concept.scheme_version)
+
+
 def segment_coding(label_name: str) -> SegmentCoding:
-    """Coding for a label name; unknown names get a stable private code (see module docstring)."""
+    """Coding for a label name; unknown names get a stable private code (see module docstring).
+
+    The concepts are new objects on every call: they become items of one object's dataset, which its
+    builder may extend (a SEG adds the laterality modifier to its type item), and that must reach neither
+    the table nor another object."""
     key = normalise_label(label_name)
     known = _TABLE.get(key)
     if known is not None:
-        return known
+        modifier = None if known.modifier is None else _fresh(known.modifier)
+        return SegmentCoding(_fresh(known.category), _fresh(known.type), modifier)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:10].upper()
     meaning = label_name.strip()[:64] or "Unnamed label"
-    return SegmentCoding(UNSPECIFIED_CATEGORY, _private(f"L-{digest}", meaning))
+    return SegmentCoding(_fresh(UNSPECIFIED_CATEGORY), _private(f"L-{digest}", meaning))
+
+
+_PROCEDURES = {
+    "CT": hd.sr.CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRegion),  # 25045-6
+    "MR": hd.sr.CodedConcept.from_code(codes.LN.MRIUnspecifiedBodyRegion),  # 25056-3
+    "PT": hd.sr.CodedConcept.from_code(codes.LN.PETUnspecifiedBodyRegion),  # 44136-0
+}
+IMAGING_PROCEDURE = _sct("363679005", "Imaging procedure")
+
+
+def procedure_reported(modality: str) -> hd.sr.CodedConcept:
+    """TID 1500 Procedure Reported for a source series of ``modality``."""
+    return _fresh(_PROCEDURES.get(modality.strip().upper(), IMAGING_PROCEDURE))

@@ -85,14 +85,24 @@ def _content_label(identity: ModelIdentity) -> str:
     return label or "AI_SEGMENTATION"
 
 
+def segment_tracking(source_series_uid: str, identity: ModelIdentity, label: int) -> tuple[str, str]:
+    """(Tracking UID, Tracking ID) of one label's segment, shared by the SEG segment and the SR's measurement
+    group about it (PS3.3 C.8.20.2: one finding, one tracking UID across objects). It depends on the series,
+    model and label only, so a re-run after late arrivals tracks the same structure under the same UID."""
+    name = identity.labels[label]
+    return (derive_uid("segment-tracking", source_series_uid, identity.name, str(label), name),
+            f"{name} ({identity.name})"[:64])
+
+
 def segment_descriptions(
-    result: SegmentationResult, numbers: dict[int, int], sop_uid: str
+    result: SegmentationResult, numbers: dict[int, int], source_series_uid: str
 ) -> list[hd.seg.SegmentDescription]:
     algorithm = seg_algorithm_identification(result.identity)
     descriptions = []
     for label, number in numbers.items():
         name = result.identity.labels[label]
         coding = segment_coding(name)
+        tracking_uid, tracking_id = segment_tracking(source_series_uid, result.identity, label)
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=name[:64],
@@ -100,8 +110,8 @@ def segment_descriptions(
             segmented_property_type=coding.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=derive_uid(sop_uid, "segment", str(label)),
-            tracking_id=f"{name} #{number}"[:64],
+            tracking_uid=tracking_uid,
+            tracking_id=tracking_id,
         )
         if coding.modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
@@ -137,7 +147,7 @@ def _prepare(
         raise EmptySegmentationError(f"segmentation by {result.identity.name} is empty")
     identity = result.identity
     kwargs: dict[str, Any] = {
-        "segment_descriptions": segment_descriptions(result, numbers, sop_uid),
+        "segment_descriptions": segment_descriptions(result, numbers, str(source[0].SeriesInstanceUID)),
         "series_instance_uid": series_uid,
         "series_number": series_number,
         "sop_instance_uid": sop_uid,
@@ -146,7 +156,7 @@ def _prepare(
         "content_description": f"{identity.name} {identity.version}"[:64],
         "content_creator_name": "dicom-node^AI",
         "series_description": (series_description or f"AI SEG {identity.name} {identity.version}")[:64],
-        "coding_schemes": coding_scheme_identification(),
+        "coding_schemes": coding_scheme_identification(segment_coding(identity.labels[label]) for label in numbers),
         **equipment_kwargs(node),
     }
     return slice_counts, numbers, kwargs

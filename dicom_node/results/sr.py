@@ -3,17 +3,22 @@
 Content, one measurement group per item, each with its own tracking identifier and the algorithm
 identification (TID 4019):
 
-- segmentation, per SEG segment: TID 1411 volumetric group referencing the segment, with its volume in
-  ml (voxel count x voxel volume);
-- segmentation, per model label with no voxel: TID 1501 group, qualitative evaluation "<label>: Absent";
+- segmentation, per segment of each SEG (one per segmentation model): TID 1411 volumetric group
+  referencing the segment, with its volume in ml (voxel count x voxel volume); it carries the segment's own
+  tracking UID and ID (``seg.segment_tracking``);
+- segmentation, per model label with no voxel: TID 1501 group, qualitative evaluation "<label>: Absent"
+  for a finding, "Not detected" for an anatomical structure (see codes.py);
 - detection, per box: TID 1411 volumetric group with the box as an axis-aligned SCOORD3D ELLIPSOID in
-  the source frame of reference and the score as DCM 111012 "Certainty of Finding" (%);
-- detection, per model label with no box: "<label>: Absent";
+  the source frame of reference, and a TID 1410 planar group with the box's ellipse on its centre slice
+  (SCOORD ELLIPSE on that image), which 2D viewers draw; both carry the score as DCM 111012 "Certainty
+  of Finding" (%) and one tracking UID;
+- detection, per model label with no box: as for segmentation;
 - classification: TID 1501 group, "<finding>: Present/Absent" plus the probability as Certainty of
   Finding (%); the decision threshold is an algorithm parameter.
 
 So a study without findings still gets an SR that says so. Observer context is the device (the node),
-VerificationFlag UNVERIFIED.
+VerificationFlag UNVERIFIED (no person has checked it), PreliminaryFlag FINAL (this document never changes;
+a re-run writes a new one). Evidence: the source images and every SEG the SR refers to.
 """
 
 from __future__ import annotations
@@ -38,18 +43,21 @@ from .codes import (
     ABSENT,
     CERTAINTY_OF_FINDING,
     MILLILITER,
+    NOT_DETECTED,
     PERCENT,
     PRESENT,
     VOLUME,
     SegmentCoding,
     coding_scheme_identification,
+    procedure_reported,
     segment_coding,
 )
 from .equipment import NodeIdentity, equipment_kwargs, sr_algorithm_identification
-from .seg import label_voxel_counts, segment_numbers
+from .seg import label_voxel_counts, segment_numbers, segment_tracking
 from .uids import derive_uid
 
-Group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+         | hd.sr.MeasurementsAndQualitativeEvaluations)
 
 
 def segment_volumes_ml(result: SegmentationResult, spacing: Sequence[float]) -> dict[int, float]:
@@ -75,8 +83,8 @@ def spacing_from_source(source: Sequence[pydicom.Dataset]) -> tuple[float, float
     return (step, row_spacing, col_spacing)
 
 
-def _tracking(sop_uid: str, *key: str, text: str) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=derive_uid(sop_uid, "tracking", *key), identifier=text[:64])
+def _tracking(*key: str, text: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=derive_uid("tracking", *key), identifier=text[:64])
 
 
 def _finding_sites(coding: SegmentCoding) -> list[hd.sr.FindingSite] | None:
@@ -88,14 +96,23 @@ def _finding_sites(coding: SegmentCoding) -> list[hd.sr.FindingSite] | None:
 def _absent_group(
     coding: SegmentCoding, tracking: hd.sr.TrackingIdentifier, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """"<finding>: Absent", or "<structure>: Not detected" for anatomy (which may lie outside the scan)."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=coding.type,
         finding_category=coding.category,
         finding_sites=_finding_sites(coding),
         algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=coding.type, value=ABSENT)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=coding.type, value=NOT_DETECTED if coding.is_anatomy else ABSENT)
+        ],
     )
+
+
+def _coding_key(coding: SegmentCoding) -> tuple[str, str, str]:
+    """What tells two labels' structures apart: type and laterality (left and right kidney share a type)."""
+    modifier = "" if coding.modifier is None else coding.modifier.value
+    return (coding.type.scheme_designator, coding.type.value, modifier)
 
 
 def _segmentation_groups(
@@ -103,7 +120,6 @@ def _segmentation_groups(
     seg: pydicom.Dataset | None,
     spacing: Sequence[float],
     source_series_uid: str,
-    sop_uid: str,
     node: NodeIdentity,
 ) -> list[Group]:
     identity = result.identity
@@ -117,8 +133,10 @@ def _segmentation_groups(
     for label, name in sorted(identity.labels.items()):
         coding = segment_coding(name)
         number = numbers.get(label)
+        uid, text = segment_tracking(source_series_uid, identity, label)
+        tracking = hd.sr.TrackingIdentifier(uid=uid, identifier=text)
         if number is None:
-            groups.append(_absent_group(coding, _tracking(sop_uid, "seg", str(label), text=name), algorithm))
+            groups.append(_absent_group(coding, tracking, algorithm))
             continue
         assert seg is not None  # checked by _check_seg_matches
         volume = hd.sr.Measurement(
@@ -126,7 +144,7 @@ def _segmentation_groups(
         )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(sop_uid, "seg", str(label), text=f"{name} (segment {number})"),
+                tracking_identifier=tracking,
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID,
                     sop_instance_uid=seg.SOPInstanceUID,
@@ -173,6 +191,22 @@ def ellipsoid_lps(detection: Detection, geometry: Volume) -> np.ndarray:
     return geometry.index_to_lps(np.asarray(points))
 
 
+def _centre_slice_ellipse(detection: Detection, geometry: Volume) -> tuple[int, np.ndarray]:
+    """(slice index, (4, 2) column/row points) of the box's ellipse on its centre slice: the major axis's end
+    points first, then the minor's (SCOORD ELLIPSE), in image coordinates whose top left pixel spans 0..1
+    (PS3.3 C.18.6.1.2), so voxel index i has its centre at i + 0.5."""
+    lo = np.asarray(detection.box_min, dtype=np.float64)
+    hi = np.asarray(detection.box_max, dtype=np.float64)
+    z = int(np.clip(np.floor((lo[0] + hi[0]) / 2.0 + 0.5), 0, len(geometry.sop_instance_uids) - 1))
+    row, col = (lo[1] + hi[1]) / 2.0 + 0.5, (lo[2] + hi[2]) / 2.0 + 0.5
+    half_rows, half_cols = (hi[1] - lo[1] + 1.0) / 2.0, (hi[2] - lo[2] + 1.0) / 2.0
+    along_rows = [[col, row - half_rows], [col, row + half_rows]]  # (column, row) pairs
+    along_cols = [[col - half_cols, row], [col + half_cols, row]]
+    if half_rows * geometry.spacing[1] > half_cols * geometry.spacing[2]:
+        return z, np.asarray(along_rows + along_cols)
+    return z, np.asarray(along_cols + along_rows)
+
+
 def _detection_groups(
     result: DetectionResult,
     geometry: Volume | None,
@@ -180,6 +214,7 @@ def _detection_groups(
     frame_of_reference_uid: str,
     sop_uid: str,
     node: NodeIdentity,
+    sop_classes: dict[str, str],
 ) -> list[Group]:
     identity = result.identity
     algorithm = sr_algorithm_identification(identity, node)
@@ -195,39 +230,45 @@ def _detection_groups(
             frame_of_reference_uid=frame_of_reference_uid,
             source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         )
-        score = hd.sr.Measurement(
-            name=CERTAINTY_OF_FINDING, value=100.0 * float(detection.score), unit=PERCENT, algorithm_id=algorithm
+        # a detection is new in every run (nothing says box k is the same lesion as last time): its tracking
+        # UID derives from this document's UID; the 3D and the planar group share it (one finding)
+        tracking = _tracking(sop_uid, "det", identity.name, str(index), text=f"{coding.display} {index}")
+        common = {"tracking_identifier": tracking, "finding_type": coding.type, "finding_category": coding.category,
+                  "finding_sites": _finding_sites(coding), "algorithm_id": algorithm}
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_volume_surface=surface, measurements=[_score(detection, algorithm)], **common))
+        z, points = _centre_slice_ellipse(detection, geometry)
+        image_uid = geometry.sop_instance_uids[z]
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
+            graphic_data=points.astype(np.float32),
+            source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid),
         )
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(
-                    sop_uid, "det", identity.name, str(index), text=f"{coding.display} {index}"
-                ),
-                referenced_volume_surface=surface,
-                finding_type=coding.type,
-                finding_category=coding.category,
-                finding_sites=_finding_sites(coding),
-                algorithm_id=algorithm,
-                measurements=[score],
-            )
-        )
-    found = {segment_coding(d.label).type for d in result.detections}
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=region, measurements=[_score(detection, algorithm)], **common))
+    found = {_coding_key(segment_coding(d.label)) for d in result.detections}
     for label, name in sorted(identity.labels.items()):
         coding = segment_coding(name)
-        if coding.type not in found:
-            tracking = _tracking(sop_uid, "det-absent", identity.name, str(label), text=name)
+        if _coding_key(coding) not in found:
+            tracking = _tracking(source_series_uid, "det-absent", identity.name, str(label), text=name)
             groups.append(_absent_group(coding, tracking, algorithm))
     return groups
 
 
-def _classification_group(result: ClassificationResult, sop_uid: str, node: NodeIdentity) -> Group:
+def _score(detection: Detection, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=CERTAINTY_OF_FINDING, value=100.0 * float(detection.score), unit=PERCENT, algorithm_id=algorithm
+    )
+
+
+def _classification_group(result: ClassificationResult, source_series_uid: str, node: NodeIdentity) -> Group:
     coding = segment_coding(result.label)
     algorithm = sr_algorithm_identification(result.identity, node, [f"threshold={result.threshold:g}"])
     probability = hd.sr.Measurement(
         name=CERTAINTY_OF_FINDING, value=100.0 * float(result.probability), unit=PERCENT, algorithm_id=algorithm
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(sop_uid, "cls", result.identity.name, result.label, text=result.label),
+        tracking_identifier=_tracking(source_series_uid, "cls", result.identity.name, result.label, text=result.label),
         finding_type=coding.type,
         finding_category=coding.category,
         finding_sites=_finding_sites(coding),
@@ -259,8 +300,7 @@ def build_sr(
     source: Sequence[pydicom.Dataset],
     volume_geometry: Volume | None,
     *,
-    seg: pydicom.Dataset | None,
-    segmentation: SegmentationResult | None,
+    segmentations: Sequence[tuple[SegmentationResult, pydicom.Dataset | None]],
     detections: Sequence[DetectionResult],
     classifications: Sequence[ClassificationResult],
     series_uid: str,
@@ -268,7 +308,10 @@ def build_sr(
     series_number: int,
     node: NodeIdentity,
 ) -> pydicom.Dataset:
-    """One TID 1500 Comprehensive 3D SR for everything a job found (or did not find) in ``source``."""
+    """One TID 1500 Comprehensive 3D SR for everything a job found (or did not find) in ``source``.
+
+    ``segmentations``: each segmentation model's result with the SEG built from it (None when the mask was
+    empty, so there is no SEG)."""
     if not source:
         raise ValueError("no source images")
     first = source[0]
@@ -279,26 +322,32 @@ def build_sr(
     spacing = volume_geometry.spacing if volume_geometry is not None else None
     groups: list[Group] = []
     identities: list[ModelIdentity] = []
-    if segmentation is not None:
+    labels: list[str] = []
+    for segmentation, seg in segmentations:
         identities.append(segmentation.identity)
+        labels += segmentation.identity.labels.values()
         groups += _segmentation_groups(
-            segmentation, seg, spacing or spacing_from_source(source), source_series_uid, sop_uid, node
+            segmentation, seg, spacing or spacing_from_source(source), source_series_uid, node
         )
+    sop_classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in source}
     for result in detections:
         identities.append(result.identity)
-        groups += _detection_groups(result, volume_geometry, source_series_uid, frame_uid, sop_uid, node)
+        labels += [*result.identity.labels.values(), *(d.label for d in result.detections)]
+        groups += _detection_groups(result, volume_geometry, source_series_uid, frame_uid, sop_uid, node,
+                                    sop_classes)
     for result in classifications:
         identities.append(result.identity)
-        groups.append(_classification_group(result, sop_uid, node))
+        labels.append(result.label)
+        groups.append(_classification_group(result, source_series_uid, node))
     if not groups:
         raise ValueError("no results to report: give a segmentation, detections or classifications")
     report = hd.sr.MeasurementReport(
         observation_context=_observer_context(node, identities),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        procedure_reported=procedure_reported(str(getattr(first, "Modality", ""))),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
-    evidence = [*source, seg] if seg is not None else list(source)
+    evidence = [*source, *(seg for _, seg in segmentations if seg is not None)]
     names = " ".join(dict.fromkeys(i.name for i in identities))
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -308,9 +357,9 @@ def build_sr(
         sop_instance_uid=sop_uid,
         instance_number=1,
         is_complete=True,
-        is_final=False,
+        is_final=True,
         is_verified=False,
         series_description=f"AI SR {names}"[:64],
-        coding_schemes=coding_scheme_identification(),
+        coding_schemes=coding_scheme_identification(segment_coding(label) for label in labels),
         **equipment_kwargs(node),
     )

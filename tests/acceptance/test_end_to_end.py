@@ -137,6 +137,12 @@ def _check_detections_and_classification(study: SentStudy, sr: hd.sr.Comprehensi
     for g in boxes:
         assert g.roi.frame_of_reference_uid == axial[0].FrameOfReferenceUID
         assert g.tracking_identifier and g.tracking_uid
+    # each box also drawn as an ellipse on an image of the axial series, for viewers that draw only 2D SCOORD
+    planar = sr.content.get_planar_roi_measurement_groups()
+    assert sorted(g.tracking_uid for g in planar) == sorted(g.tracking_uid for g in boxes)
+    axial_uids = {str(d.SOPInstanceUID) for d in axial}
+    assert all(g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in axial_uids
+               for g in planar)
     (cls,) = [g for g in sr.content.get_image_measurement_groups() if "chest-ct-cls" in _algorithm_names(g)]
     (evaluation,) = [q for q in cls.get_qualitative_evaluations() if q.name == cls.finding_type]
     assert str(evaluation.value.value) == ("52101004" if truth else "272519000")  # Present / Absent

@@ -49,7 +49,7 @@ def results() -> Results:
     series = str(source[0].SeriesInstanceUID)
     seg = build_seg(source, seg_result, series_uid=derive_uid("t-seg-series", series),
                     sop_uid=derive_uid("t-seg", series), series_number=9001, node=NODE)
-    sr = build_sr(source, volume_of(source), seg=seg, segmentation=seg_result, detections=[], classifications=[],
+    sr = build_sr(source, volume_of(source), segmentations=[(seg_result, seg)], detections=[], classifications=[],
                   series_uid=derive_uid("t-sr-series", series), sop_uid=derive_uid("t-sr", series),
                   series_number=9002, node=NODE)
 

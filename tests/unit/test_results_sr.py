@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -42,7 +43,7 @@ def _classifier(probability: float) -> ClassificationResult:
 
 def _sr(source: list[pydicom.Dataset], geometry: Volume | None, **kw: object) -> pydicom.Dataset:
     uids = result_uids("SR", source[0].SeriesInstanceUID, "job", "1")
-    args: dict[str, object] = {"seg": None, "segmentation": None, "detections": (), "classifications": ()}
+    args: dict[str, object] = {"segmentations": (), "detections": (), "classifications": ()}
     args.update(kw)
     return build_sr(
         source, geometry, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=902, node=NODE, **args
@@ -75,8 +76,7 @@ def full(tmp_path_factory: pytest.TempPathFactory, source: list[pydicom.Dataset]
     sr = _sr(
         source,
         geometry,
-        seg=seg,
-        segmentation=segmentation,
+        segmentations=[(segmentation, seg)],
         detections=[_detector()],
         classifications=[_classifier(0.8)],
     )
@@ -91,6 +91,10 @@ def test_sr_header_study_evidence_and_flags(full: dict, source: list[pydicom.Dat
     sr = hd.sr.srread(full["path"])
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert sr.PreliminaryFlag == "FINAL"  # never revised (a re-run writes a new document); PACS may hide PRELIMINARY
+    (procedure,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"  # CT unspecified body region
+    assert "CodingSchemeIdentificationSequence" not in sr  # no private code used: nothing to declare
     assert sr.StudyInstanceUID == source[0].StudyInstanceUID and sr.PatientID == source[0].PatientID
     assert sr.SeriesNumber == 902 and sr.Manufacturer == NODE.manufacturer
     assert sr.SoftwareVersions == NODE.software_version
@@ -121,6 +125,33 @@ def test_sr_segment_volumes_reference_seg_segments(full: dict, source: list[pydi
         expected = np.count_nonzero(mask == label) * np.prod(spacing) / 1000.0
         assert volume.value == pytest.approx(expected, rel=1e-6)
         assert _algorithm_names(group) == ["chest-ct-seg"]
+
+
+def test_sr_detections_are_also_ellipses_on_their_centre_slice(full: dict, geometry: Volume,
+                                                              source: list[pydicom.Dataset]) -> None:
+    """2D viewers (OHIF, most PACS) draw SCOORD on an image, not SCOORD3D: each box is also a TID 1410 group."""
+    sr = hd.sr.srread(full["path"])
+    planar = sr.content.get_planar_roi_measurement_groups()
+    volumetric = [g for g in sr.content.get_volumetric_roi_measurement_groups() if g.roi is not None]
+    assert len(planar) == 2
+    spacing = (2.5, 0.8, 0.7)
+    for group, twin, detection in zip(planar, volumetric, _detector().detections, strict=True):
+        assert group.tracking_uid == twin.tracking_uid  # one finding, two drawings
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues.ELLIPSE
+        lo, hi = np.asarray(detection.box_min), np.asarray(detection.box_max)
+        z = int(np.floor((lo[0] + hi[0]) / 2 + 0.5))
+        image = group.roi.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM the image
+        assert image.ReferencedSOPInstanceUID == source[z].SOPInstanceUID
+        assert image.ReferencedSOPClassUID == source[z].SOPClassUID
+        points = np.asarray(group.roi.value).reshape(4, 2)  # (column, row); pixel (r, c) spans c..c+1, r..r+1
+        np.testing.assert_allclose(points.mean(axis=0), [(lo[2] + hi[2]) / 2 + 0.5, (lo[1] + hi[1]) / 2 + 0.5])
+        mm = (points[[1, 3]] - points[[0, 2]]) * [spacing[2], spacing[1]]
+        major, minor = np.linalg.norm(mm, axis=1)
+        assert major >= minor  # major axis first
+        assert sorted([major, minor]) == pytest.approx(sorted([(hi[2] - lo[2] + 1) * spacing[2],
+                                                              (hi[1] - lo[1] + 1) * spacing[1]]))
+        (score,) = group.get_measurements()
+        assert score.value == pytest.approx(100 * detection.score)
 
 
 def test_sr_detections_are_ellipsoids_in_frame_of_reference(full: dict, geometry: Volume) -> None:
@@ -157,16 +188,17 @@ def test_sr_classification_present_with_probability(full: dict) -> None:
 def test_sr_without_findings_says_absent(tmp_path: Path, source: list[pydicom.Dataset], geometry: Volume) -> None:
     empty = SegmentationResult(identity(), np.zeros(SHAPE, dtype=np.uint8))
     no_boxes = DetectionResult(identity("detection", {1: "nodule"}, name="nodule-det"))
-    sr_ds = _sr(source, geometry, segmentation=empty, detections=[no_boxes], classifications=[_classifier(0.1)])
+    sr_ds = _sr(source, geometry, segmentations=[(empty, None)], detections=[no_boxes],
+                classifications=[_classifier(0.1)])
     path = write(sr_ds, tmp_path / "negative.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
     assert sr.content.get_volumetric_roi_measurement_groups() == []
     groups = sr.content.get_image_measurement_groups()
     findings = sorted((g.finding_type.meaning, _evaluation(g)) for g in groups)
-    absent = "272519000"
+    absent, not_detected = "272519000", "260415000"  # a finding is absent; an organ was not found (out of view?)
     assert findings == [
-        ("Lung", absent),
+        ("Lung", not_detected),
         ("Pulmonary nodule", absent),
         ("Pulmonary nodule", absent),
         ("Pulmonary nodule", absent),
@@ -206,8 +238,106 @@ def test_spacing_from_source_matches_geometry(source: list[pydicom.Dataset], geo
 def test_sr_refuses_unreferencable_or_empty_input(source: list[pydicom.Dataset], geometry: Volume) -> None:
     segmentation = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
     with pytest.raises(ValueError, match="no SEG"):
-        _sr(source, geometry, segmentation=segmentation)
+        _sr(source, geometry, segmentations=[(segmentation, None)])
     with pytest.raises(ValueError, match="no results"):
         _sr(source, geometry)
     with pytest.raises(ValueError, match="geometry"):
         _sr(source, None, detections=[_detector()])
+
+
+def _kidneys() -> SegmentationResult:
+    """A second segmentation model: right kidney present, left kidney empty."""
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[8:12, 20:30, 10:20] = 1
+    return SegmentationResult(identity(labels={1: "Right Kidney", 2: "Left Kideny"}, name="kidney-seg"), mask)
+
+
+def test_sr_reports_every_segmentation_model_and_lists_each_seg_as_evidence(
+    tmp_path: Path, source: list[pydicom.Dataset], geometry: Volume
+) -> None:
+    lungs = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
+    kidneys = _kidneys()
+    segs = []
+    for result in (lungs, kidneys):
+        uids = result_uids("SEG", source[0].SeriesInstanceUID, result.identity.name, "1.0.0")
+        segs.append(build_seg(source, result, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=901,
+                              node=NODE))
+    empty = SegmentationResult(identity(labels={1: "liver"}, name="liver-seg"), np.zeros(SHAPE, dtype=np.uint8))
+    sr_ds = _sr(source, geometry, segmentations=[(lungs, segs[0]), (empty, None), (kidneys, segs[1])])
+    path = write(sr_ds, tmp_path / "three-models.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    referenced = {g.referenced_segment.referenced_sop_instance_uid: g.referenced_segment.referenced_segment_numbers
+                  for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert set(referenced) == {segs[0].SOPInstanceUID, segs[1].SOPInstanceUID}
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    expected = {source[0].SeriesInstanceUID, *(s.SeriesInstanceUID for s in segs)}
+    assert {s.SeriesInstanceUID for s in evidence} == expected
+    not_found = sorted(g.finding_type.meaning for g in sr.content.get_image_measurement_groups())
+    assert not_found == ["Kidney", "Liver"]  # the left kidney of the second model, the third model's liver
+
+
+def test_seg_and_sr_share_each_segments_tracking_uid_across_reruns(
+    source: list[pydicom.Dataset], geometry: Volume
+) -> None:
+    """One structure, one Tracking UID in the SEG and the SR, and the same again in a re-run's new objects."""
+    lungs = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
+    seen = []
+    for run in ("1", "2"):  # a re-run after late arrivals: new SOP Instance UIDs
+        seg = build_seg(source, lungs, series_uid="2.25.11", sop_uid=f"2.25.12{run}", series_number=901, node=NODE)
+        uids = result_uids("SR", source[0].SeriesInstanceUID, "job", run)
+        sr = build_sr(source, geometry, segmentations=[(lungs, seg)], detections=(), classifications=(),
+                      series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=902, node=NODE)
+        in_seg = {int(s.SegmentNumber): (s.TrackingUID, s.TrackingID) for s in seg.SegmentSequence}
+        in_sr = {g.referenced_segment.referenced_segment_numbers[0]: (g.tracking_uid, str(g.tracking_identifier))
+                 for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()}
+        assert {n: uid for n, (uid, _) in in_seg.items()} == {n: uid for n, (uid, _) in in_sr.items()}
+        assert in_seg[1][1] == "lung (chest-ct-seg)" and in_seg[1][1] in in_sr[1][1]
+        seen.append(in_seg)
+    assert seen[0] == seen[1]
+
+
+def test_building_a_seg_leaves_no_seg_attribute_in_a_later_sr(
+    tmp_path: Path, source: list[pydicom.Dataset], geometry: Volume
+) -> None:
+    """The SEG adds a laterality modifier to its segment's type code; that item must not be shared with the
+    code table, or every later SR's Finding would carry (0062,0011), which SR content items do not have."""
+    kidneys = _kidneys()
+    seg = build_seg(source, kidneys, series_uid="2.25.21", sop_uid="2.25.22", series_number=901, node=NODE)
+    assert "SegmentedPropertyTypeModifierCodeSequence" in seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    sr_ds = _sr(source, geometry, segmentations=[(kidneys, seg)])
+    path = write(sr_ds, tmp_path / "kidneys.dcm")
+    assert dciodvfy_errors(path) == []
+    assert (0x0062, 0x0011) not in {elem.tag for ds in sr_ds.ContentSequence for elem in _walk(ds)}
+    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, check=False)
+    assert "SegmentedPropertyTypeModifier" not in out.stdout + out.stderr
+
+
+def _walk(ds: pydicom.Dataset) -> list[pydicom.DataElement]:
+    found = []
+    for elem in ds:
+        found.append(elem)
+        if elem.VR == "SQ":
+            for item in elem.value:
+                found += _walk(item)
+    return found
+
+
+def test_a_missing_structure_is_matched_with_its_laterality(source: list[pydicom.Dataset], geometry: Volume) -> None:
+    """Right and left kidney share a type code: a found right kidney does not hide a missing left one."""
+    ident = identity("detection", {1: "Right Kidney", 2: "Left Kidney"}, name="kidney-det")
+    found = DetectionResult(ident, (Detection("Right Kidney", 0.9, (8, 20, 10), (11, 29, 19)),))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(_sr(source, geometry, detections=[found]))
+    (missing,) = sr.content.get_image_measurement_groups()
+    (site,) = missing.finding_sites
+    assert missing.finding_type.meaning == "Kidney" and site.laterality.value == "7771000"  # Left
+    assert _evaluation(missing) == "260415000"  # Not detected
+
+
+def test_procedure_reported_follows_the_source_modality(geometry: Volume) -> None:
+    mr = make_ct_series(*SHAPE, with_pixels=False)
+    for ds in mr:
+        ds.Modality = "MR"
+    sr = _sr(mr, geometry, classifications=[_classifier(0.8)])
+    (procedure,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure.ConceptCodeSequence[0].CodeValue == "25056-3"  # MRI unspecified body region
