@@ -46,7 +46,7 @@ from dicom_node.results.sr import build_sr
 from dicom_node.results.uids import derive_uid
 from storage.files import FileStore
 from storage.jobstore import JobStore
-from storage.records import JobRecord, NewResult
+from storage.records import JobRecord, NewResult, ResultRecord
 
 if TYPE_CHECKING:
     from ai_models.bundle import LoadedModel  # torch and MONAI load only with the first model
@@ -283,9 +283,28 @@ class Worker:
             reported.append((r, ds))
         idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
         sr_key = (volume.series_instance_uid, job.route, *idents)
+        sop_uid = derive_uid("sr", *sr_key, digest)
+        # A re-run after late arrivals supersedes the SR of the latest earlier generation, and says so. What it
+        # names is part of the content, hence of the UID (a later generation on the same instances, e.g. after
+        # a failed run, makes a new document, not a different one under the old UID); a first run's UID is as
+        # it always was. Retries of this job find the same earlier results, so rebuild the same UID and bytes.
+        superseded = [r for r in self.jobs.earlier_results(job.study_uid, job.route, job.generation, "sr")
+                      if r.sop_instance_uid != sop_uid]
+        number = job.generation + 1 if superseded else 1
+        if superseded:
+            sop_uid = derive_uid("sr", *sr_key, digest, "supersedes", str(number),
+                                 *(r.sop_instance_uid for r in superseded))
         sr = t.measure("sr_encode", lambda: build_sr(
             headers, volume, segmentations=reported, detections=dets, classifications=clss,
-            series_uid=derive_uid("sr-series", *sr_key), sop_uid=derive_uid("sr", *sr_key, digest),
-            series_number=rc.sr_series_number, node=self.node))
+            series_uid=derive_uid("sr-series", *sr_key), sop_uid=sop_uid, series_number=rc.sr_series_number,
+            node=self.node, instance_number=number, predecessors=[_reference(r) for r in superseded]))
         out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
         return out
+
+
+def _reference(result: ResultRecord) -> Dataset:
+    """An earlier result as the UIDs that name it (what a Predecessor Documents Sequence item needs)."""
+    ref = Dataset()
+    ref.StudyInstanceUID, ref.SeriesInstanceUID = result.study_uid, result.series_uid
+    ref.SOPClassUID, ref.SOPInstanceUID = result.sop_class_uid, result.sop_instance_uid
+    return ref

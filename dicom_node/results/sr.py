@@ -307,11 +307,15 @@ def build_sr(
     sop_uid: str,
     series_number: int,
     node: NodeIdentity,
+    instance_number: int = 1,
+    predecessors: Sequence[pydicom.Dataset] = (),
 ) -> pydicom.Dataset:
     """One TID 1500 Comprehensive 3D SR for everything a job found (or did not find) in ``source``.
 
     ``segmentations``: each segmentation model's result with the SEG built from it (None when the mask was
-    empty, so there is no SEG)."""
+    empty, so there is no SEG). ``predecessors``: the SRs this one supersedes (a re-run after late arrivals),
+    named in its Predecessor Documents Sequence, so viewers and IHE AIR consumers can tell which is current;
+    they need only their Study/Series/SOP Instance and SOP Class UIDs."""
     if not source:
         raise ValueError("no source images")
     first = source[0]
@@ -355,7 +359,8 @@ def build_sr(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
+        previous_versions=list(predecessors) or None,
         is_complete=True,
         is_final=True,
         is_verified=False,

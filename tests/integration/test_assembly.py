@@ -1,23 +1,32 @@
-"""Study completion and routing over real stored files: one job per route and generation, late arrivals re-run."""
+"""Study completion and routing over real stored files: one job per route and generation, late arrivals re-run,
+and the re-run's SR supersedes the first one's."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import highdicom as hd
+from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
 from ai_models.phantom import generate_phantom
 from dicom_node.assembly import Assembler
-from dicom_node.config import parse_config
-from dicom_node.runtime import open_runtime
+from dicom_node.config import Config, parse_config
+from dicom_node.models import ModelCache
+from dicom_node.runtime import Runtime, open_runtime
 from dicom_node.scp import start_listener
+from dicom_node.service import node_identity
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets
+from dicom_node.worker import Worker
 from tests.peers import SHIPPED_SEG_BUNDLE, free_port
+from tests.unit.results_helpers import dciodvfy_errors
 
 
-def test_quiet_study_gets_one_job_on_the_axial_series_and_late_arrivals_rerun(tmp_path: Path) -> None:
-    cfg = parse_config({
+def _config(tmp_path: Path) -> Config:
+    return parse_config({
         "node": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0, "port": free_port(), "bind": "127.0.0.1"},
         "completion": {"stable_seconds": 0.5},
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
@@ -25,15 +34,14 @@ def test_quiet_study_gets_one_job_on_the_axial_series_and_late_arrivals_rerun(tm
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["seg"], "send_to": ["pacs"]},
                    {"name": "mr", "match": {"Modality": "MR"}, "models": ["seg"], "send_to": ["pacs"]}],
     }, tmp_path)
-    rt = open_runtime(cfg)
-    ph = generate_phantom(5, shape=(20, 48, 48), n_nodules=0)
-    ids = StudyIds.new("assembly")
-    axial = phantom_datasets(ph, ids)
-    datasets = axial[:-1] + localizer_datasets(ph, ids)
 
+
+@contextlib.contextmanager
+def _listening(cfg: Config, rt: Runtime) -> Iterator[Callable[[Sequence[Dataset]], None]]:
+    """The node's listener; yields a function that C-STOREs datasets to it (all must succeed)."""
     ae, server = start_listener(cfg, rt.files, rt.jobs)
 
-    def store(dss) -> None:
+    def store(dss: Sequence[Dataset]) -> None:
         scu = AE(ae_title="MODALITY")
         scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         assoc = scu.associate("127.0.0.1", cfg.node.port, ae_title="DICOM_NODE")
@@ -41,10 +49,21 @@ def test_quiet_study_gets_one_job_on_the_axial_series_and_late_arrivals_rerun(tm
         assoc.release()
 
     try:
-        _run(cfg, rt, ids, axial, datasets, store)
+        yield store
     finally:
         server.shutdown()
         ae.shutdown()
+
+
+def test_quiet_study_gets_one_job_on_the_axial_series_and_late_arrivals_rerun(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    rt = open_runtime(cfg)
+    ph = generate_phantom(5, shape=(20, 48, 48), n_nodules=0)
+    ids = StudyIds.new("assembly")
+    axial = phantom_datasets(ph, ids)
+    datasets = axial[:-1] + localizer_datasets(ph, ids)
+    with _listening(cfg, rt) as store:
+        _run(cfg, rt, ids, axial, datasets, store)
 
 
 def _run(cfg, rt, ids, axial, datasets, store) -> None:
@@ -62,3 +81,43 @@ def _run(cfg, rt, ids, axial, datasets, store) -> None:
     jobs = rt.jobs.list_jobs()
     assert [j.generation for j in jobs] == [1, 0]
     assert rt.jobs.get_study(ids.study_uid).instance_count == len(datasets) + 1
+
+
+def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
+    """A late slice re-runs the study: the new SR names the first run's SR as its predecessor (and comes after
+    it in the series), so viewers and IHE AIR consumers can tell which report is current."""
+    cfg = _config(tmp_path)
+    rt = open_runtime(cfg)
+    ids = StudyIds.new("supersede")
+    axial = phantom_datasets(generate_phantom(6, shape=(16, 48, 48), n_nodules=0), ids)
+    asm = Assembler(cfg, rt.files, rt.jobs)
+    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(), "test-owner")
+
+    def run_and_read_sr() -> Dataset:
+        assert asm.run_once(now=time.time() + 1) == 1
+        assert worker.run_once()
+        job = rt.jobs.list_jobs(limit=1)[0]
+        assert job.state == "done", job.error
+        (sr,) = [r for r in rt.jobs.results_of_job(job.id) if r.kind == "sr"]
+        return dcmread(rt.files.absolute(sr.path))
+
+    try:
+        with _listening(cfg, rt) as store:
+            store(axial[:-1])
+            first = run_and_read_sr()
+            store(axial[-1:])  # late: re-opens the study
+            second = run_and_read_sr()
+    finally:
+        worker.close()
+    assert "PredecessorDocumentsSequence" not in first and first.InstanceNumber == 1
+    assert second.SOPInstanceUID != first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
+    assert second.InstanceNumber == 2
+    (study,) = second.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (doc,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (ids.study_uid, first.SeriesInstanceUID)
+    assert (doc.ReferencedSOPClassUID, doc.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
+    hd.sr.Comprehensive3DSR.from_dataset(second)  # still a TID 1500 document to highdicom, and valid:
+    second.save_as(tmp_path / "second.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "second.dcm") == []
+
