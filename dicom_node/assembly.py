@@ -1,8 +1,9 @@
 """Study completion: a study is complete once no instance arrived for ``completion.stable_seconds``.
 
 Completing a study routes it and enqueues its jobs in one transaction (idempotent per study, route and
-generation). An instance arriving after completion re-opens the study with the next generation, so it is
-routed again once quiet and the new results supersede the old (see config ``completion.late_arrivals``).
+generation). An image a model could read (routing.VOLUME_SOP_CLASSES) arriving after completion re-opens
+the study with the next generation, so it is routed again once quiet and the new results supersede the old
+(see config ``completion.late_arrivals``); other objects are stored without re-opening it.
 """
 
 from __future__ import annotations

@@ -229,7 +229,8 @@ class GroupCommitter:
                 self._undo(s)
             return
         try:
-            outcomes = self._db.record([s.pending.instance for s in batch], late_arrivals=self.settings.late_arrivals)
+            outcomes = self._db.record([s.pending.instance for s in batch], late_arrivals=self.settings.late_arrivals,
+                                       reopen_classes=self.settings.reopen_classes)
         except SQLAlchemyError as exc:
             log_event(log, "index_failed", logging.WARNING, instances=len(batch), error=type(exc).__name__)
             for s in batch:

@@ -56,6 +56,7 @@ class RejectedInstance(Exception):
 @dataclass(frozen=True)
 class StoreSettings:
     late_arrivals: str = "rerun"
+    reopen_classes: frozenset[str] | None = None  # SOP classes whose late arrival re-runs a study; None: any
     duplicate_policy: str = "keep_first"
     max_instance_bytes: int = 2048 << 20
 

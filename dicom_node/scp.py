@@ -22,6 +22,7 @@ from dicom_node.group_commit import GroupCommitter
 from dicom_node.handlers import StoreSettings
 from dicom_node.logs import log_event
 from dicom_node.receiver import Limits, ReceiveServer
+from dicom_node.routing import VOLUME_SOP_CLASSES
 from dicom_node.security import ListenerGuard
 from dicom_node.shared_counts import SharedCounts
 from storage.files import FileStore
@@ -72,7 +73,8 @@ def build_ae(cfg: Config) -> AE:
 
 
 def store_settings(cfg: Config) -> StoreSettings:
-    return StoreSettings(late_arrivals=cfg.completion.late_arrivals, duplicate_policy=cfg.node.duplicate_policy,
+    return StoreSettings(late_arrivals=cfg.completion.late_arrivals, reopen_classes=VOLUME_SOP_CLASSES,
+                         duplicate_policy=cfg.node.duplicate_policy,
                          max_instance_bytes=cfg.node.max_instance_mb << 20)
 
 

@@ -13,7 +13,7 @@ import functools
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -128,6 +128,13 @@ def _kept_executor(kept: Connection) -> Iterator[_Executor]:
         yield _PyformatExecutor(cur, dbapi)
 
 
+def reopens(instance: NewInstance, reopen_classes: Collection[str] | None) -> bool:
+    """Whether ``instance``, arriving after its study completed, re-opens it. The caller names the SOP classes
+    that can change what the study's jobs read; anything else (the node's own SEG and SR forwarded back by
+    the PACS, presentation states, key object notes) is stored without re-running the study."""
+    return reopen_classes is None or instance.sop_class_uid in reopen_classes
+
+
 class InstanceBatch:
     """One open transaction: look up what exists, then record a batch of instances."""
 
@@ -142,8 +149,9 @@ class InstanceBatch:
         return dict(self._db.rows(f"SELECT sop_instance_uid, path FROM instances WHERE {where}", params))
 
     def record(self, instances: Sequence[NewInstance], *, late_arrivals: str = "rerun",
-               now: float | None = None) -> list[str]:
-        """Index the instances in order; per instance "stored", "replaced" or "reopened"."""
+               reopen_classes: Collection[str] | None = None, now: float | None = None) -> list[str]:
+        """Index the instances in order; per instance "stored", "replaced" or "reopened". Only an instance of
+        ``reopen_classes`` (default: any) re-opens a complete study: see ``reopens``."""
         if not instances:
             return []
         now = time.time() if now is None else now
@@ -170,7 +178,7 @@ class InstanceBatch:
             row = {**inst.__dict__, "now": now}
             study = studies[inst.study_uid]
             outcome = "replaced" if inst.sop_instance_uid in known else "stored"
-            if study[0] == "complete" and late_arrivals == "rerun":
+            if study[0] == "complete" and late_arrivals == "rerun" and reopens(inst, reopen_classes):
                 study[0] = "receiving"
                 study[1] += 1
                 outcome = "reopened" if outcome == "stored" else outcome
@@ -277,11 +285,12 @@ class InstanceIndex:
             self._lookup.discard()
             raise
 
-    def record(self, instances: Sequence[NewInstance], *, late_arrivals: str) -> list[str]:
+    def record(self, instances: Sequence[NewInstance], *, late_arrivals: str,
+               reopen_classes: Collection[str] | None = None) -> list[str]:
         """``InstanceBatch.record`` in one transaction of its own, committed before it returns."""
         try:
             with self._writers or contextlib.nullcontext(), instance_batch(self.engine, raw=self._commit.get()) as tx:
-                return tx.record(instances, late_arrivals=late_arrivals)
+                return tx.record(instances, late_arrivals=late_arrivals, reopen_classes=reopen_classes)
         except SQLAlchemyError:
             self._commit.discard()
             raise

@@ -12,13 +12,14 @@ being indexed a study's completion.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.batching import reopens
 from storage.records import (
     DeliveryRecord,
     InstanceRecord,
@@ -101,7 +102,8 @@ class JobStore:
     # ---- instances and studies -------------------------------------------------------------------------
 
     def record_instance(
-        self, inst: NewInstance, *, now: float | None = None, late_arrivals: str = "rerun"
+        self, inst: NewInstance, *, now: float | None = None, late_arrivals: str = "rerun",
+        reopen_classes: Collection[str] | None = None,
     ) -> str:
         """Index a stored instance; returns "stored", "replaced" (same SOP UID again) or "reopened"."""
         now = time.time() if now is None else now
@@ -113,7 +115,7 @@ class JobStore:
                 assert study is not None
             existing = s.get(InstanceRow, inst.sop_instance_uid)
             outcome = "stored" if existing is None else "replaced"
-            if study.state == "complete" and late_arrivals == "rerun":
+            if study.state == "complete" and late_arrivals == "rerun" and reopens(inst, reopen_classes):
                 study.state = "receiving"
                 study.generation += 1
                 outcome = "reopened" if existing is None else outcome

@@ -43,7 +43,8 @@ def _listening(cfg: Config, rt: Runtime) -> Iterator[Callable[[Sequence[Dataset]
 
     def store(dss: Sequence[Dataset]) -> None:
         scu = AE(ae_title="MODALITY")
-        scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        for sop_class in sorted({str(d.SOPClassUID) for d in dss}):
+            scu.add_requested_context(sop_class)
         assoc = scu.associate("127.0.0.1", cfg.node.port, ae_title="DICOM_NODE")
         assert [int(assoc.send_c_store(d).Status) for d in dss] == [0] * len(dss)
         assoc.release()
@@ -107,6 +108,13 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
             first = run_and_read_sr()
             store(axial[-1:])  # late: re-opens the study
             second = run_and_read_sr()
+            # the PACS forwards the node's own results back (a common auto-forward rule): stored, no re-run
+            results = [dcmread(rt.files.absolute(r.path)) for r in rt.jobs.results_of_job(rt.jobs.list_jobs()[0].id)]
+            assert sorted(r.Modality for r in results) == ["SEG", "SR"]
+            store(results)
+            assert asm.run_once(now=time.time() + 1) == 0
+            study = rt.jobs.get_study(ids.study_uid)
+            assert study is not None and (study.state, study.generation) == ("complete", 1)
     finally:
         worker.close()
     assert "PredecessorDocumentsSequence" not in first and first.InstanceNumber == 1

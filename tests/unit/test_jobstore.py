@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,21 @@ def test_late_arrival_reopens_study_with_new_generation(js: JobStore) -> None:
     jobs = js.complete_study(due2.study_uid, due2.generation, [_job()])
     assert jobs[0].generation == 1
     assert len(js.list_jobs()) == 2
+
+
+def test_only_an_instance_the_models_could_read_reopens_a_complete_study(js: JobStore) -> None:
+    """The node's own SEG/SR forwarded back by the PACS, a presentation state or a key object note change
+    nothing a job reads: stored, counted, and the study stays complete (no second inference)."""
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    js.record_instance(_inst("1.1"), now=1.0)
+    js.complete_study("1.2.3", 0, [_job()])
+    seg = dataclasses.replace(_inst("9.1"), sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4")
+    assert js.record_instance(seg, now=20.0, reopen_classes={ct}) == "stored"
+    study = js.get_study("1.2.3")
+    assert study is not None and (study.state, study.generation, study.instance_count) == ("complete", 0, 2)
+    assert js.get_instance("9.1") is not None
+    assert js.record_instance(_inst("1.9"), now=21.0, reopen_classes={ct}) == "reopened"
+    assert js.due_studies(1, now=30)[0].generation == 1
 
 
 def test_claim_lease_expiry_and_attempts(js: JobStore) -> None:
