@@ -82,7 +82,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from dicom_node.runtime import open_runtime
 
     rt = open_runtime(cfg)
-    _print_jobs(rt, rt.jobs.list_jobs(state=args.state, limit=args.limit))
+    _print_jobs(rt, rt.jobs.list_jobs(state=args.state, limit=args.limit, or_failed_deliveries=args.state == "failed"))
     return 0
 
 
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=10)
     sp.add_argument("--json", action="store_true")
     sp = add("jobs", cmd_jobs, "list jobs")
-    sp.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
+    sp.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"],
+                    help="failed: also done jobs with a result a destination did not take")
     sp.add_argument("--limit", type=int, default=50)
     sp = add("retry", cmd_retry, "run a failed or cancelled job again; for a done job, re-send its results")
     sp.add_argument("job", type=int)

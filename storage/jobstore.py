@@ -358,11 +358,18 @@ class JobStore:
             r = s.get(JobRow, job_id)
             return _job(r) if r else None
 
-    def list_jobs(self, *, state: str | None = None, limit: int = 20) -> list[JobRecord]:
+    def list_jobs(self, *, state: str | None = None, limit: int = 20,
+                  or_failed_deliveries: bool = False) -> list[JobRecord]:
+        """Newest first; ``state`` filters, and ``or_failed_deliveries`` adds jobs with a result that could not
+        be delivered (a done job whose SEG a destination refused also needs the admin's attention)."""
         with self._tx() as s:
             stmt = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
-            if state:
-                stmt = stmt.where(JobRow.state == state)
+            cond = None if not state else JobRow.state == state
+            if or_failed_deliveries:
+                undelivered = JobRow.id.in_(select(DeliveryRow.job_id).where(DeliveryRow.state == "failed"))
+                cond = undelivered if cond is None else cond | undelivered
+            if cond is not None:
+                stmt = stmt.where(cond)
             return [_job(r) for r in s.scalars(stmt).all()]
 
     def earlier_results(self, study_uid: str, route: str, generation: int, kind: str) -> list[ResultRecord]:

@@ -8,6 +8,7 @@ pynetdicom PACS (tests/fault_peers.py) on loopback.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -231,8 +232,8 @@ def test_out_of_resources_is_retried_then_delivered(make_setup) -> None:
 
 
 @pytest.mark.parametrize("status", [0xA900, 0xC000])
-def test_refusal_status_fails_at_once_and_is_recorded(make_setup, status: int,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_refusal_status_fails_at_once_and_is_recorded(make_setup, status: int, caplog: pytest.LogCaptureFixture,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.INFO)
     scp = FaultSCP(statuses={"*": [status]}).start()
     s = make_setup(port=scp.port)
@@ -247,6 +248,13 @@ def test_refusal_status_fails_at_once_and_is_recorded(make_setup, status: int,
     assert sorted(str(f["status"]) for f in failed) == [f"0x{status:04X}"] * 2
     assert all(f["outcome"] == "permanent" for f in failed)
     _job_untouched(s)
+    # the job itself is done, yet the admin's list of failures shows it, with what did not arrive
+    capsys.readouterr()
+    assert cli_main(["--config", str(s.config_path), "jobs", "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^\s*{s.job_id}\s+done\b.*0/2 sent, 2 failed", out, re.M), out
+    for kind in ("seg", "sr"):
+        assert re.search(rf"^\s+{kind} -> pacs: failed 0x{status:04X}", out, re.M), out
 
 
 @pytest.mark.parametrize("abort", ["--abort-after", "--abort-during"])
