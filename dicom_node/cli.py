@@ -30,11 +30,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The config, the data folder, and every model loaded as the worker will load it (weights, network,
+    device): what would otherwise show only in the node's log at start, or at a study's job."""
     cfg = _load(args)
-    from ai_models.bundle import read_metadata
+    from dicom_node.runtime import data_dir_problem
 
-    for m in cfg.models:
-        read_metadata(cfg.bundle_path(m.name))
+    problem = data_dir_problem(cfg.data_dir)
+    if problem is not None:
+        raise ConfigError(f"node.data_dir: cannot use {cfg.data_dir}: {problem}")
+    failed = 0
+    for i, m in enumerate(cfg.models):
+        error = _model_problem(cfg, m.name)
+        if error is not None:
+            print(f"models[{i}] ({m.name}): {error}", file=sys.stderr)
+            failed += 1
+    if failed:
+        return 2
     print(f"{args.config}: OK ({len(cfg.destinations)} destinations, {len(cfg.models)} models, "
           f"{len(cfg.routes)} routes; listening as {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}; "
           f"data in {cfg.data_dir})")
@@ -45,7 +56,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from dicom_node.runtime import open_runtime
 
-    rt = open_runtime(cfg)
+    rt = open_runtime(cfg, create=False)
     counts = rt.jobs.counts()
     jobs = rt.jobs.list_jobs(limit=args.limit)
     if args.json:
@@ -81,7 +92,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from dicom_node.runtime import open_runtime
 
-    rt = open_runtime(cfg)
+    rt = open_runtime(cfg, create=False)
     _print_jobs(rt, rt.jobs.list_jobs(state=args.state, limit=args.limit, or_failed_deliveries=args.state == "failed"))
     return 0
 
@@ -93,7 +104,7 @@ def _job_action(args: argparse.Namespace, action: str) -> int:
     from storage.jobstore import JobStoreError
 
     try:
-        job = getattr(open_runtime(cfg).jobs, f"{action}_job")(args.job)
+        job = getattr(open_runtime(cfg, create=False).jobs, f"{action}_job")(args.job)
     except JobStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -129,18 +140,38 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _model_problem(cfg: Config, name: str) -> str | None:
+    """Why the worker could not load model ``name`` (loading it as the worker does), or None."""
+    from ai_models.bundle import load_model
+    from ai_models.types import ModelError
+
+    m = cfg.model(name)
+    try:
+        load_model(cfg.bundle_path(name), name=name, device=m.device or cfg.worker.device)
+    except ModelError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from ai_models.bundle import read_metadata
     from ai_models.device import resolve_device
+    from ai_models.types import ModelError
 
     print(f"{'name':<20} {'task':<15} {'version':<10} {'device':<8} labels")
+    failed = 0
     for m in cfg.models:
-        info = read_metadata(cfg.bundle_path(m.name))
-        device = resolve_device(m.device or cfg.worker.device)
+        try:
+            info = read_metadata(cfg.bundle_path(m.name))
+            device = resolve_device(m.device or cfg.worker.device)
+        except ModelError as exc:
+            print(f"{m.name:<20} error: {exc}")
+            failed += 1
+            continue
         labels = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
         print(f"{m.name:<20} {info.task:<15} {info.version:<10} {device:<8} {labels}")
-    return 0
+    return 2 if failed else 0
 
 
 def cmd_make_phantom(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from dicom_node import __version__
 from dicom_node.assembly import Assembler
-from dicom_node.config import Config
+from dicom_node.config import Config, ConfigError
 from dicom_node.listener_pool import ListenerPool, listener_count
 from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
@@ -101,10 +101,14 @@ class Node:
         if jobs or deliveries:
             log_event(log, "leases_recovered", jobs=jobs, deliveries=deliveries)
         processes = listener_count(self.cfg)
-        if processes > 1:
-            self.pool = ListenerPool(self.cfg, processes).start()
-        else:
-            self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
+        try:
+            if processes > 1:
+                self.pool = ListenerPool(self.cfg, processes).start()
+            else:
+                self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
+        except OSError as exc:  # binding the port: in use (another node?), or a bind address not of this host
+            n = self.cfg.node
+            raise ConfigError(f"node.port: cannot listen on {n.bind}:{n.port}: {exc.strerror or exc}") from exc
         c = self.cfg
         wake = {name: threading.Event() for name in ("assembler", "worker", "sender")}
         self.wakes = list(wake.values())
@@ -153,9 +157,13 @@ def serve(cfg: Config) -> int:
         log_event(log, "signal_received", signal=signal.Signals(signum).name)
         stopping.set()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    node.start()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        node.start()
+    except BaseException:  # e.g. the port is taken: the caller reports it; leave the process as it was
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
     while not stopping.wait(1.0):
         pass
     node.shutdown()
