@@ -9,6 +9,7 @@ the study with the next generation, so it is routed again once quiet and the new
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 
 from pydicom import dcmread
@@ -42,10 +43,12 @@ def series_infos(files: FileStore, instances: list[InstanceRecord]) -> list[Seri
 
 
 class Assembler:
-    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore) -> None:
+    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore, *, started_at: float | None = None) -> None:
+        """``started_at``: when this node (re)started; default now."""
         self.cfg = cfg
         self.files = files
         self.jobs = jobs
+        self.started_at = time.time() if started_at is None else started_at
 
     def complete(self, study: StudyRecord) -> list[int]:
         """Route one quiet study and enqueue its jobs; returns the job ids."""
@@ -66,7 +69,14 @@ class Assembler:
         return [j.id for j in jobs]
 
     def run_once(self, now: float | None = None) -> int:
-        """Complete every study quiet for stable_seconds as of ``now`` (default: the clock)."""
+        """Complete every study quiet for stable_seconds as of ``now`` (default: the clock).
+
+        Nothing completes in the first stable_seconds after a (re)start: a study whose transfer a crash or
+        restart cut looks quiet at once (no instance arrived while the node was down), though its senders
+        are about to send the rest. They get the same quiet period as any study."""
+        now = time.time() if now is None else now
+        if now < self.started_at + self.cfg.completion.stable_seconds:
+            return 0
         done = 0
         for study in self.jobs.due_studies(self.cfg.completion.stable_seconds, now=now):
             self.complete(study)

@@ -21,6 +21,7 @@ from dicom_node.scp import start_listener
 from dicom_node.service import node_identity
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets
 from dicom_node.worker import Worker
+from storage.records import NewInstance
 from tests.peers import SHIPPED_SEG_BUNDLE, free_port
 from tests.unit.results_helpers import dciodvfy_errors
 
@@ -129,3 +130,19 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     second.save_as(tmp_path / "second.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "second.dcm") == []
 
+
+
+def test_after_a_restart_a_cut_transfer_gets_its_quiet_period_again(tmp_path: Path) -> None:
+    """A study whose transfer a node crash cut looks quiet for as long as the node was down; completing it
+    at restart would run the models on part of a study while its senders are about to send the rest."""
+    cfg = _config(tmp_path)
+    rt = open_runtime(cfg)
+    cut = time.time() - 600  # the last instance arrived before the crash, ten minutes ago
+    rt.jobs.record_instance(NewInstance("1.2.3.1", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2",
+                                        "1.2.840.10008.1.2.1", "x/1.dcm", 10), now=cut)
+    restarted = time.time()
+    asm = Assembler(cfg, rt.files, rt.jobs, started_at=restarted)
+    stable = cfg.completion.stable_seconds
+    assert asm.run_once(now=restarted + stable * 0.9) == 0
+    assert rt.jobs.get_study("1.2.3").state == "receiving"
+    assert asm.run_once(now=restarted + stable + 0.01) == 1  # nothing more came: complete, as any quiet study
