@@ -264,9 +264,10 @@ def _check_ae(value: str, key: str) -> None:
         raise ConfigError(f"{key}: invalid AE title {value!r} (1-16 characters, no backslash)")
 
 
-def _check_port(value: int, key: str) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{key}: port {value} out of range 0-65535")
+def _check_port(value: int, key: str, *, lowest: int = 0) -> None:
+    """``lowest`` 1 for a peer's port (0 asks the system for any free port: only ever a port of our own)."""
+    if not lowest <= value <= 65535:
+        raise ConfigError(f"{key}: port {value} out of range {lowest}-65535")
 
 
 def _check_database_url(url: str) -> None:
@@ -326,7 +327,7 @@ def _validate(cfg: Config) -> None:
     _unique([r.name for r in cfg.routes], "routes")
     for i, d in enumerate(cfg.destinations):
         _check_ae(d.ae_title, f"destinations[{i}].ae_title")
-        _check_port(d.port, f"destinations[{i}].port")
+        _check_port(d.port, f"destinations[{i}].port", lowest=1)
         if d.calling_ae_title:
             _check_ae(d.calling_ae_title, f"destinations[{i}].calling_ae_title")
     model_names = {m.name for m in cfg.models}

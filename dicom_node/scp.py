@@ -95,6 +95,7 @@ def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, sock: socke
                network_timeout=n.network_timeout), guard=ListenerGuard.from_config(cfg), sock=sock, counts=counts,
     ).start()
     log_event(log, "listener_started", ae_title=n.ae_title, bind=n.bind, port=server.server_address[1],
-              transfer_syntaxes=len(ae.supported_contexts[0].transfer_syntax) if ae.supported_contexts else 0,
+              sop_classes=len(ae.supported_contexts),  # the storage classes, and Verification
+              transfer_syntaxes=len({ts for cx in ae.supported_contexts for ts in cx.transfer_syntax}),
               pid=os.getpid())
     return ae, server

@@ -34,8 +34,9 @@ log = logging.getLogger("dicom_node.service")
 SHUTDOWN_GRACE_SECONDS = 20.0
 
 
-def node_identity() -> NodeIdentity:
-    return NodeIdentity(software_version=__version__, device_serial_number=socket.gethostname()[:64] or "unknown")
+def node_identity(cfg: Config) -> NodeIdentity:
+    return NodeIdentity(software_version=__version__, device_serial_number=socket.gethostname()[:64] or "unknown",
+                        institution_name=cfg.results.institution_name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,7 +86,7 @@ class Node:
         self.worker_stop = threading.Event()
         self.models = ModelCache(cfg)
         self.assembler = Assembler(cfg, self.rt.files, self.rt.jobs)
-        self.worker = Worker(cfg, self.rt.files, self.rt.jobs, self.models, node_identity(), self.owner)
+        self.worker = Worker(cfg, self.rt.files, self.rt.jobs, self.models, node_identity(cfg), self.owner)
         self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner)
         self.server: ReceiveServer | None = None
         self.ae: AE | None = None

@@ -15,12 +15,14 @@ HASH_PREFIX_LEN = 12
 
 @dataclass(frozen=True, kw_only=True)
 class NodeIdentity:
-    """The node as DICOM equipment: Manufacturer, model, SoftwareVersions, DeviceSerialNumber."""
+    """The node as DICOM equipment: Manufacturer, model, SoftwareVersions, DeviceSerialNumber, and the site
+    it runs at (``results.institution_name``; empty: left out, it is Type 3)."""
 
     manufacturer: str = "dicom-node"
     model_name: str = "dicom-node"
     software_version: str
     device_serial_number: str
+    institution_name: str = ""
 
 
 def algorithm_version(identity: ModelIdentity) -> str:
@@ -57,9 +59,12 @@ def sr_algorithm_identification(
 
 def equipment_kwargs(node: NodeIdentity) -> dict[str, str]:
     """General Equipment module attributes as highdicom constructor keywords."""
-    return {
+    kwargs = {
         "manufacturer": node.manufacturer[:_LO_MAX],
         "manufacturer_model_name": node.model_name[:_LO_MAX],
         "software_versions": node.software_version[:_LO_MAX],
         "device_serial_number": node.device_serial_number[:_LO_MAX],
     }
+    if node.institution_name:
+        kwargs["institution_name"] = node.institution_name[:_LO_MAX]
+    return kwargs

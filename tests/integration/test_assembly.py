@@ -93,7 +93,7 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     ids = StudyIds.new("supersede")
     axial = phantom_datasets(generate_phantom(6, shape=(16, 48, 48), n_nodules=0), ids)
     asm = Assembler(cfg, rt.files, rt.jobs)
-    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(), "test-owner")
+    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "test-owner")
 
     def run_and_read_sr() -> Dataset:
         assert asm.run_once(now=time.time() + 1) == 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from dicom_node.config import ConfigError, load_config, parse_config
+from dicom_node.config import ConfigError, Destination, ModelSpec, Route, load_config, parse_config
 from tests.peers import REPO
 
 
@@ -17,6 +19,26 @@ def test_shipped_config_loads_with_working_defaults() -> None:
     assert cfg.bundle_path("chest-ct-seg") == REPO / "ai_models" / "bundles" / "chest_ct_seg"
     assert [r.name for r in cfg.routes] == ["chest-ct"]
     assert cfg.routes[0].send_to == ("pacs",)
+
+
+def test_shipped_config_shows_every_key_with_its_default() -> None:
+    """The README's promise: an admin finds every key in the shipped file, set to what the node would use
+    without it (security.allowed_hosts, a table of the admin's own titles, is shown commented out)."""
+    shipped = tomllib.loads((REPO / "config.toml").read_text())
+    cfg = load_config(REPO / "config.toml")
+    for section in ("node", "security", "completion", "worker", "sender", "results", "logging"):
+        schema = type(getattr(cfg, section))
+        keys = {f.name for f in dataclasses.fields(schema)} - ({"allowed_hosts"} if section == "security" else set())
+        assert set(shipped[section]) == keys, section
+        defaults = schema()
+        for key in keys:
+            if section == "node" and key in ("bind",):
+                continue
+            assert getattr(getattr(cfg, section), key) == getattr(defaults, key), f"{section}.{key}"
+    for array, schema in (("destinations", Destination), ("models", ModelSpec), ("routes", Route)):
+        shown = set().union(*(set(item) for item in shipped[array]))  # each key in one entry at least
+        assert shown == {f.name for f in dataclasses.fields(schema)}, array
+    assert "# [security.allowed_hosts]" in (REPO / "config.toml").read_text()
 
 
 def test_empty_config_is_valid() -> None:
@@ -34,6 +56,8 @@ def test_empty_config_is_valid() -> None:
     ({"node": {"sqlite_synchronous": "SOMETIMES"}}, "node.sqlite_synchronous"),
     ({"completion": {"stable_seconds": -1}}, "completion.stable_seconds"),
     ({"destinations": [{"name": "p", "ae_title": "P", "host": "h"}]}, "destinations[0].port: required key"),
+    ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 0}]},
+     "destinations[0].port: port 0 out of range 1-65535"),
     ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1, "colour": "red"}]},
      "destinations[0].colour: unknown key"),
     ({"routes": [{"name": "r", "models": [], "send_to": ["pac"]}]}, "routes[0].send_to[0]: unknown destination 'pac'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -341,3 +342,16 @@ def test_procedure_reported_follows_the_source_modality(geometry: Volume) -> Non
     sr = _sr(mr, geometry, classifications=[_classifier(0.8)])
     (procedure,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert procedure.ConceptCodeSequence[0].CodeValue == "25056-3"  # MRI unspecified body region
+
+
+def test_results_carry_the_configured_institution(source: list[pydicom.Dataset], geometry: Volume) -> None:
+    """results.institution_name: the site the node runs at, in the SEG (fast encoder) and the SR alike."""
+    site = dataclasses.replace(NODE, institution_name="General Hospital")
+    lungs = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
+    seg = build_seg(source, lungs, series_uid="2.25.31", sop_uid="2.25.32", series_number=901, node=site)
+    uids = result_uids("SR", source[0].SeriesInstanceUID, "job", "inst")
+    sr = build_sr(source, geometry, segmentations=[(lungs, seg)], detections=(), classifications=(),
+                  series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=902, node=site)
+    assert seg.InstitutionName == sr.InstitutionName == "General Hospital"
+    plain = build_seg(source, lungs, series_uid="2.25.31", sop_uid="2.25.33", series_number=901, node=NODE)
+    assert "InstitutionName" not in plain
