@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import Config, ConfigError, load_config
 from dicom_node.logs import configure_logging
+
+if TYPE_CHECKING:
+    from dicom_node.runtime import Runtime
+    from storage.records import JobRecord
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -60,13 +66,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = rt.jobs.counts()
     jobs = rt.jobs.list_jobs(limit=args.limit)
     if args.json:
-        print(json.dumps({"counts": counts, "jobs": [j.__dict__ for j in jobs]}, default=str))
+        print(json.dumps({"counts": counts, "jobs": [_job_json(rt, j) for j in jobs]}, default=str))
         return 0
     print(f"instances: {counts['instances']['total']}")
     for k in ("studies", "jobs", "deliveries"):
         print(f"{k}: " + (", ".join(f"{s}={n}" for s, n in sorted(counts[k].items())) or "none"))
     _print_jobs(rt, jobs)
     return 0
+
+
+def _job_json(rt: Runtime, job: JobRecord) -> dict[str, object]:
+    """A job for `status --json`: its fields, its timings as an object, and its deliveries."""
+    out: dict[str, object] = dict(job.__dict__)
+    with contextlib.suppress(ValueError):  # else an older row's free text, kept as it is
+        out["timings"] = json.loads(job.timings) if job.timings else {}
+    out["deliveries"] = [{"kind": d.result.kind, "model": d.result.model, "destination": d.destination,
+                          "state": d.state, "attempts": d.attempts, "last_status": d.last_status, "error": d.error,
+                          "sop_instance_uid": d.result.sop_instance_uid}
+                         for d in rt.jobs.deliveries_of_job(job.id)]
+    return out
 
 
 def _print_jobs(rt: object, jobs: Sequence[object]) -> None:

@@ -167,7 +167,7 @@ class Worker:
             self._fail(job, str(exc), permanent=True)
             return
         except LeaseLostError as exc:
-            log_event(log, "job_lease_lost", logging.WARNING, study_uid=job.study_uid, job_id=job.id, error=str(exc))
+            self._log_lost(job, str(exc))
             return
         except Exception as exc:  # model crash, OOM, encoder bug: retry with backoff, then fail
             log.exception("job_attempt_failed", extra={"fields": {"study_uid": job.study_uid, "job_id": job.id}})
@@ -177,10 +177,19 @@ class Worker:
             stop_beat.set()
             beat.join(timeout=5)
         if lost.is_set() or not self.jobs.finish_job(job.id, self.owner, results, json.dumps(timings.stages)):
-            log_event(log, "job_lease_lost", logging.WARNING, study_uid=job.study_uid, job_id=job.id)
+            self._log_lost(job, "lease lost before its results were recorded")
             return
         log_event(log, "job_done", study_uid=job.study_uid, job_id=job.id,
                   results=",".join(r.kind for r in results), **{f"t_{k}": v for k, v in timings.stages.items()})
+
+    def _log_lost(self, job: JobRecord, why: str) -> None:
+        """The job was taken from this worker: by an admin's `cancel` (said as such), or by another worker
+        after this one's lease ran out (a warning: this worker was too slow to renew it)."""
+        current = self.jobs.get_job(job.id)
+        if current is not None and current.state == "cancelled":
+            log_event(log, "job_cancelled_while_running", study_uid=job.study_uid, job_id=job.id)
+            return
+        log_event(log, "job_lease_lost", logging.WARNING, study_uid=job.study_uid, job_id=job.id, error=why)
 
     def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event) -> None:
         interval = max(0.5, self.cfg.worker.lease_seconds / 3)

@@ -179,6 +179,10 @@ def test_studies_come_back_as_seg_and_sr_at_the_pacs(workdir: Path) -> None:
         assert status.returncode == 0
         assert "jobs: done=3" in status.stdout, status.stdout
         assert "deliveries: done=" in status.stdout
+        machine = json.loads(node.cli("status", "--json").stdout)  # for monitoring scripts: objects, not strings
+        for job in machine["jobs"]:
+            assert job["state"] == "done" and job["timings"]["inference_forward"] > 0
+            assert sorted((d["kind"], d["state"]) for d in job["deliveries"]) == [("seg", "done"), ("sr", "done")]
         log = node.log_text()
         assert "study_complete" in log and "job_done" in log
         assert "t_inference_forward" in log  # the runner's stages reach the job's timings

@@ -140,3 +140,35 @@ def test_a_rebuilt_result_failing_its_read_back_keeps_the_earlier_file(tmp_path:
     with pytest.raises(ModelError):
         w._write(_sr_like("1.2.3.4.6"), "sr", "")
     assert stored.read_bytes() == before
+
+
+def test_a_job_cancelled_while_running_is_logged_as_such(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`dicom-node cancel` on a running job takes its lease: the worker says it was cancelled, not that it
+    lost its lease (the warning that means a worker too slow to renew it)."""
+    from dicom_node.config import parse_config
+    from dicom_node.models import ModelCache
+    from dicom_node.runtime import open_runtime
+    from dicom_node.service import node_identity
+    from storage.records import NewInstance, NewJob
+
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "var")}}, tmp_path)
+    rt = open_runtime(cfg)
+    rt.jobs.record_instance(NewInstance("1.1", "1.2", "1.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                        "x/1.dcm", 10), now=1.0)
+    rt.jobs.complete_study("1.2", 0, [NewJob(route="r", series_uid="1.3", models=("m",), destinations=("p",))])
+    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "w")
+    try:
+        job = rt.jobs.claim_job("w", 60)
+        assert job is not None
+        caplog.set_level("INFO")
+        rt.jobs.cancel_job(job.id)
+        worker._log_lost(job, "lease lost after inference")
+        rt.jobs.retry_job(job.id)
+        job = rt.jobs.claim_job("w", 60)
+        assert job is not None
+        rt.jobs.claim_job("other", 60, now=job.lease_expires_at + 1)  # this worker was too slow: taken over
+        worker._log_lost(job, "lease lost after inference")
+    finally:
+        worker.close()
+    events = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "dicom_node.worker"]
+    assert events == [("INFO", "job_cancelled_while_running"), ("WARNING", "job_lease_lost")]
