@@ -1,5 +1,9 @@
 """Does a received Little Endian dataset hold together? Walk its element chain to the last byte, no deeper.
 
+It also refuses native pixel data shorter than the image module says it is (rows x columns x samples x
+bytes x frames, for the photometric interpretations whose size that is): a file cut off by a modality's
+export, re-padded to an element boundary, would otherwise be acknowledged and fail only in the worker.
+
 The header sniff reads only up to (0020,000E); a dataset truncated in its pixel data, or with an element
 length that runs past the end, would otherwise be acknowledged and fail only later in the worker. The walk
 reads element headers, skips values by their lengths and follows undefined-length sequences and
@@ -27,6 +31,31 @@ _U32 = struct.Struct("<I")
 _WINDOW = 1 << 14
 _WANTED = frozenset(WANTED)
 _LAST_WANTED = max(WANTED)
+_PIXEL_DATA = 0x7FE00010
+# Image Pixel module elements the pixel data size follows from: SamplesPerPixel, PhotometricInterpretation,
+# NumberOfFrames, Rows, Columns, BitsAllocated
+_IMAGE_ELEMENTS = frozenset((0x0002, 0x0004, 0x0008, 0x0010, 0x0011, 0x0100))
+_FULL_SIZE_PHOTOMETRIC = frozenset(("MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL"))
+_U16 = struct.Struct("<H")
+
+
+def _short_pixel_data(image: dict[int, bytes], length: int) -> str | None:
+    """Why native pixel data of ``length`` bytes cannot hold the image the Image Pixel module describes, or
+    None (also when that module is incomplete or unusual: pydicom and the worker judge those)."""
+    try:
+        rows, cols, bits = (_U16.unpack(image[e])[0] for e in (0x0010, 0x0011, 0x0100))
+        samples = _U16.unpack(image[0x0002])[0] if 0x0002 in image else 1
+        frames = int(image[0x0008].decode("ascii").strip("\0 ") or 1) if 0x0008 in image else 1
+        photometric = image[0x0004].decode("ascii").strip("\0 ") if 0x0004 in image else ""
+    except (KeyError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    if bits not in (8, 16, 32, 64) or photometric not in _FULL_SIZE_PHOTOMETRIC:
+        return None
+    expected = rows * cols * samples * (bits // 8) * frames
+    if length >= expected:
+        return None
+    return (f"pixel data holds {length} bytes; {frames} frame(s) of {rows}x{cols}x{samples} at {bits} bits "
+            f"need {expected}")
 
 
 def check_structure(path: str | os.PathLike[str], start: int, end: int, *, explicit: bool,
@@ -90,6 +119,7 @@ def _walk(reader: _Reader, pos: int, end: int, explicit: bool, found: dict[int, 
     base, buf = pos, reader.window(pos)  # element headers are read from this window of the file
     wanted = found is not None  # still collecting the identifying UIDs (top level, up to SeriesInstanceUID)
     collected: dict[int, str] = found if found is not None else {}
+    image: dict[int, bytes] = {}  # top-level Image Pixel module values (raw), for the pixel data size check
     depth = 0  # open undefined-length sequences / encapsulated pixel data
     implicit_from = 0  # > 0: inside an undefined-length UN opened at this depth, encoded Implicit VR (PS3.5 6.2.2)
     while pos < end:
@@ -138,6 +168,13 @@ def _walk(reader: _Reader, pos: int, end: int, explicit: bool, found: dict[int, 
                 if start + length > len(buf):  # longer than a window: not a UID, leave it to pydicom
                     raise _Unreadable
                 collected[tag] = value_text(buf[start:start + length])
+        if depth == 0 and length != _UNDEFINED:
+            if group == 0x0028 and elem in _IMAGE_ELEMENTS and length <= 16:
+                if pos - base < 0 or pos - base + length > len(buf):  # the value is past this window
+                    base, buf = pos, reader.window(pos)
+                image[elem] = bytes(buf[pos - base:pos - base + length])
+            elif group << 16 | elem == _PIXEL_DATA and (why := _short_pixel_data(image, length)):
+                return why
         if length == _UNDEFINED:
             depth += 1
             if depth > MAX_DEPTH:

@@ -67,6 +67,16 @@ def body(*, sop_class: bytes = CT.encode(), sop: bytes | None = SOP, study: byte
     return out + tail
 
 
+def image_pixels(rows: int, cols: int, pixels: bytes, *, frames: bytes | None = None,
+                 photometric: bytes = b"MONOCHROME2") -> bytes:
+    """An Image Pixel module (16 bits allocated) and native pixel data, whose element lengths all hold."""
+    out = el(0x00280002, b"US", struct.pack("<H", 1)) + el(0x00280004, b"CS", photometric)
+    if frames is not None:
+        out += el(0x00280008, b"IS", frames)
+    out += el(0x00280010, b"US", struct.pack("<H", rows)) + el(0x00280011, b"US", struct.pack("<H", cols))
+    return out + el(0x00280100, b"US", struct.pack("<H", 16)) + el(0x7FE00010, b"OW", pixels)
+
+
 def dicom_file(path: Path, dataset: bytes, *, sop_class: str = CT, sop: str = SOP.decode(), ts: str = EXPLICIT) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -157,6 +167,8 @@ def nested(levels: int) -> bytes:
     pytest.param(body(before_study=nested(10_000)), 0xC210, id="nested-10000"),
     pytest.param(body(tail=struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)), 0xC210, id="open-sequence"),
     pytest.param(b"\xff" * 64, None, id="garbage"),
+    pytest.param(body(tail=image_pixels(16, 16, b"\0" * 400)), 0xC210, id="pixel-data-shorter-than-the-image"),
+    pytest.param(body(tail=image_pixels(16, 16, b"\0" * 1024, frames=b"3")), 0xC210, id="frames-missing"),
 ])
 def test_hostile_dataset_gets_failure_and_stores_nothing(node, tmp_path: Path, dataset: bytes,
                                                          status: int | None) -> None:
@@ -170,6 +182,18 @@ def test_hostile_dataset_gets_failure_and_stores_nothing(node, tmp_path: Path, d
         assert got == status, hex(got)
     assert_nothing_stored(rt)
     assert send(port, dicom_file(tmp_path / "ok.dcm", body())) == 0  # and the node keeps serving
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param(image_pixels(16, 16, b"\0" * 512), id="exact"),
+    pytest.param(image_pixels(16, 16, b"\0" * 514), id="padded"),
+    pytest.param(image_pixels(16, 16, b"\0" * 1024, frames=b"2"), id="two-frames"),
+    pytest.param(image_pixels(16, 16, b"\0" * 256, photometric=b"YBR_FULL_422"), id="subsampled-colour"),
+])
+def test_pixel_data_the_image_module_accounts_for_is_accepted(node, tmp_path: Path, tail: bytes) -> None:
+    port, rt, _ = node
+    assert send(port, dicom_file(tmp_path / "ok.dcm", body(tail=tail))) == 0
+    assert len(rt.jobs.all_instances()) == 1
 
 
 def test_uid_padded_with_a_trailing_nul_is_valid(node, tmp_path: Path) -> None:
