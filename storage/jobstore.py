@@ -332,6 +332,12 @@ class JobStore:
                 raise JobStoreError(f"no job {job_id}")
             resend = DeliveryRow.state == "failed"
             if row.state in ("failed", "cancelled"):
+                later = s.scalars(select(JobRow).where(
+                    JobRow.study_uid == row.study_uid, JobRow.route == row.route, JobRow.generation > row.generation,
+                    JobRow.state != "cancelled").order_by(JobRow.generation.desc()).limit(1)).first()
+                if later is not None:  # its results would reach the PACS after, and look newer than, the later run's
+                    raise JobStoreError(f"job {job_id} was superseded by job {later.id} (a later run of the same study "
+                                        f"and route, after late arrivals); retry that one if it needs it")
                 row.state, row.attempts, row.not_before, row.error = "queued", 0, 0.0, ""
             elif row.state == "done":
                 resend = DeliveryRow.state.in_(("failed", "done"))

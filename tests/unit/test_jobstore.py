@@ -141,6 +141,22 @@ def test_fail_with_backoff_then_failed_then_admin_retry(js: JobStore) -> None:
         js.retry_job(job.id)  # running
 
 
+def test_a_failed_run_superseded_by_a_later_one_is_not_run_again(js: JobStore) -> None:
+    """Re-running the first generation after late arrivals made a second would send its older results after
+    the newer ones; the admin is pointed at the later job instead."""
+    js.record_instance(_inst("1.1"), now=1.0)
+    (first,) = js.complete_study("1.2.3", 0, [_job()])
+    c = js.claim_job("W", 60)
+    assert js.fail_job(c.id, "W", "boom", max_attempts=1, backoff_seconds=1) == "failed"
+    js.record_instance(_inst("1.2"), now=20.0)  # late: generation 1
+    (second,) = js.complete_study("1.2.3", 1, [_job()])
+    with pytest.raises(JobStoreError, match=f"job {first.id} was superseded by job {second.id}"):
+        js.retry_job(first.id)
+    assert js.get_job(first.id).state == "failed"
+    js.cancel_job(second.id)  # unless the later run was cancelled
+    assert js.retry_job(first.id).state == "queued"
+
+
 def test_release_does_not_count_attempt_and_cancel(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     (job,) = js.complete_study("1.2.3", 0, [_job()])
