@@ -43,7 +43,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     problem = data_dir_problem(cfg.data_dir)
     if problem is not None:
-        raise ConfigError(f"node.data_dir: cannot use {cfg.data_dir}: {problem}")
+        why, certain = problem
+        if certain:
+            raise ConfigError(f"node.data_dir: cannot use {cfg.data_dir}: {why}")
+        print(f"warning: node.data_dir: {why}; the user the node runs as must be able to write it", file=sys.stderr)
     failed = 0
     for i, m in enumerate(cfg.models):
         error = _model_problem(cfg, m.name)
@@ -168,6 +171,8 @@ def _model_problem(cfg: Config, name: str) -> str | None:
         load_model(cfg.bundle_path(name), name=name, device=m.device or cfg.worker.device)
     except ModelError as exc:
         return str(exc)
+    except Exception as exc:  # a bundle's own config or files can fail in MONAI or torch in any way: report it
+        return f"{type(exc).__name__}: {exc}"
     return None
 
 

@@ -86,6 +86,14 @@ class PermanentJobError(Exception):
     """Retrying cannot help (invalid geometry, no readable instances): fail the job at once."""
 
 
+class SupersededError(Exception):
+    """A later run of the same study and route exists: this job's results would be out of date on arrival."""
+
+    def __init__(self, by_job_id: int) -> None:
+        super().__init__(f"superseded by job {by_job_id}")
+        self.by_job_id = by_job_id
+
+
 class LeaseLostError(Exception):
     """Our lease ran out and another worker took the job, or it was cancelled."""
 
@@ -169,6 +177,12 @@ class Worker:
         except LeaseLostError as exc:
             self._log_lost(job, str(exc))
             return
+        except SupersededError as exc:
+            if self.jobs.supersede_job(job.id, self.owner, exc.by_job_id):
+                log_event(log, "job_superseded", study_uid=job.study_uid, job_id=job.id, by_job_id=exc.by_job_id)
+            else:
+                self._log_lost(job, "lease lost")
+            return
         except Exception as exc:  # model crash, OOM, encoder bug: retry with backoff, then fail
             log.exception("job_attempt_failed", extra={"fields": {"study_uid": job.study_uid, "job_id": job.id}})
             self._fail(job, f"{type(exc).__name__}: {exc}", permanent=False)
@@ -207,8 +221,17 @@ class Worker:
 
     # ---- one job -----------------------------------------------------------------------------------------
 
+    def _check_current(self, job: JobRecord) -> None:
+        """Jobs of one study and route may run out of order (a retry's backoff, several workers): an older
+        run found superseded is dropped before its work, and again before its results are written, so its
+        SR never reaches the PACS after, and unaware of, the later run's."""
+        later = self.jobs.superseding_job(job.id)
+        if later is not None:
+            raise SupersededError(later.id)
+
     def _run(self, job: JobRecord, lost: threading.Event) -> tuple[list[NewResult], Timings]:
         t = Timings()
+        self._check_current(job)
         instances = self.jobs.instances_of_series(job.series_uid)
         if not instances:
             raise PermanentJobError(f"no instances of series {job.series_uid}")
@@ -225,6 +248,7 @@ class Worker:
             model_results.append(t.measure("inference", lambda m=model: self._infer(m, volume, t)))
         if lost.is_set():
             raise LeaseLostError("lease lost after inference")
+        self._check_current(job)
         with collector_paused():
             return self._encode_results(job, volume, headers, digest, model_results, t), t
 

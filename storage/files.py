@@ -115,11 +115,13 @@ def _fsync_dir(path: str | Path) -> None:
 class FileStore:
     """Files under ``root``: ``incoming/<study>/<series>/<sop>.dcm`` and ``results/<study>/<sop>.dcm``."""
 
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, create: bool = True) -> None:
+        """``create=False``: for readers (admin commands), which must not make the folder."""
         self.root = Path(root)
         self._root_str = str(self.root)
         self.min_free_bytes = min_free_bytes
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._known_dirs: set[str] = set()
         self._incoming = self.root / "incoming"
         self._incoming_prefix = f"{self._incoming}/{TMP_PREFIX}"

@@ -73,6 +73,13 @@ def _result(r: ResultRow) -> ResultRecord:
     )
 
 
+def _later_run(s: Session, row: JobRow) -> JobRow | None:
+    """The latest run (not cancelled) of ``row``'s study and route with a higher generation, if any."""
+    return s.scalars(select(JobRow).where(
+        JobRow.study_uid == row.study_uid, JobRow.route == row.route, JobRow.generation > row.generation,
+        JobRow.state != "cancelled").order_by(JobRow.generation.desc()).limit(1)).first()
+
+
 def _new_job_row(study_uid: str, generation: int, job: NewJob, now: float) -> JobRow:
     return JobRow(
         study_uid=study_uid, route=job.route, generation=generation, series_uid=job.series_uid,
@@ -332,9 +339,7 @@ class JobStore:
                 raise JobStoreError(f"no job {job_id}")
             resend = DeliveryRow.state == "failed"
             if row.state in ("failed", "cancelled"):
-                later = s.scalars(select(JobRow).where(
-                    JobRow.study_uid == row.study_uid, JobRow.route == row.route, JobRow.generation > row.generation,
-                    JobRow.state != "cancelled").order_by(JobRow.generation.desc()).limit(1)).first()
+                later = _later_run(s, row)
                 if later is not None:  # its results would reach the PACS after, and look newer than, the later run's
                     raise JobStoreError(f"job {job_id} was superseded by job {later.id} (a later run of the same study "
                                         f"and route, after late arrivals); retry that one if it needs it")
@@ -347,6 +352,24 @@ class JobStore:
                       .values(state="pending", attempts=0, not_before=0.0, error=""))
             row.updated_at = time.time()
             return _job(row)
+
+    def superseding_job(self, job_id: int) -> JobRecord | None:
+        """A later run (higher generation, not cancelled) of the same study and route, if any: its results
+        replace this job's, so this one must not deliver after it."""
+        with self._tx() as s:
+            row = s.get(JobRow, job_id)
+            later = None if row is None else _later_run(s, row)
+            return None if later is None else _job(later)
+
+    def supersede_job(self, job_id: int, owner: str, by_job_id: int) -> bool:
+        """The worker holding ``job_id`` gives it up for ``by_job_id``: cancelled, saying why."""
+        with self._tx() as s:
+            row = self._owned(s, job_id, owner)
+            if row is None:
+                return False
+            row.state, row.error = "cancelled", f"superseded by job {by_job_id}"
+            row.lease_owner, row.lease_expires_at, row.updated_at = "", 0.0, time.time()
+            return True
 
     def cancel_job(self, job_id: int) -> JobRecord:
         with self._tx() as s:

@@ -19,8 +19,8 @@ Choices worth knowing:
 - "Anatomical Structure" is SCT 91723000 (current CID 7150); 123037004 is the retired code whose
   SNOMED meaning is now "Body structure".
 - Absent is SCT 272519000 (CID 240/241 Present-Absent; replaced the older 2667000). It is said of findings
-  (a nodule) only: an anatomical structure a model did not segment was "Not detected" (SCT 260415000),
-  for it may simply lie outside the scan.
+  (a nodule) only: an anatomical structure, or a label outside the table, that a model did not segment was
+  "Not detected" (SCT 260415000), for it may simply lie outside the scan.
 - Procedure Reported (TID 1500 row 4, DCID 100) follows the source modality: LOINC "CT / MRI / PET
   unspecified body region", else SCT 363679005 "Imaging procedure".
 - Detection score and classification probability are DCM 111012 "Certainty of Finding" in percent
@@ -94,9 +94,10 @@ class SegmentCoding:
         return (self.category, self.type) if self.modifier is None else (self.category, self.type, self.modifier)
 
     @property
-    def is_anatomy(self) -> bool:
-        """An anatomical structure, of which "Absent" would be a wrong clinical claim (see module docstring)."""
-        return self.category == ANATOMICAL_STRUCTURE
+    def is_finding(self) -> bool:
+        """A finding (an abnormal structure such as a nodule), of which a model may say "Absent"; of anything
+        else (an organ, a label outside the table) that would be a wrong clinical claim: "Not detected"."""
+        return self.category == MORPHOLOGICALLY_ABNORMAL
 
     @property
     def display(self) -> str:

@@ -104,7 +104,7 @@ def _absent_group(
         finding_sites=_finding_sites(coding),
         algorithm_id=algorithm,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=coding.type, value=NOT_DETECTED if coding.is_anatomy else ABSENT)
+            hd.sr.QualitativeEvaluation(name=coding.type, value=ABSENT if coding.is_finding else NOT_DETECTED)
         ],
     )
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import highdicom as hd
+import pytest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
@@ -146,3 +147,31 @@ def test_after_a_restart_a_cut_transfer_gets_its_quiet_period_again(tmp_path: Pa
     assert asm.run_once(now=restarted + stable * 0.9) == 0
     assert rt.jobs.get_study("1.2.3").state == "receiving"
     assert asm.run_once(now=restarted + stable + 0.01) == 1  # nothing more came: complete, as any quiet study
+
+
+def test_a_run_superseded_before_it_starts_is_dropped_not_delivered(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The first run's job was still waiting (e.g. in a retry's backoff) when late slices made a second run:
+    the worker drops it instead of sending results that would arrive after, and look newer than, the second's."""
+    cfg = _config(tmp_path)
+    rt = open_runtime(cfg)
+    ids = StudyIds.new("superseded")
+    axial = phantom_datasets(generate_phantom(7, shape=(16, 48, 48), n_nodules=0), ids)
+    asm = Assembler(cfg, rt.files, rt.jobs)
+    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "test-owner")
+    caplog.set_level("INFO")
+    try:
+        with _listening(cfg, rt) as store:
+            store(axial[:-1])
+            assert asm.run_once(now=time.time() + 1) == 1
+            store(axial[-1:])
+            assert asm.run_once(now=time.time() + 1) == 1
+        first, second = sorted(rt.jobs.list_jobs(), key=lambda j: j.generation)
+        assert worker.run_once() and worker.run_once()
+    finally:
+        worker.close()
+    first, second = rt.jobs.get_job(first.id), rt.jobs.get_job(second.id)
+    assert (first.state, first.error) == ("cancelled", f"superseded by job {second.id}")
+    assert rt.jobs.results_of_job(first.id) == [] and second.state == "done"
+    events = [r.getMessage() for r in caplog.records if r.name == "dicom_node.worker"]
+    assert events.count("job_superseded") == 1 and events.count("job_done") == 1

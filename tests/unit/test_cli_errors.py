@@ -87,3 +87,20 @@ def test_a_cuda_device_on_a_machine_without_one_is_reported_not_raised(tmp_path:
     assert rc == 2 and err.startswith("models[0] (good): ") and "CUDA is not available" in err, err
     rc, out, _ = _run(capsys, "--config", str(cfg), "models")
     assert rc == 2 and "good" in out and "error: " in out and "CUDA is not available" in out, out
+
+
+def test_with_a_database_url_admin_commands_need_no_local_data_dir(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Several machines sharing one database: an admin may query it from a host without the shared folder."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    (tmp_path / "a").mkdir()
+    serve_side = _config(tmp_path / "a", data_dir=tmp_path / "a" / "var", node_extra=f'database_url = "{url}"')
+    from dicom_node.config import load_config
+    from dicom_node.runtime import open_runtime
+
+    open_runtime(load_config(serve_side))  # a node made the store
+    (tmp_path / "b").mkdir()
+    admin_side = _config(tmp_path / "b", data_dir=tmp_path / "b" / "nowhere", node_extra=f'database_url = "{url}"')
+    rc, out, err = _run(capsys, "--config", str(admin_side), "status")
+    assert rc == 0 and "instances: 0" in out, err
+    assert not (tmp_path / "b" / "nowhere").exists()  # and nothing was made on this host

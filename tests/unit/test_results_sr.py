@@ -263,7 +263,8 @@ def test_sr_reports_every_segmentation_model_and_lists_each_seg_as_evidence(
         uids = result_uids("SEG", source[0].SeriesInstanceUID, result.identity.name, "1.0.0")
         segs.append(build_seg(source, result, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=901,
                               node=NODE))
-    empty = SegmentationResult(identity(labels={1: "liver"}, name="liver-seg"), np.zeros(SHAPE, dtype=np.uint8))
+    empty = SegmentationResult(identity(labels={1: "liver", 2: "wobble"}, name="liver-seg"),
+                               np.zeros(SHAPE, dtype=np.uint8))
     sr_ds = _sr(source, geometry, segmentations=[(lungs, segs[0]), (empty, None), (kidneys, segs[1])])
     path = write(sr_ds, tmp_path / "three-models.dcm")
     assert dciodvfy_errors(path) == []
@@ -274,8 +275,10 @@ def test_sr_reports_every_segmentation_model_and_lists_each_seg_as_evidence(
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     expected = {source[0].SeriesInstanceUID, *(s.SeriesInstanceUID for s in segs)}
     assert {s.SeriesInstanceUID for s in evidence} == expected
-    not_found = sorted(g.finding_type.meaning for g in sr.content.get_image_measurement_groups())
-    assert not_found == ["Kidney", "Liver"]  # the left kidney of the second model, the third model's liver
+    not_found = sorted((g.finding_type.meaning, _evaluation(g)) for g in sr.content.get_image_measurement_groups())
+    # the second model's left kidney, the third model's liver and its label outside the code table: none of
+    # them is a finding, so none is claimed "Absent" (272519000), only "Not detected"
+    assert not_found == [("Kidney", "260415000"), ("Liver", "260415000"), ("wobble", "260415000")]
 
 
 def test_seg_and_sr_share_each_segments_tracking_uid_across_reruns(
