@@ -147,7 +147,74 @@ _TABLE: dict[str, SegmentCoding] = {
     "adrenal gland right": _anat(codes.SCT.AdrenalGland, RIGHT),
     "left adrenal gland": _anat(codes.SCT.AdrenalGland, LEFT),
     "adrenal gland left": _anat(codes.SCT.AdrenalGland, LEFT),
+    # TotalSegmentator's classes (the model zoo's wholeBody_ct_segmentation); paired structures also take a
+    # laterality word (see _lateral), vertebrae and ribs their own rules (see _numbered)
+    "trachea": _anat(codes.SCT.Trachea),
+    "heart": _anat(codes.SCT.Heart),
+    "heart atrium left": _anat(codes.SCT.LeftAtrium),
+    "heart atrium right": _anat(codes.SCT.RightAtrium),
+    "heart ventricle left": _anat(codes.SCT.LeftVentricle),
+    "heart ventricle right": _anat(codes.SCT.RightVentricle),
+    "pulmonary artery": _anat(codes.SCT.PulmonaryArtery),
+    "brain": _anat(codes.SCT.Brain),
+    "small bowel": _anat(codes.SCT.SmallIntestine),
+    "small intestine": _anat(codes.SCT.SmallIntestine),
+    "duodenum": _anat(codes.SCT.Duodenum),
+    "colon": _anat(codes.SCT.Colon),
+    "urinary bladder": _anat(codes.SCT.Bladder),
+    "bladder": _anat(codes.SCT.Bladder),
+    "sacrum": _anat(codes.SCT.Sacrum),
+    "face": _anat(codes.SCT.Face),
+    "lung middle lobe right": _anat(codes.SCT.MiddleLobeOfRightLung),
+    "erector spinae": _anat(codes.SCT.ErectorSpinaeMuscle),
 }
+
+# Structures that come in pairs: "<name> left", "left <name>" (any word order) get the laterality modifier.
+_PAIRED: dict[str, object] = {
+    "kidney": codes.SCT.Kidney,
+    "adrenal gland": codes.SCT.AdrenalGland,
+    "lung": codes.SCT.Lung,
+    "lung upper lobe": codes.SCT.UpperLobeOfLung,
+    "lung lower lobe": codes.SCT.LowerLobeOfLung,
+    "iliac artery": codes.SCT.IliacArtery,
+    "iliac vena": codes.SCT.IliacVein,
+    "iliac vein": codes.SCT.IliacVein,
+    "humerus": codes.SCT.Humerus,
+    "scapula": codes.SCT.Scapula,
+    "clavicula": codes.SCT.Clavicle,
+    "clavicle": codes.SCT.Clavicle,
+    "femur": codes.SCT.Femur,
+    "hip": codes.SCT.Hip,
+    "rib": codes.SCT.Rib,
+}
+_SIDES = {"left": LEFT, "right": RIGHT}
+_VERTEBRA = re.compile(r"vertebrae? ([ctl])(\d{1,2})")
+_RIB = re.compile(r"rib (left|right) \d{1,2}|(left|right) rib \d{1,2}|rib \d{1,2} (left|right)")
+_SPINE_LEVELS = {"c": 7, "t": 12, "l": 5}
+
+
+def _lateral(key: str) -> SegmentCoding | None:
+    """"kidney left", "left kidney", "lung upper lobe left": a paired structure and its side."""
+    words = key.split(" ")
+    sides = [w for w in words if w in _SIDES]
+    if len(sides) != 1:
+        return None
+    base = " ".join(w for w in words if w not in _SIDES)
+    code = _PAIRED.get(base)
+    return None if code is None else _anat(code, _SIDES[sides[0]])
+
+
+def _numbered(key: str) -> SegmentCoding | None:
+    """"vertebrae l5" (SCT "L5 vertebra"); "rib left 3" (SCT Rib with its side; the label keeps the number)."""
+    if (m := _VERTEBRA.fullmatch(key)) is not None:
+        level, n = m.group(1), int(m.group(2))
+        if 1 <= n <= _SPINE_LEVELS[level]:
+            return _anat(getattr(codes.SCT, f"{level.upper()}{n}Vertebra"))
+        return None
+    if (m := _RIB.fullmatch(key)) is not None:
+        side = next(g for g in m.groups() if g)
+        return _anat(codes.SCT.Rib, _SIDES[side])
+    return None
 
 # Known misspellings in published bundles (model-zoo swin_unetr_btcv: "Left Kideny").
 _TYPOS = {"kideny": "kidney"}
@@ -171,7 +238,7 @@ def segment_coding(label_name: str) -> SegmentCoding:
     builder may extend (a SEG adds the laterality modifier to its type item), and that must reach neither
     the table nor another object."""
     key = normalise_label(label_name)
-    known = _TABLE.get(key)
+    known = _TABLE.get(key) or _lateral(key) or _numbered(key)
     if known is not None:
         modifier = None if known.modifier is None else _fresh(known.modifier)
         return SegmentCoding(_fresh(known.category), _fresh(known.type), modifier)

@@ -10,9 +10,11 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
+from ai_models.bundle import read_metadata
 from ai_models.types import SegmentationResult
 from dicom_node.results import EmptySegmentationError, build_seg, derive_uid, result_uids
 from dicom_node.results.codes import PRIVATE_SCHEME, normalise_label, segment_coding
+from tests.unit.test_bundle import ZOO
 
 from .results_helpers import NODE, dciodvfy_errors, identity, lung_nodule_mask, make_ct_series, sphere, write
 
@@ -142,6 +144,40 @@ def test_btcv_labels_coded_with_laterality_and_private_fallback(source: list[pyd
 def test_btcv_organs_have_snomed_codes(name: str, code: str) -> None:
     coding = segment_coding(name)
     assert (coding.type.value, coding.type.scheme_designator, coding.category.value) == (code, "SCT", "91723000")
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "side"),
+    [  # TotalSegmentator's class names, as the model zoo's wholeBody_ct_segmentation carries them
+        ("vertebrae_L5", "49668003", None),
+        ("vertebrae_C1", "14806007", None),
+        ("vertebrae_T12", "23215003", None),
+        ("rib_left_1", "113197003", "7771000"),
+        ("rib_right_12", "113197003", "24028007"),
+        ("lung_upper_lobe_left", "45653009", "7771000"),
+        ("lung_middle_lobe_right", "72481006", None),
+        ("iliac_vena_right", "244411005", "24028007"),
+        ("heart_ventricle_left", "87878005", None),
+        ("clavicula_left", "51299004", "7771000"),
+        ("urinary_bladder", "89837001", None),
+        ("small_bowel", "30315005", None),
+    ],
+)
+def test_totalsegmentator_classes_have_snomed_codes(name: str, code: str, side: str | None) -> None:
+    coding = segment_coding(name)
+    assert (coding.type.value, coding.type.scheme_designator, coding.category.value) == (code, "SCT", "91723000")
+    assert (coding.modifier.value if coding.modifier else None) == side
+
+
+@pytest.mark.skipif(not (ZOO / "wholeBody_ct_segmentation").is_dir(), reason="model-zoo configs not present")
+def test_most_whole_body_classes_are_coded_in_snomed() -> None:
+    """Of the 104 classes, only those SNOMED CT as DICOM ships it has no concept for stay private (the
+    gluteal, iliopsoas and autochthonous muscles, the myocardium, and the BTCV-style portal+splenic vein)."""
+    labels = read_metadata(ZOO / "wholeBody_ct_segmentation").labels.values()
+    private = sorted(n for n in labels if segment_coding(n).type.scheme_designator == PRIVATE_SCHEME)
+    assert len(private) == 12, private
+    assert all(n.split("_")[0] in {"gluteus", "autochthon", "iliopsoas", "heart", "portal"} for n in private), private
+    assert not any(n.startswith(("vertebrae", "rib", "lung")) for n in private)
 
 
 def test_unknown_label_codes_are_stable_and_distinct() -> None:
