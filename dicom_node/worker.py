@@ -8,6 +8,7 @@ Every written object is read back and checked before its deliveries are recorded
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -300,12 +301,20 @@ class Worker:
         dets = [r for r in model_results if isinstance(r, DetectionResult)]
         clss = [r for r in model_results if isinstance(r, ClassificationResult)]
         reported: list[tuple[SegmentationResult, pydicom.Dataset | None]] = []  # each with its SEG, if any
+        earlier_segs = self.jobs.earlier_results(job.study_uid, job.route, job.generation, "seg")
         for i, r in enumerate(segs):
             ident = r.identity
             key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
+            series_uid, seg_uid, seg_number = derive_uid("seg-series", *key), derive_uid("seg", *key, digest), 1
+            # a re-run's SEG follows the earlier one in its series (viewers list by Instance Number); as for
+            # the SR, the number is content, so it is in the UID; the same instances again make the same SEG
+            earlier = [e for e in earlier_segs if e.series_uid == series_uid]
+            if earlier and all(e.sop_instance_uid != seg_uid for e in earlier):
+                seg_number = job.generation + 1
+                seg_uid = derive_uid("seg", *key, digest, "number", str(seg_number))
             try:
-                ds = t.measure("seg_encode", lambda r=r, i=i, ident=ident, key=key: build_seg(
-                    headers, r, series_uid=derive_uid("seg-series", *key), sop_uid=derive_uid("seg", *key, digest),
+                ds = t.measure("seg_encode", functools.partial(
+                    build_seg, headers, r, series_uid=series_uid, sop_uid=seg_uid, instance_number=seg_number,
                     series_number=rc.seg_series_number + i, node=self.node,
                     series_description=f"AI SEG {ident.name}"[:64]))
             except EmptySegmentationError:

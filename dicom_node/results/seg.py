@@ -138,6 +138,7 @@ def _prepare(
     series_number: int,
     node: NodeIdentity,
     series_description: str | None,
+    instance_number: int,
 ) -> tuple[np.ndarray, dict[int, int], dict[str, Any]]:
     """Checks shared by both encoders: (per-slice counts, label -> segment number, highdicom keywords)."""
     _check_grid(source, result.mask)
@@ -151,7 +152,7 @@ def _prepare(
         "series_instance_uid": series_uid,
         "series_number": series_number,
         "sop_instance_uid": sop_uid,
-        "instance_number": 1,
+        "instance_number": instance_number,
         "content_label": _content_label(identity),
         "content_description": f"{identity.name} {identity.version}"[:64],
         "content_creator_name": "dicom-node^AI",
@@ -171,6 +172,7 @@ def build_seg(
     series_number: int,
     node: NodeIdentity,
     series_description: str | None = None,
+    instance_number: int = 1,
 ) -> pydicom.Dataset:
     """Encode ``result`` as a binary SEG on the grid of ``source`` (sorted in the mask's z order).
 
@@ -180,7 +182,7 @@ def build_seg(
     """
     slice_counts, numbers, kwargs = _prepare(
         source, result, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number, node=node,
-        series_description=series_description,
+        series_description=series_description, instance_number=instance_number,
     )
     fast = fast_binary_seg(source, result.mask, slice_counts, numbers, kwargs)
     if fast is not None:
@@ -197,11 +199,12 @@ def build_seg_highdicom(
     series_number: int,
     node: NodeIdentity,
     series_description: str | None = None,
+    instance_number: int = 1,
 ) -> hd.seg.Segmentation:
     """``build_seg`` entirely through highdicom: the fallback, and the reference the fast encoder must match."""
     _, numbers, kwargs = _prepare(
         source, result, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number, node=node,
-        series_description=series_description,
+        series_description=series_description, instance_number=instance_number,
     )
     return _highdicom_seg(source, result.mask, numbers, kwargs)
 

@@ -96,12 +96,15 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     asm = Assembler(cfg, rt.files, rt.jobs)
     worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "test-owner")
 
+    segs: list[Dataset] = []
+
     def run_and_read_sr() -> Dataset:
         assert asm.run_once(now=time.time() + 1) == 1
         assert worker.run_once()
         job = rt.jobs.list_jobs(limit=1)[0]
         assert job.state == "done", job.error
         (sr,) = [r for r in rt.jobs.results_of_job(job.id) if r.kind == "sr"]
+        segs.extend(dcmread(rt.files.absolute(r.path)) for r in rt.jobs.results_of_job(job.id) if r.kind == "seg")
         return dcmread(rt.files.absolute(sr.path))
 
     try:
@@ -122,6 +125,13 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     assert "PredecessorDocumentsSequence" not in first and first.InstanceNumber == 1
     assert second.SOPInstanceUID != first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
     assert second.InstanceNumber == 2
+    # the SEG too follows the first one in its series, and the new SR points at the new SEG
+    assert [(d.SeriesInstanceUID, d.InstanceNumber) for d in segs] == [(segs[0].SeriesInstanceUID, 1),
+                                                                      (segs[0].SeriesInstanceUID, 2)]
+    assert segs[1].SOPInstanceUID != segs[0].SOPInstanceUID
+    evidence = {s.ReferencedSOPInstanceUID for e in second.CurrentRequestedProcedureEvidenceSequence
+                for series in e.ReferencedSeriesSequence for s in series.ReferencedSOPSequence}
+    assert segs[1].SOPInstanceUID in evidence and segs[0].SOPInstanceUID not in evidence
     (study,) = second.PredecessorDocumentsSequence
     (series,) = study.ReferencedSeriesSequence
     (doc,) = series.ReferencedSOPSequence
