@@ -32,6 +32,7 @@ from tests.peers import (  # noqa: E402  (the repo root goes on sys.path first)
     STORESCP,
     STORESCU,
     NodeProcess,
+    await_listening,
     children,
     free_port,
     port_open,
@@ -233,9 +234,9 @@ class CeilingPeer(Peer):
         self.port = free_port()
         self.proc = subprocess.Popen([str(exe), str(self.port), str(self.dir)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "the ceiling's port")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"durable_ceiling exited: {self.proc.stderr.read().decode()[-500:]}")
+        proc = self.proc
+        await_listening(proc, self.port, 10, "the ceiling's port",
+                        lambda: RuntimeError(f"durable_ceiling exited: {proc.stderr.read().decode()[-500:]}"))
         return self
 
     def stop(self) -> None:
@@ -321,9 +322,8 @@ class OrthancPeer(Peer):
         self.log = open(self.dir / "orthanc.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 30, "Orthanc's DICOM port")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited: {(self.dir / 'orthanc.log').read_text()[-2000:]}")
+        await_listening(self.proc, self.port, 30, "Orthanc's DICOM port",
+                        lambda: RuntimeError(f"Orthanc exited: {(self.dir / 'orthanc.log').read_text()[-2000:]}"))
         return self
 
     def stop(self) -> None:

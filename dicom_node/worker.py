@@ -301,16 +301,14 @@ class Worker:
         dets = [r for r in model_results if isinstance(r, DetectionResult)]
         clss = [r for r in model_results if isinstance(r, ClassificationResult)]
         reported: list[tuple[SegmentationResult, pydicom.Dataset | None]] = []  # each with its SEG, if any
-        earlier_segs = self.jobs.earlier_results(job.study_uid, job.route, job.generation, "seg")
+        earlier = self.jobs.earlier_results(job.study_uid, job.route, job.generation)
         for i, r in enumerate(segs):
             ident = r.identity
             key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
-            series_uid, seg_uid, seg_number = derive_uid("seg-series", *key), derive_uid("seg", *key, digest), 1
-            # a re-run's SEG follows the earlier one in its series (viewers list by Instance Number); as for
-            # the SR, the number is content, so it is in the UID; the same instances again make the same SEG
-            earlier = [e for e in earlier_segs if e.series_uid == series_uid]
-            if earlier and all(e.sop_instance_uid != seg_uid for e in earlier):
-                seg_number = job.generation + 1
+            series_uid, seg_uid = derive_uid("seg-series", *key), derive_uid("seg", *key, digest)
+            seg_number, follows = _succession([e for e in earlier if e.kind == "seg" and e.series_uid == series_uid],
+                                              seg_uid, job.generation)
+            if follows:
                 seg_uid = derive_uid("seg", *key, digest, "number", str(seg_number))
             try:
                 ds = t.measure("seg_encode", functools.partial(
@@ -326,13 +324,7 @@ class Worker:
         idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
         sr_key = (volume.series_instance_uid, job.route, *idents)
         sop_uid = derive_uid("sr", *sr_key, digest)
-        # A re-run after late arrivals supersedes the SR of the latest earlier generation, and says so. What it
-        # names is part of the content, hence of the UID (a later generation on the same instances, e.g. after
-        # a failed run, makes a new document, not a different one under the old UID); a first run's UID is as
-        # it always was. Retries of this job find the same earlier results, so rebuild the same UID and bytes.
-        superseded = [r for r in self.jobs.earlier_results(job.study_uid, job.route, job.generation, "sr")
-                      if r.sop_instance_uid != sop_uid]
-        number = job.generation + 1 if superseded else 1
+        number, superseded = _succession([e for e in earlier if e.kind == "sr"], sop_uid, job.generation)
         if superseded:
             sop_uid = derive_uid("sr", *sr_key, digest, "supersedes", str(number),
                                  *(r.sop_instance_uid for r in superseded))
@@ -342,6 +334,19 @@ class Worker:
             node=self.node, instance_number=number, predecessors=[_reference(r) for r in superseded]))
         out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
         return out
+
+
+def _succession(earlier: list[ResultRecord], uid: str, generation: int) -> tuple[int, list[ResultRecord]]:
+    """(Instance Number, the earlier results it follows) for a result object about to get ``uid``.
+
+    A re-run after late arrivals follows the latest earlier run's objects in their series, and its SR names
+    that SR as predecessor. What it follows is content, so the caller puts it in the object's UID; a first
+    run's UID is as it always was. An earlier object with this very UID was made from the same instances:
+    this one is the same object again (number 1, following nothing). Retries of a job find the same earlier
+    results, so they rebuild the same UIDs and bytes."""
+    if not earlier or any(e.sop_instance_uid == uid for e in earlier):
+        return 1, []
+    return generation + 1, earlier
 
 
 def _reference(result: ResultRecord) -> Dataset:

@@ -401,9 +401,9 @@ class JobStore:
                 stmt = stmt.where(cond)
             return [_job(r) for r in s.scalars(stmt).all()]
 
-    def earlier_results(self, study_uid: str, route: str, generation: int, kind: str) -> list[ResultRecord]:
-        """Results of ``kind`` of the latest done job of ``route`` on the study before ``generation``: what a
-        re-run after late arrivals supersedes (its SR names them as predecessor documents)."""
+    def earlier_results(self, study_uid: str, route: str, generation: int) -> list[ResultRecord]:
+        """Results of the latest done job of ``route`` on the study before ``generation``: what a re-run after
+        late arrivals supersedes (its SR names that SR as predecessor; its SEGs follow those SEGs)."""
         with self._tx() as s:
             latest = s.scalars(select(JobRow.generation).where(
                 JobRow.study_uid == study_uid, JobRow.route == route, JobRow.generation < generation,
@@ -412,7 +412,7 @@ class JobStore:
                 return []
             rows = s.scalars(select(ResultRow).join(JobRow, ResultRow.job_id == JobRow.id).where(
                 JobRow.study_uid == study_uid, JobRow.route == route, JobRow.generation == latest,
-                JobRow.state == "done", ResultRow.kind == kind).order_by(ResultRow.id)).all()
+                JobRow.state == "done").order_by(ResultRow.id)).all()
             return [_result(r) for r in rows]
 
     def results_of_job(self, job_id: int) -> list[ResultRecord]:

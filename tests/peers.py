@@ -80,6 +80,15 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def await_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, what: str,
+                    exited: Callable[[], Exception]) -> None:
+    """Wait until ``proc`` accepts connections on ``port``; if it exits first, raise what ``exited`` makes of
+    it (the error with the process's own last words, which each caller finds in its own place)."""
+    wait_for(lambda: port_open(port) or proc.poll() is not None, timeout, what)
+    if proc.poll() is not None:
+        raise exited()
+
+
 class StoreSCP:
     """DCMTK storescp writing every received object to ``out_dir`` (a stand-in PACS)."""
 
@@ -211,9 +220,9 @@ class NodeProcess:
         self.proc = track(subprocess.Popen(
             [sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), "serve"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO))
-        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, timeout, "the node's port")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        proc = self.proc
+        await_listening(proc, self.port, timeout, "the node's port",
+                        lambda: AssertionError(f"node exited with {proc.returncode}:\n{self.log_text()[-3000:]}"))
         return self
 
     def log_text(self) -> str:

@@ -58,6 +58,17 @@ def _listening(cfg: Config, rt: Runtime) -> Iterator[Callable[[Sequence[Dataset]
         ae.shutdown()
 
 
+def _node_parts(tmp_path: Path, name: str, *, seed: int) -> tuple[Config, Runtime, StudyIds, list[Dataset],
+                                                                  Assembler, Worker]:
+    """A node's store, assembler and worker (the shipped segmentation model) and a small axial phantom series."""
+    cfg = _config(tmp_path)
+    rt = open_runtime(cfg)
+    ids = StudyIds.new(name)
+    axial = phantom_datasets(generate_phantom(seed, shape=(16, 48, 48), n_nodules=0), ids)
+    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "test-owner")
+    return cfg, rt, ids, axial, Assembler(cfg, rt.files, rt.jobs), worker
+
+
 def test_quiet_study_gets_one_job_on_the_axial_series_and_late_arrivals_rerun(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     rt = open_runtime(cfg)
@@ -89,12 +100,7 @@ def _run(cfg, rt, ids, axial, datasets, store) -> None:
 def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     """A late slice re-runs the study: the new SR names the first run's SR as its predecessor (and comes after
     it in the series), so viewers and IHE AIR consumers can tell which report is current."""
-    cfg = _config(tmp_path)
-    rt = open_runtime(cfg)
-    ids = StudyIds.new("supersede")
-    axial = phantom_datasets(generate_phantom(6, shape=(16, 48, 48), n_nodules=0), ids)
-    asm = Assembler(cfg, rt.files, rt.jobs)
-    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "test-owner")
+    cfg, rt, ids, axial, asm, worker = _node_parts(tmp_path, "supersede", seed=6)
 
     segs: list[Dataset] = []
 
@@ -163,12 +169,7 @@ def test_a_run_superseded_before_it_starts_is_dropped_not_delivered(tmp_path: Pa
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The first run's job was still waiting (e.g. in a retry's backoff) when late slices made a second run:
     the worker drops it instead of sending results that would arrive after, and look newer than, the second's."""
-    cfg = _config(tmp_path)
-    rt = open_runtime(cfg)
-    ids = StudyIds.new("superseded")
-    axial = phantom_datasets(generate_phantom(7, shape=(16, 48, 48), n_nodules=0), ids)
-    asm = Assembler(cfg, rt.files, rt.jobs)
-    worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "test-owner")
+    cfg, rt, _, axial, asm, worker = _node_parts(tmp_path, "superseded", seed=7)
     caplog.set_level("INFO")
     try:
         with _listening(cfg, rt) as store:
