@@ -45,7 +45,15 @@ from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public
     invert_argmax_axis_aligned,
     linear_taps,
 )
-from ai_models.types import ModelError, ModelIdentity, ModelResult, SegmentationResult, Task, Volume
+from ai_models.types import (
+    ModelError,
+    ModelIdentity,
+    ModelResult,
+    SegmentationResult,
+    Task,
+    Volume,
+    at_operating_point,
+)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHT_NAMES = ("model.pt", "model.ts")
@@ -67,6 +75,7 @@ class BundleInfo:
     labels: dict[int, str]  # label value -> name, background excluded
     description: str
     metadata: dict[str, Any]
+    min_score: float | None = None  # metadata "operating_point": {"min_score": ...}, chosen by its authors
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -119,10 +128,21 @@ def _labels_of(meta: dict[str, Any], task: Task) -> dict[int, str]:
     return dict(sorted(labels.items()))
 
 
+def _min_score_of(meta: dict[str, Any], path: Path) -> float | None:
+    point = meta.get("operating_point")
+    if point is None:
+        return None
+    value = point.get("min_score") if isinstance(point, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelError(f"{path}: operating_point.min_score must be a number")
+    return float(value)
+
+
 def read_metadata(bundle_dir: str | Path) -> BundleInfo:
-    """Name, version, task, labels and description of a bundle, from configs/metadata.json."""
+    """Name, version, task, labels, description and operating point of a bundle, from configs/metadata.json."""
     root = Path(bundle_dir)
-    meta = _read_json(root / "configs" / "metadata.json")
+    path = root / "configs" / "metadata.json"
+    meta = _read_json(path)
     task = _task_of(meta)
     return BundleInfo(
         name=str(meta.get("name") or root.name),
@@ -131,6 +151,7 @@ def read_metadata(bundle_dir: str | Path) -> BundleInfo:
         labels=_labels_of(meta, task),
         description=str(meta.get("description", "")),
         metadata=meta,
+        min_score=_min_score_of(meta, path),
     )
 
 
@@ -507,10 +528,12 @@ def register_runner(task: str, factory: RunnerFactory) -> None:
 
 
 class LoadedModel:
-    """A bundle ready to run: network loaded once on its device, transforms instantiated once."""
+    """A bundle ready to run: network loaded once on its device, transforms instantiated once. Detections
+    and classifications come out at ``min_score``, the operating point (None: as the runner made them)."""
 
-    def __init__(self, identity: ModelIdentity, runner: Runner) -> None:
+    def __init__(self, identity: ModelIdentity, runner: Runner, min_score: float | None = None) -> None:
         self.identity = identity
+        self.min_score = min_score
         self._runner = runner
         self._lock = threading.Lock()  # transforms and networks are not safe to share across threads
 
@@ -528,6 +551,8 @@ class LoadedModel:
             except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
                 raise ModelError(f"{self.identity.name} failed: {exc}") from exc
             timings = getattr(self._runner, "timings", None)
+            if self.min_score is not None:
+                result = at_operating_point(result, self.min_score)
             return result, dict(timings) if isinstance(timings, dict) else {}
 
 
@@ -584,13 +609,18 @@ def _make_parser(bundle_dir: Path, metadata: dict[str, Any], device: str) -> Any
     return parser
 
 
-def load_model(bundle_dir: str | Path, *, name: str | None = None, device: str = "auto") -> LoadedModel:
-    """Load a bundle for inference; name overrides the metadata name in the result's identity."""
+def load_model(
+    bundle_dir: str | Path, *, name: str | None = None, device: str = "auto", min_score: float | None = None
+) -> LoadedModel:
+    """Load a bundle for inference; name overrides the metadata name in the result's identity, min_score the
+    bundle's operating point (detection and classification only)."""
     root = Path(bundle_dir).resolve()
     if not root.is_dir():
         raise ModelError(f"bundle folder {root} does not exist")
     info = read_metadata(root)
     dev = resolve_device(device)
+    if min_score is not None and info.task == "segmentation":
+        raise ModelError(f"min_score applies to detection and classification models, not to {info.name!r}")
     factory = RUNNERS.get(info.task)
     if factory is None:
         raise ModelError(f"no runner for task {info.task!r} (known: {', '.join(sorted(RUNNERS))})")
@@ -607,4 +637,4 @@ def load_model(bundle_dir: str | Path, *, name: str | None = None, device: str =
         parser = _make_parser(root, info.metadata, dev)
         ctx = BundleContext(root, info, identity, parser, torch.device(dev))
         runner = factory(ctx)
-    return LoadedModel(identity, runner)
+    return LoadedModel(identity, runner, min_score if min_score is not None else info.min_score)

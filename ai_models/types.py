@@ -100,3 +100,14 @@ class ClassificationResult:
 
 
 ModelResult = SegmentationResult | DetectionResult | ClassificationResult
+
+
+def at_operating_point(result: ModelResult, min_score: float) -> ModelResult:
+    """The result as reported at an operating point: detections scoring below min_score dropped; a
+    classification reported present from min_score on. A segmentation has no score: unchanged."""
+    if isinstance(result, DetectionResult):
+        kept = tuple(d for d in result.detections if d.score >= min_score)
+        return DetectionResult(identity=result.identity, detections=kept)
+    if isinstance(result, ClassificationResult):
+        return ClassificationResult(result.identity, result.label, result.probability, threshold=min_score)
+    return result

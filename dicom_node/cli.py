@@ -168,7 +168,7 @@ def _model_problem(cfg: Config, name: str) -> str | None:
 
     m = cfg.model(name)
     try:
-        load_model(cfg.bundle_path(name), name=name, device=m.device or cfg.worker.device)
+        load_model(cfg.bundle_path(name), name=name, device=m.device or cfg.worker.device, min_score=m.operating_point)
     except ModelError as exc:
         return str(exc)
     except Exception as exc:  # a bundle's own config or files can fail in MONAI or torch in any way: report it
@@ -182,7 +182,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ai_models.device import resolve_device
     from ai_models.types import ModelError
 
-    print(f"{'name':<20} {'task':<15} {'version':<10} {'device':<8} labels")
+    print(f"{'name':<20} {'task':<15} {'version':<10} {'device':<8} {'min score':<10} labels")
     failed = 0
     for m in cfg.models:
         try:
@@ -193,7 +193,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             failed += 1
             continue
         labels = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
-        print(f"{m.name:<20} {info.task:<15} {info.version:<10} {device:<8} {labels}")
+        point = m.operating_point if m.operating_point is not None else info.min_score
+        shown = "" if point is None or info.task == "segmentation" else f"{point:g}"
+        print(f"{m.name:<20} {info.task:<15} {info.version:<10} {device:<8} {shown:<10} {labels}")
     return 2 if failed else 0
 
 

@@ -124,6 +124,12 @@ class ModelSpec:
     name: str
     bundle: str  # folder of a MONAI bundle; relative paths resolve against the config file's folder
     device: str = ""  # empty: worker.device
+    min_score: float = -1.0  # detections/classifications reported from this score; -1: the bundle's operating point
+
+    @property
+    def operating_point(self) -> float | None:
+        """The configured min_score, or None for the bundle's own."""
+        return self.min_score if self.min_score >= 0 else None
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,8 @@ def _validate(cfg: Config) -> None:
     for i, m in enumerate(cfg.models):
         if not (cfg.bundle_path(m.name) / "configs").is_dir():
             raise ConfigError(f"models[{i}].bundle: no MONAI bundle at {cfg.bundle_path(m.name)} (configs/ missing)")
+        if m.min_score != -1.0 and not 0.0 <= m.min_score <= 1.0:
+            raise ConfigError(f"models[{i}].min_score: must be between 0 and 1, or -1 for the bundle's own")
     for i, r in enumerate(cfg.routes):
         for j, m in enumerate(r.models):
             if m not in model_names:

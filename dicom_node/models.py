@@ -25,10 +25,13 @@ class ModelCache:
             if model is None:
                 spec = self.cfg.model(name)
                 device = spec.device or self.cfg.worker.device
-                model = load_model(self.cfg.bundle_path(name), name=name, device=device)
+                model = load_model(
+                    self.cfg.bundle_path(name), name=name, device=device, min_score=spec.operating_point
+                )
                 ident = model.identity
                 log_event(log, "model_loaded", model=name, version=ident.version, task=ident.task,
-                          device=ident.device, bundle_sha256=ident.bundle_hash[:12])
+                          device=ident.device, bundle_sha256=ident.bundle_hash[:12],
+                          min_score=model.min_score if model.min_score is not None else "")
                 self._loaded[name] = model
                 _freeze_long_lived()
             return model

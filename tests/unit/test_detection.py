@@ -209,3 +209,30 @@ def test_tiles_find_what_one_pass_finds() -> None:
     expected = det_train.StudyScore(hits=2, scored=2, false_positives=0)
     assert det_train.score_study(whole.detections, ph) == expected
     assert det_train.score_study(tiled.detections, ph) == expected
+
+
+def test_operating_point_drops_lower_scores_and_sets_the_classification_threshold() -> None:
+    from ai_models.types import ClassificationResult, Detection, DetectionResult, ModelIdentity, at_operating_point
+
+    ident = ModelIdentity(name="m", version="1", task="detection", labels={0: "nodule"}, bundle_hash="0")
+    dets = tuple(Detection("nodule", s, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) for s in (0.9, 0.5, 0.2))
+    kept = at_operating_point(DetectionResult(ident, dets), 0.5)
+    assert [d.score for d in kept.detections] == [0.9, 0.5]  # type: ignore[union-attr]
+    cls = at_operating_point(ClassificationResult(ident, "nodule", 0.4, threshold=0.5), 0.3)
+    assert isinstance(cls, ClassificationResult) and cls.present and cls.threshold == 0.3
+
+
+def test_load_model_reports_at_the_configured_operating_point() -> None:
+    strict = load_model(BUNDLE, device="cpu", min_score=0.999999)
+    loose = load_model(BUNDLE, device="cpu")
+    assert loose.min_score is None  # the phantom bundle names no operating point
+    volume = to_volume(generate_phantom(seed=3))
+    assert len(strict.run(volume).detections) < len(loose.run(volume).detections)  # type: ignore[union-attr]
+
+
+def test_a_segmentation_model_takes_no_min_score() -> None:
+    from ai_models.types import ModelError
+
+    seg = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
+    with pytest.raises(ModelError, match="min_score applies to detection and classification"):
+        load_model(seg, device="cpu", min_score=0.5)
