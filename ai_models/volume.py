@@ -416,7 +416,7 @@ def _nominal_step(steps: np.ndarray) -> float:
     """The step most slices follow: the median, or the smallest step where that fits more of them (a
     series of three slices with one gap has no majority step, and gaps only lengthen steps)."""
     best, best_count = 0.0, -1
-    for candidate in (float(np.min(steps)), float(np.median(steps))):
+    for candidate in (float(np.median(steps)), float(np.min(steps))):
         count = int(np.count_nonzero(np.abs(steps - candidate) <= _STEP_REL_TOL * candidate))
         if count > best_count:
             best, best_count = candidate, count
