@@ -9,6 +9,11 @@ Each file's header is parsed once (pydicom, up to the pixel data) and kept: ``re
 headers to the caller, which needs them for the SEG/SR references. Uncompressed little-endian pixel data
 is then read straight from its offset into numpy, with the same bit handling as pydicom's decoder; any
 other transfer syntax, or anything unexpected at that offset, goes through pydicom's decoder.
+
+Real series as they come: what a series gets wrong without harm to the volume (a FrameOfReferenceUID per
+slice, in-plane drift of the positions under half a pixel) is read, and said in ``Volume.warnings``; what
+no volume holds without resampling or guessing (a gap, two slices at one position, gantry tilt) is refused
+with an error that says where and how much.
 """
 
 from __future__ import annotations
