@@ -37,6 +37,9 @@ class Volume:
     series_instance_uid: str
     study_instance_uid: str
     frame_of_reference_uid: str
+    # what the series' headers got wrong that was tolerated (e.g. several FrameOfReferenceUIDs), for the
+    # caller to log: plain sentences, empty for a clean series
+    warnings: tuple[str, ...] = ()
 
     def affine_lps(self) -> np.ndarray:
         """4x4 matrix mapping (x, y, z, 1) voxel indices to LPS millimetres."""

@@ -1,7 +1,7 @@
 """DICOM CT series -> Volume of Hounsfield units on the series' own grid.
 
 Geometry is checked from the headers before any pixel data is decoded, so a malformed or hostile series
-(inconsistent matrix, two frames of reference, duplicate slices, absurd sizes) costs a header read, not a
+(inconsistent matrix, duplicate or missing slices, tilted positions, absurd sizes) costs a header read, not a
 decode or an allocation. The volume is allocated once and filled one slice at a time (by a few threads),
 so peak memory is the float32 volume plus a decoded slice per reader thread.
 
@@ -9,12 +9,18 @@ Each file's header is parsed once (pydicom, up to the pixel data) and kept: ``re
 headers to the caller, which needs them for the SEG/SR references. Uncompressed little-endian pixel data
 is then read straight from its offset into numpy, with the same bit handling as pydicom's decoder; any
 other transfer syntax, or anything unexpected at that offset, goes through pydicom's decoder.
+
+Real series as they come: what a series gets wrong without harm to the volume (a FrameOfReferenceUID per
+slice, in-plane drift of the positions under half a pixel) is read, and said in ``Volume.warnings``; what
+no volume holds without resampling or guessing (a gap, two slices at one position, gantry tilt) is refused
+with an error that says where and how much.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +39,10 @@ MAX_MATRIX = 8192  # rows or columns beyond this are not CT
 MAX_SLICES = 20_000
 _COS_TOL = 1e-4  # orientation cosines must agree to this
 _SPACING_REL_TOL = 1e-3  # pixel spacing must agree to this fraction
-_STEP_REL_TOL = 0.1  # slice steps may differ by this fraction of the mean step
+_STEP_REL_TOL = 0.1  # slice steps may differ by this fraction of the series' step
+_DUPLICATE_MM = 0.01  # slices closer than this along the normal are at one position
+_SILENT_DRIFT_PX = 0.1  # in-plane drift of the slice positions, in pixels, below which nothing is said
+_MAX_DRIFT_PX = 0.5  # ... and beyond which the series is refused (see _check_tilt)
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # elements every slice of a series must share (the checks below and the pixel layout): compared as raw
 # bytes first, so a regular series costs no value conversion per slice (pydicom's DS/IS parsing is slow)
@@ -49,7 +58,6 @@ _SHARED_TAGS = (
     0x00281052,  # RescaleIntercept
     0x00281053,  # RescaleSlope
     0x00200037,  # ImageOrientationPatient
-    0x00200052,  # FrameOfReferenceUID
     0x0020000E,  # SeriesInstanceUID
 )
 _NATIVE = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # syntax -> explicit VR
@@ -82,11 +90,14 @@ class _Pixels:
     signed: int
 
 
+def _syntax(ds: Dataset) -> str:
+    return str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+
+
 def _pixels_of(ds: Dataset) -> _Pixels:
-    meta = getattr(ds, "file_meta", None)
     bits = int(ds.get("BitsAllocated", 0) or 0)
     return _Pixels(
-        syntax=str(getattr(meta, "TransferSyntaxUID", "") or ""),
+        syntax=_syntax(ds),
         bits=bits,
         stored=int(ds.get("BitsStored", bits) or bits),
         signed=int(ds.get("PixelRepresentation", 0) or 0),
@@ -100,9 +111,27 @@ class _Header:
     position: np.ndarray  # (3,) LPS mm
     slope: float
     intercept: float
+    frame_of_reference_uid: str
     dataset: Dataset  # the header as parsed (no pixel data)
     pixel_offset: int | None  # file offset where the pixel data element starts, when known
     pixels: _Pixels
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """What every slice of a series must share, taken from its first file."""
+
+    rows: int
+    cols: int
+    row_cos: np.ndarray  # (3,) unit
+    col_cos: np.ndarray  # (3,) unit
+    pixel_spacing: np.ndarray  # (2,) mm: between rows, between columns
+    series_uid: str
+    study_uid: str
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cos, self.col_cos)
 
 
 def _geometry_error(why: str) -> InvalidGeometryError:
@@ -202,100 +231,258 @@ def load_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
 
 def read_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000) -> tuple[Volume, list[Dataset]]:
     """load_series plus each instance's header (pixel data not read), in the volume's slice order: the
-    caller gets them without parsing every file a second time."""
+    caller gets them without parsing every file a second time.
+
+    The headers carry the volume's FrameOfReferenceUID, so whatever is built from them (SEG, SR) is in
+    that one frame even where the files disagree (see ``_frame_of_reference``); what was tolerated is
+    in ``Volume.warnings``."""
     files = [Path(p) for p in paths]
     if not files:
         raise _geometry_error("no instances")
     if len(files) > MAX_SLICES:
         raise _geometry_error(f"{len(files)} instances is more than {MAX_SLICES}")
+    grid, headers = _read_headers(files, max_voxels)
+    headers, along = _sorted_along(headers, grid.normal)
+    warnings: list[str] = []
+    if len(headers) > 1:
+        _check_duplicates(headers, along)
+        step = _slice_step(headers, along)
+        warnings += _check_tilt(headers, along, grid)
+    else:
+        first = headers[0].dataset
+        step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
+    if len({h.sop_instance_uid for h in headers}) != len(headers):
+        raise _geometry_error("duplicate SOPInstanceUID")
+    for_uid, for_warnings = _frame_of_reference(headers)
+    warnings += for_warnings
+    volume = Volume(
+        array=_decode(headers, grid.rows, grid.cols),
+        spacing=(step, float(grid.pixel_spacing[0]), float(grid.pixel_spacing[1])),
+        origin=tuple(float(v) for v in headers[0].position),  # type: ignore[arg-type]
+        row_cosines=tuple(float(v) for v in grid.row_cos),  # type: ignore[arg-type]
+        column_cosines=tuple(float(v) for v in grid.col_cos),  # type: ignore[arg-type]
+        normal=tuple(float(v) for v in grid.normal),  # type: ignore[arg-type]
+        sop_instance_uids=tuple(h.sop_instance_uid for h in headers),
+        series_instance_uid=grid.series_uid,
+        study_instance_uid=grid.study_uid,
+        frame_of_reference_uid=for_uid,
+        warnings=tuple(warnings),
+    )
+    return volume, [h.dataset for h in headers]
 
+
+# ---- headers -------------------------------------------------------------------------------------------
+
+
+def _grid_of(first: Dataset, path: Path, n_files: int, max_voxels: int) -> _Grid:
+    rows, cols = _check_matrix(first, path)
+    if rows * cols * n_files > max_voxels:
+        raise _geometry_error(f"{rows}x{cols}x{n_files} voxels exceeds the limit of {max_voxels}")
+    row_cos, col_cos = _orientation(first, path)
+    pixel_spacing = _floats(first, "PixelSpacing", 2, path)
+    if np.any(pixel_spacing <= 0):
+        raise _geometry_error(f"{path.name} has non-positive PixelSpacing")
+    return _Grid(
+        rows,
+        cols,
+        row_cos,
+        col_cos,
+        pixel_spacing,
+        str(first.get("SeriesInstanceUID", "")),
+        str(first.get("StudyInstanceUID", "")),
+    )
+
+
+def _read_headers(files: list[Path], max_voxels: int) -> tuple[_Grid, list[_Header]]:
+    """Every file's header, checked against the first file's grid. A slice whose shared elements are
+    byte-identical to the first's takes the first's checked values; any other is checked in full."""
     first, first_offset = _read_header(files[0])
     first_raw = raw_values(first, _SHARED_TAGS)  # before any value below is decoded
-    rows, cols = _check_matrix(first, files[0])
-    if rows * cols * len(files) > max_voxels:
-        raise _geometry_error(f"{rows}x{cols}x{len(files)} voxels exceeds the limit of {max_voxels}")
-    row_cos, col_cos = _orientation(first, files[0])
-    pixel_spacing = _floats(first, "PixelSpacing", 2, files[0])
-    if np.any(pixel_spacing <= 0):
-        raise _geometry_error(f"{files[0].name} has non-positive PixelSpacing")
-    for_uid = str(first.get("FrameOfReferenceUID", "") or "")
-    if not for_uid:
-        raise _geometry_error(f"{files[0].name} has no FrameOfReferenceUID")
-    series_uid = str(first.get("SeriesInstanceUID", ""))
-    study_uid = str(first.get("StudyInstanceUID", ""))
-
+    grid = _grid_of(first, files[0], len(files), max_voxels)
     first_pixels = _pixels_of(first)
     slope = float(first.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(first.get("RescaleIntercept", 0.0) or 0.0)
-    syntax = first_pixels.syntax
-
     headers: list[_Header] = []
     for i, path in enumerate(files):
         ds, offset = (first, first_offset) if i == 0 else _read_header(path)
         same = i == 0 or (first_raw is not None and raw_values(ds, _SHARED_TAGS) == first_raw)
-        if same and str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") == syntax:
-            # byte-identical to the first slice's checked elements: same geometry, layout and rescale
+        if same and _syntax(ds) == first_pixels.syntax:
+            headers.append(_header(ds, path, offset, slope, intercept, first_pixels))
+        else:
+            _check_same_grid(ds, path, grid, files[0])
             headers.append(
-                _Header(
-                    path=path,
-                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                    position=_floats(ds, "ImagePositionPatient", 3, path),
-                    slope=slope,
-                    intercept=intercept,
-                    dataset=ds,
-                    pixel_offset=offset,
-                    pixels=first_pixels,
+                _header(
+                    ds,
+                    path,
+                    offset,
+                    float(ds.get("RescaleSlope", 1.0) or 1.0),
+                    float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                    _pixels_of(ds),
                 )
             )
-            continue
-        if _check_matrix(ds, path) != (rows, cols):
-            raise _geometry_error(f"{path.name} has a different matrix than {files[0].name}")
-        r, c = _orientation(ds, path)
-        if np.max(np.abs(r - row_cos)) > _COS_TOL or np.max(np.abs(c - col_cos)) > _COS_TOL:
-            raise _geometry_error(f"{path.name} has a different ImageOrientationPatient")
-        ps = _floats(ds, "PixelSpacing", 2, path)
-        if np.max(np.abs(ps - pixel_spacing) / pixel_spacing) > _SPACING_REL_TOL:
-            raise _geometry_error(f"{path.name} has a different PixelSpacing")
-        if str(ds.get("FrameOfReferenceUID", "") or "") != for_uid:
-            raise _geometry_error("more than one FrameOfReferenceUID")
-        if str(ds.get("SeriesInstanceUID", "")) != series_uid:
-            raise _geometry_error("instances from more than one series")
-        headers.append(
-            _Header(
-                path=path,
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                position=_floats(ds, "ImagePositionPatient", 3, path),
-                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-                dataset=ds,
-                pixel_offset=offset,
-                pixels=_pixels_of(ds),
-            )
-        )
+    return grid, headers
 
-    normal = np.cross(row_cos, col_cos)
+
+def _header(ds: Dataset, path: Path, offset: int | None, slope: float, intercept: float, pixels: _Pixels) -> _Header:
+    for_uid = str(ds.get("FrameOfReferenceUID", "") or "")
+    if not for_uid:
+        raise _geometry_error(f"{path.name} has no FrameOfReferenceUID")
+    # the file meta's copy stands in for a SOPInstanceUID that de-identification emptied
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "") or str(
+        getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or ""
+    )
+    return _Header(
+        path=path,
+        sop_instance_uid=sop_uid,
+        position=_floats(ds, "ImagePositionPatient", 3, path),
+        slope=slope,
+        intercept=intercept,
+        frame_of_reference_uid=for_uid,
+        dataset=ds,
+        pixel_offset=offset,
+        pixels=pixels,
+    )
+
+
+def _check_same_grid(ds: Dataset, path: Path, grid: _Grid, first: Path) -> None:
+    if _check_matrix(ds, path) != (grid.rows, grid.cols):
+        raise _geometry_error(f"{path.name} has a different matrix than {first.name}")
+    r, c = _orientation(ds, path)
+    if np.max(np.abs(r - grid.row_cos)) > _COS_TOL or np.max(np.abs(c - grid.col_cos)) > _COS_TOL:
+        raise _geometry_error(f"{path.name} has a different ImageOrientationPatient than {first.name}")
+    ps = _floats(ds, "PixelSpacing", 2, path)
+    if np.max(np.abs(ps - grid.pixel_spacing) / grid.pixel_spacing) > _SPACING_REL_TOL:
+        raise _geometry_error(f"{path.name} has a different PixelSpacing than {first.name}")
+    if str(ds.get("SeriesInstanceUID", "")) != grid.series_uid:
+        raise _geometry_error("instances from more than one series")
+
+
+# ---- positions -----------------------------------------------------------------------------------------
+
+
+def _sorted_along(headers: list[_Header], normal: np.ndarray) -> tuple[list[_Header], np.ndarray]:
+    """The headers sorted by their distance along the slice normal, and those distances (mm)."""
     along = np.array([h.position @ normal for h in headers])
     order = np.argsort(along, kind="stable")
-    headers = [headers[i] for i in order]
-    along = along[order]
-    pixel_min = float(np.min(pixel_spacing))
-    if len(headers) > 1:
-        steps = np.diff(along)
-        if np.any(steps < 1e-3):
-            raise _geometry_error("duplicate slice positions")
-        step = float(np.mean(steps))
-        if np.max(np.abs(steps - step)) > _STEP_REL_TOL * step:
-            raise _geometry_error("irregular slice spacing (missing or extra slices)")
-        # positions must advance along the normal only (no gantry tilt / shear)
-        offsets = np.array([h.position - headers[0].position for h in headers])
-        inplane = np.abs(offsets @ np.stack([row_cos, col_cos], axis=1))
-        if np.max(inplane) > max(0.01, 0.1 * pixel_min):
-            raise _geometry_error("slice positions are not along the slice normal (tilted or sheared)")
-    else:
-        step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
-    if len({h.sop_instance_uid for h in headers}) != len(headers):
-        raise _geometry_error("duplicate SOPInstanceUID")
+    return [headers[i] for i in order], along[order]
 
+
+def _check_duplicates(headers: list[_Header], along: np.ndarray) -> None:
+    """Two slices at one position are two reconstructions or acquisitions mixed in one series: no single
+    volume holds both, and picking one would be a guess."""
+    same = np.flatnonzero(np.diff(along) < _DUPLICATE_MM)
+    if len(same):
+        i = int(same[0])
+        raise _geometry_error(
+            f"duplicate slice positions: {len(same)} slice(s) share a position with another, e.g. "
+            f"{headers[i].path.name} and {headers[i + 1].path.name} at {along[i]:.2f} mm along the slice normal "
+            "(two reconstructions or acquisitions in one series?)"
+        )
+
+
+def _slice_step(headers: list[_Header], along: np.ndarray) -> float:
+    """The series' slice step (mm) when its slices lie on one regular grid along the normal.
+
+    A gap is refused, not filled: interpolated slices under a diagnostic overlay would show what was never
+    scanned. The error says where the slices are missing so the sender can resend them."""
+    steps = np.diff(along)
+    nominal = _nominal_step(steps)
+    tol = _STEP_REL_TOL * nominal
+    off = np.flatnonzero(np.abs(steps - nominal) > tol)
+    if len(off):
+        multiple = np.rint(steps[off] / nominal)
+        if np.all((multiple >= 2) & (np.abs(steps[off] - multiple * nominal) <= tol)):
+            i = int(off[0])
+            missing = [along[i] + nominal * k for k in range(1, int(multiple[0]))]
+            at = ", ".join(f"{v:.2f}" for v in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise _geometry_error(
+                f"missing slices: {int(np.sum(multiple - 1))} slice(s) missing in {len(off)} gap(s) of a series "
+                f"stepping {nominal:.3g} mm; the first gap is {steps[i]:.3g} mm between {headers[i].path.name} "
+                f"and {headers[i + 1].path.name}, missing at {at} mm along the slice normal"
+            )
+        i = int(off[0])
+        raise _geometry_error(
+            f"irregular slice spacing: {steps[i]:.3g} mm between {headers[i].path.name} and "
+            f"{headers[i + 1].path.name} ({along[i]:.2f} and {along[i + 1]:.2f} mm along the slice normal) in a "
+            f"series stepping {nominal:.3g} mm (extra slices, or slices of another reconstruction?)"
+        )
+    step = float(along[-1] - along[0]) / (len(along) - 1)
+    drift = np.abs(along - along[0] - step * np.arange(len(along)))
+    if np.max(drift) > _STEP_REL_TOL * step:
+        k = int(np.argmax(drift))
+        raise _geometry_error(
+            f"irregular slice spacing: {headers[k].path.name} lies {drift[k]:.3g} mm off a regular {step:.3g} mm "
+            "grid along the slice normal"
+        )
+    return step
+
+
+def _nominal_step(steps: np.ndarray) -> float:
+    """The step most slices follow: the median, or the smallest step where that fits more of them (a
+    series of three slices with one gap has no majority step, and gaps only lengthen steps)."""
+    best, best_count = 0.0, -1
+    for candidate in (float(np.median(steps)), float(np.min(steps))):
+        count = int(np.count_nonzero(np.abs(steps - candidate) <= _STEP_REL_TOL * candidate))
+        if count > best_count:
+            best, best_count = candidate, count
+    return best
+
+
+def _check_tilt(headers: list[_Header], along: np.ndarray, grid: _Grid) -> list[str]:
+    """Refuse slices that drift in-plane (gantry tilt, shear) by more than half a pixel; warn below that.
+
+    The volume puts slice k at the first slice's position plus k steps along the normal; a slice whose
+    real position is off that line in-plane by less than half a pixel is still nearest to the voxels it
+    is stored in (the SEG's frames keep each slice's own position). Beyond that, the volume would be
+    sheared: holding it needs resampling, which would change what the radiologist sees under the overlay."""
+    inplane = (np.stack([h.position for h in headers]) - headers[0].position) @ np.stack(
+        [grid.row_cos, grid.col_cos], axis=1
+    )
+    drift = np.linalg.norm(inplane, axis=1)
+    k = int(np.argmax(drift))
+    pixel = float(np.min(grid.pixel_spacing))
+    if drift[k] <= _SILENT_DRIFT_PX * pixel:
+        return []
+    angle = float(np.degrees(np.arctan2(drift[k], along[k] - along[0])))
+    what = (
+        f"slice positions drift {drift[k]:.3g} mm in-plane over {along[k] - along[0]:.4g} mm along the slice normal "
+        f"(gantry tilt or shear of {angle:.2g} degrees)"
+    )
+    if drift[k] > _MAX_DRIFT_PX * pixel:
+        raise _geometry_error(
+            f"{what}: more than half a pixel ({_MAX_DRIFT_PX * pixel:.3g} mm), so no volume holds it without "
+            "resampling; send an untilted reconstruction"
+        )
+    return [f"{what}: under half a pixel, read as untilted"]
+
+
+def _frame_of_reference(headers: list[_Header]) -> tuple[str, list[str]]:
+    """One FrameOfReferenceUID for the volume, and a warning when its slices carry several.
+
+    Slices whose orientation, spacing and positions make one regular volume are in one frame whatever UIDs
+    they carry (de-identification that gives each file its own UID is common; viewers and ITK load such a
+    series as one volume), so the UID most slices carry is used, ties going to the first slice along the
+    normal: it does not depend on file order, and a few stray slices cannot lend the volume their UID.
+    The headers are given that UID, so the SEG and SR built from them are in one frame."""
+    counts = Counter(h.frame_of_reference_uid for h in headers)  # in slice order: max() keeps the first tie
+    uid = max(counts, key=counts.__getitem__)
+    if len(counts) == 1:
+        return uid, []
+    for h in headers:
+        if h.frame_of_reference_uid != uid:
+            h.dataset.FrameOfReferenceUID = uid
+    return uid, [
+        f"{len(counts)} FrameOfReferenceUIDs in one series of regular geometry: read as one volume in {uid}, "
+        f"the UID of {counts[uid]} of {len(headers)} slices"
+        + (" (the first along the slice normal)" if counts[uid] == 1 else "")
+    ]
+
+
+# ---- pixels --------------------------------------------------------------------------------------------
+
+
+def _decode(headers: list[_Header], rows: int, cols: int) -> np.ndarray:
+    """The float32 HU volume, allocated once and filled a slice at a time."""
     volume = np.empty((len(headers), rows, cols), dtype=np.float32)
 
     def fill(k: int) -> None:
@@ -321,19 +508,6 @@ def read_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="load-series") as pool:
             for _ in pool.map(fill, range(len(headers))):
                 pass
-    elif headers:
+    else:
         fill(0)
-
-    result = Volume(
-        array=volume,
-        spacing=(step, float(pixel_spacing[0]), float(pixel_spacing[1])),
-        origin=tuple(float(v) for v in headers[0].position),  # type: ignore[arg-type]
-        row_cosines=tuple(float(v) for v in row_cos),  # type: ignore[arg-type]
-        column_cosines=tuple(float(v) for v in col_cos),  # type: ignore[arg-type]
-        normal=tuple(float(v) for v in normal),  # type: ignore[arg-type]
-        sop_instance_uids=tuple(h.sop_instance_uid for h in headers),
-        series_instance_uid=series_uid,
-        study_instance_uid=study_uid,
-        frame_of_reference_uid=for_uid,
-    )
-    return result, [h.dataset for h in headers]
+    return volume

@@ -240,6 +240,9 @@ class Worker:
         # one parse per file: the volume and, in its slice order, the headers the SEG and SR reference
         with collector_paused():
             volume, headers = t.measure("load", lambda: read_series(paths))
+        for warning in volume.warnings:  # what the series got wrong that the volume tolerated
+            log_event(log, "series_geometry_tolerated", logging.WARNING, study_uid=job.study_uid, job_id=job.id,
+                      series_uid=job.series_uid, warning=warning)
         digest = input_digest(volume.sop_instance_uids)
         model_results: list[ModelResult] = []
         for name in job.models:

@@ -19,7 +19,7 @@ from pydicom.uid import (
 
 from ai_models.phantom import generate_phantom
 from ai_models.types import InvalidGeometryError
-from ai_models.volume import load_series
+from ai_models.volume import load_series, read_series
 
 
 def _write_series(
@@ -32,11 +32,15 @@ def _write_series(
     row_cos: tuple[float, ...] = (1.0, 0.0, 0.0),
     col_cos: tuple[float, ...] = (0.0, 1.0, 0.0),
     origin: tuple[float, float, float] = (-100.0, -120.0, 50.0),
+    table: tuple[float, float, float] | None = None,
+    frames: list[str] | None = None,
 ) -> list[Path]:
-    """One CT file per z slice, written in reverse order so the reader must sort."""
+    """One CT file per z slice, written in reverse order so the reader must sort. Slice z lies at origin + z
+    steps along ``table`` (the slice normal unless given: a gantry tilt moves the table off the normal);
+    ``frames`` gives each slice its own FrameOfReferenceUID."""
     folder.mkdir(parents=True, exist_ok=True)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    normal = np.cross(row_cos, col_cos)
+    normal = np.cross(row_cos, col_cos) if table is None else np.asarray(table)
     paths: list[Path] = []
     for z in reversed(range(hu.shape[0])):
         meta = FileMetaDataset()
@@ -46,7 +50,8 @@ def _write_series(
         ds = FileDataset(str(folder / f"{z}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame if frames is None else frames[z]
         ds.Modality = "CT"
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
         ds.PixelSpacing = [spacing[1], spacing[2]]
@@ -121,13 +126,25 @@ def _edit(path: Path, **values: object) -> None:
 @pytest.mark.parametrize(
     ("edit", "why"),
     [
-        ({"Rows": 32}, "different matrix"),
-        ({"FrameOfReferenceUID": "1.2.3.4"}, "FrameOfReferenceUID"),
-        ({"PixelSpacing": [0.5, 0.5]}, "PixelSpacing"),
-        ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "ImageOrientationPatient"),
-        ({"ImagePositionPatient": [-100.0, -120.0, 50.0]}, "duplicate slice positions"),
-        ({"ImagePositionPatient": [-100.0, -120.0, 51.2]}, "irregular slice spacing"),
-        ({"ImagePositionPatient": [-90.0, -120.0, 50.0 + 2.5]}, "not along the slice normal"),
+        ({"Rows": 32}, "1.dcm has a different matrix than 3.dcm"),
+        ({"PixelSpacing": [0.5, 0.5]}, "1.dcm has a different PixelSpacing"),
+        ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "1.dcm has a different ImageOrientationPatient"),
+        ({"FrameOfReferenceUID": ""}, "1.dcm has no FrameOfReferenceUID"),
+        (
+            {"ImagePositionPatient": [-100.0, -120.0, 50.0]},
+            r"duplicate slice positions: 1 slice\(s\) share a position with another, e.g. (0.dcm and 1.dcm|1.dcm and "
+            r"0.dcm) at 50.00 mm",
+        ),
+        (
+            {"ImagePositionPatient": [-100.0, -120.0, 51.2]},
+            r"irregular slice spacing: 1.2 mm between 0.dcm and 1.dcm \(50.00 and 51.20 mm along the slice normal\) "
+            r"in a series stepping 2.5 mm",
+        ),
+        (
+            {"ImagePositionPatient": [-90.0, -120.0, 50.0 + 2.5]},
+            r"slice positions drift 10 mm in-plane over 2.5 mm along the slice normal \(gantry tilt or shear of 76 "
+            r"degrees\): more than half a pixel \(0.35 mm\)",
+        ),
         ({"Columns": 60_000}, "absurd matrix"),
         ({"NumberOfFrames": 7}, "multi-frame"),
         ({"SeriesInstanceUID": "1.2.3.5"}, "more than one series"),
@@ -227,8 +244,6 @@ def test_native_pixels_are_what_pydicom_decodes(
 
 
 def test_read_series_hands_back_headers_in_slice_order(phantom, tmp_path: Path) -> None:
-    from ai_models.volume import read_series
-
     paths = _write_series(phantom.hu[:6], phantom.spacing, tmp_path)  # written in reverse z order
     vol, headers = read_series(paths)
     assert [str(h.SOPInstanceUID) for h in headers] == list(vol.sop_instance_uids)
@@ -253,3 +268,153 @@ def test_per_slice_rescale_is_honoured(phantom, tmp_path: Path) -> None:
     expected = phantom.hu[:4].astype(np.float32)
     expected[2] += 24
     assert np.array_equal(vol.array, expected)
+
+
+# ---- real series as they come -------------------------------------------------------------------------
+
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata" / "ct"
+
+
+@pytest.mark.parametrize("order", ["written", "sorted", "shuffled"])
+def test_own_frame_of_reference_per_slice_is_one_volume(phantom, tmp_path: Path, order: str) -> None:
+    """De-identification that gives every slice its own FrameOfReferenceUID: one volume, with a warning, in
+    the UID of the first slice along the normal, whatever the file order; the headers carry it too."""
+    frames = [generate_uid() for _ in range(6)]
+    paths = _write_series(phantom.hu[:6], phantom.spacing, tmp_path, frames=frames)
+    if order == "sorted":
+        paths = sorted(paths)
+    elif order == "shuffled":
+        paths = [paths[i] for i in np.random.default_rng(3).permutation(len(paths))]
+    vol, headers = read_series(paths)
+    assert np.array_equal(vol.array, phantom.hu[:6].astype(np.float32))
+    assert vol.frame_of_reference_uid == frames[0]
+    assert vol.warnings == (
+        f"6 FrameOfReferenceUIDs in one series of regular geometry: read as one volume in {frames[0]}, the UID of "
+        "1 of 6 slices (the first along the slice normal)",
+    )
+    assert {str(h.FrameOfReferenceUID) for h in headers} == {frames[0]}
+
+
+def test_most_common_frame_of_reference_wins(phantom, tmp_path: Path) -> None:
+    main, stray = generate_uid(), generate_uid()
+    paths = _write_series(phantom.hu[:4], phantom.spacing, tmp_path, frames=[stray, main, main, main])
+    vol, headers = read_series(paths)
+    assert vol.frame_of_reference_uid == main
+    assert "2 FrameOfReferenceUIDs" in vol.warnings[0] and "the UID of 3 of 4 slices" in vol.warnings[0]
+    assert {str(h.FrameOfReferenceUID) for h in headers} == {main}
+
+
+def test_one_frame_of_reference_has_no_warning(phantom, tmp_path: Path) -> None:
+    vol = load_series(_write_series(phantom.hu[:3], phantom.spacing, tmp_path))
+    assert vol.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "1.dcm has a different ImageOrientationPatient"),
+        ({"PixelSpacing": [0.5, 0.5]}, "1.dcm has a different PixelSpacing"),
+        ({"ImagePositionPatient": [-100.0, -119.0, 52.5]}, r"slice positions drift 1 mm in-plane .* of 22 degrees"),
+    ],
+)
+def test_frames_of_reference_do_not_excuse_inconsistent_geometry(phantom, tmp_path: Path, edit: dict, why: str) -> None:
+    paths = _write_series(phantom.hu[:4], phantom.spacing, tmp_path, frames=[generate_uid() for _ in range(4)])
+    _edit(tmp_path / "1.dcm", **edit)
+    with pytest.raises(InvalidGeometryError, match=f"invalid geometry: {why}"):
+        load_series(paths)
+
+
+def test_missing_slices_are_located(phantom, tmp_path: Path) -> None:
+    """A gap is refused, never filled: the error says how many slices are missing and where."""
+    paths = _write_series(phantom.hu[:10], phantom.spacing, tmp_path)  # z = 50.0, 52.5, ..., 72.5
+    for z in (4, 5, 8):
+        (tmp_path / f"{z}.dcm").unlink()
+    with pytest.raises(
+        InvalidGeometryError,
+        match=r"invalid geometry: missing slices: 3 slice\(s\) missing in 2 gap\(s\) of a series stepping 2.5 mm; the "
+        r"first gap is 7.5 mm between 3.dcm and 6.dcm, missing at 60.00, 62.50 mm along the slice normal$",
+    ):
+        load_series([p for p in paths if p.exists()])
+
+
+def test_a_gap_in_three_slices_is_a_gap(phantom, tmp_path: Path) -> None:
+    paths = _write_series(phantom.hu[:4], phantom.spacing, tmp_path)
+    (tmp_path / "1.dcm").unlink()
+    with pytest.raises(InvalidGeometryError, match=r"missing slices: 1 slice\(s\) .* missing at 52.50 mm"):
+        load_series([p for p in paths if p.exists()])
+
+
+def test_two_reconstructions_in_one_series_are_refused(phantom, tmp_path: Path) -> None:
+    """A second reconstruction at the same positions (same series and frame) doubles every position."""
+    paths = _write_series(phantom.hu[:3], phantom.spacing, tmp_path / "a")
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    again = _write_series(phantom.hu[:3], phantom.spacing, tmp_path / "b")
+    for p in again:
+        _edit(p, SeriesInstanceUID=first.SeriesInstanceUID, FrameOfReferenceUID=first.FrameOfReferenceUID)
+    with pytest.raises(InvalidGeometryError, match=r"duplicate slice positions: 3 slice\(s\) share a position"):
+        load_series(paths + again)
+
+
+def _tilted(tilt_degrees: float) -> dict[str, tuple[float, float, float]]:
+    """Gantry tilt: the image plane tilts about the row direction while the table moves along the patient."""
+    t = np.radians(tilt_degrees)
+    return {"col_cos": (0.0, float(np.cos(t)), float(np.sin(t))), "table": (0.0, 0.0, 1.0)}
+
+
+def test_gantry_tilt_beyond_half_a_pixel_is_refused_with_its_angle(phantom, tmp_path: Path) -> None:
+    paths = _write_series(phantom.hu, phantom.spacing, tmp_path, **_tilted(2.0))  # 12 slices, 2.5 mm: 0.96 mm
+    with pytest.raises(InvalidGeometryError, match=r"gantry tilt or shear of 2 degrees\): more than half a pixel"):
+        load_series(paths)
+
+
+def test_slight_tilt_within_half_a_pixel_is_read_with_a_warning(phantom, tmp_path: Path) -> None:
+    paths = _write_series(phantom.hu, phantom.spacing, tmp_path, **_tilted(0.6))  # 0.29 mm over 11 steps
+    vol = load_series(paths)
+    assert np.array_equal(vol.array, phantom.hu.astype(np.float32))
+    assert len(vol.warnings) == 1 and "tilt or shear of 0.6 degrees): under half a pixel" in vol.warnings[0]
+    # the grid's slice step is the spacing along the normal, not along the table
+    assert vol.spacing[0] == pytest.approx(2.5 * np.cos(np.radians(0.6)))
+
+
+def test_deidentified_jpeg2000_without_sop_instance_uid(phantom, tmp_path: Path) -> None:
+    """As the TotalSegmentator example: JPEG 2000 lossless, the dataset's SOPInstanceUID emptied by
+    de-identification; the file meta's Media Storage SOP Instance UID names each slice."""
+    hu = phantom.hu[:3]
+    paths = _write_series(hu, phantom.spacing, tmp_path, unsigned=True, transfer_syntax=JPEG2000Lossless)
+    for p in paths:
+        _edit(p, SOPInstanceUID="")
+    vol = load_series(paths)
+    assert np.array_equal(vol.array, hu.astype(np.float32))
+    metas = [str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID) for p in paths]
+    assert vol.sop_instance_uids == tuple(reversed(metas))  # written from the last z down
+
+
+def _needs(name: str) -> Path:
+    folder = REALDATA / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not here (../shared is optional)")
+    return folder
+
+
+def test_real_jpeg2000_series_is_what_pydicom_decodes() -> None:
+    paths = sorted(_needs("totalsegmentator_example_ct_dicom").iterdir())
+    vol = load_series(paths)
+    assert vol.array.shape == (20, 512, 512)
+    by_uid = {}
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        hu = ds.pixel_array.astype(np.float32) * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
+        by_uid[str(ds.file_meta.MediaStorageSOPInstanceUID)] = (float(ds.ImagePositionPatient[2]), hu)
+    assert [by_uid[u][0] for u in vol.sop_instance_uids] == sorted(z for z, _ in by_uid.values())
+    assert np.array_equal(vol.array, np.stack([by_uid[u][1] for u in vol.sop_instance_uids]))
+    assert -1100 < vol.array.min() < -900 and vol.array.max() > 1000  # air and bone: HU, not stored values
+
+
+def test_real_series_with_a_frame_of_reference_per_slice() -> None:
+    paths = sorted(_needs("LIDC-IDRI-0314-slab").iterdir())
+    vol, headers = read_series(paths)
+    assert vol.array.shape == (64, 512, 512) and vol.spacing[0] == pytest.approx(1.0)
+    first = min(paths, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    assert vol.frame_of_reference_uid == pydicom.dcmread(first, stop_before_pixels=True).FrameOfReferenceUID
+    assert vol.warnings[0].startswith("64 FrameOfReferenceUIDs in one series of regular geometry")
+    assert {str(h.FrameOfReferenceUID) for h in headers} == {vol.frame_of_reference_uid}
