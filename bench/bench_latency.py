@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import StoreSCPPeer, cached_ct_study, workdir
-from tests.peers import DCMTK_ENV, SHIPPED_SEG_BUNDLE, STORESCU, NodeProcess, free_port, wait_for, write_config
+from tests.peers import DCMTK_ENV, PHANTOM_SEG_BUNDLE, STORESCU, NodeProcess, free_port, wait_for, write_config
 
 BUDGET_S = 2.0
 
@@ -48,7 +48,7 @@ def random_weight_bundle(dest: Path) -> Path:
 
     from ai_models.bundle import make_parser
 
-    shutil.copytree(SHIPPED_SEG_BUNDLE / "configs", dest / "configs")
+    shutil.copytree(PHANTOM_SEG_BUNDLE / "configs", dest / "configs")
     (dest / "models").mkdir(parents=True)
     torch.manual_seed(0)
     net = make_parser(dest).get_parsed_content("network_def")
@@ -192,8 +192,8 @@ def main() -> None:
     study = cached_ct_study(f"ct-{args.slices}x{args.size}", args.slices, args.size, seed=11)  # as bench_receive
     warm = cached_ct_study(f"latency-warm-24x{args.size}", 24, args.size, seed=32)
     with workdir("bench-latency-") as work:
-        if (SHIPPED_SEG_BUNDLE / "models" / "model.pt").is_file():
-            bundle, weights = SHIPPED_SEG_BUNDLE, "trained weights (shipped models/model.pt)"
+        if (PHANTOM_SEG_BUNDLE / "models" / "model.pt").is_file():
+            bundle, weights = PHANTOM_SEG_BUNDLE, "trained weights (shipped models/model.pt)"
         else:
             bundle = random_weight_bundle(work / "bundle")
             weights = "RANDOM weights: the shipped bundle has no models/model.pt yet (same network_def)"

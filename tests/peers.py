@@ -20,8 +20,8 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 DCIODVFY = "/usr/bin/dciodvfy"
-BUNDLES = REPO / "ai_models" / "bundles"
-SHIPPED_SEG_BUNDLE = Path(os.environ.get("DICOM_NODE_TEST_SEG_BUNDLE", REPO / "ai_models" / "bundles" / "chest_ct_seg"))
+BUNDLES = REPO / "tests" / "fixtures" / "phantom_bundles"
+PHANTOM_SEG_BUNDLE = Path(os.environ.get("DICOM_NODE_TEST_SEG_BUNDLE", BUNDLES / "chest_ct_seg"))
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on otherwise (~100x slower on loopback)
 
 
@@ -144,7 +144,7 @@ def write_config(path: Path, *, port: int, data_dir: Path, destinations: Sequenc
     dest = "\n".join(
         f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d.get("ae_title", "PACS")}"\n'
         f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in destinations)
-    bundle = SHIPPED_SEG_BUNDLE
+    bundle = PHANTOM_SEG_BUNDLE
     models = models if models is not None else "".join(
         f'[[models]]\nname = "{name}"\nbundle = "{path}"\n' for name, path in (
             ("chest-ct-seg", bundle), ("chest-ct-det", BUNDLES / "chest_ct_det"),

@@ -23,7 +23,7 @@ from dicom_node.service import node_identity
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets
 from dicom_node.worker import Worker
 from storage.records import NewInstance
-from tests.peers import SHIPPED_SEG_BUNDLE, free_port
+from tests.peers import PHANTOM_SEG_BUNDLE, free_port
 from tests.unit.results_helpers import dciodvfy_errors
 
 
@@ -32,7 +32,7 @@ def _config(tmp_path: Path) -> Config:
         "node": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0, "port": free_port(), "bind": "127.0.0.1"},
         "completion": {"stable_seconds": 0.5},
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
-        "models": [{"name": "seg", "bundle": str(SHIPPED_SEG_BUNDLE)}],
+        "models": [{"name": "seg", "bundle": str(PHANTOM_SEG_BUNDLE)}],
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["seg"], "send_to": ["pacs"]},
                    {"name": "mr", "match": {"Modality": "MR"}, "models": ["seg"], "send_to": ["pacs"]}],
     }, tmp_path)

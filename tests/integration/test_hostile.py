@@ -32,7 +32,7 @@ from dicom_node.routing import select_series
 from dicom_node.runtime import open_runtime
 from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
-from tests.peers import SHIPPED_SEG_BUNDLE, free_port, storescu
+from tests.peers import PHANTOM_SEG_BUNDLE, free_port, storescu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -100,7 +100,7 @@ def make_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             "node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"), "min_free_mb": 0, **node},
             "completion": {"stable_seconds": 0},
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}],
-            "models": [{"name": "seg", "bundle": str(SHIPPED_SEG_BUNDLE)}],
+            "models": [{"name": "seg", "bundle": str(PHANTOM_SEG_BUNDLE)}],
             "routes": [{"name": "all", "models": ["seg"], "send_to": ["pacs"]}],  # matches every study
         }, tmp_path)
         rt = open_runtime(cfg)

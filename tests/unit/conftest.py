@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-_SEG_BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
+_SEG_BUNDLE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "phantom_bundles" / "chest_ct_seg"
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from ai_models.bundle import (
     volume_to_metatensor,
 )
 from ai_models.phantom import generate_phantom, to_volume
-from ai_models.training.common import eval_seed
+from tests.fixtures.phantom_training.common import eval_seed
 
 
 def _affine(perm: tuple[int, int, int], scales: tuple[float, float, float], origin: tuple[float, ...]) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 
 from ai_models.bundle import read_metadata
 from ai_models.phantom import generate_phantom, to_volume
-from ai_models.training.common import dice, eval_seed
+from tests.fixtures.phantom_training.common import dice, eval_seed
 
 
 def test_metadata_and_size(seg_bundle: Path) -> None:

@@ -12,10 +12,10 @@ import torch
 from ai_models.bundle import bundle_hash, load_model, make_parser
 from ai_models.classification import PatchMaxInferer, patch_starts
 from ai_models.phantom import Phantom, generate_phantom, to_volume
-from ai_models.training import train_chest_ct_cls as cls_train
 from ai_models.types import ClassificationResult
+from tests.fixtures.phantom_training import train_chest_ct_cls as cls_train
 
-BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_cls"
+BUNDLE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "phantom_bundles" / "chest_ct_cls"
 needs_weights = pytest.mark.skipif(
     not (BUNDLE / "models" / "model.pt").is_file(), reason="chest_ct_cls weights not trained yet"
 )
@@ -120,7 +120,7 @@ def test_training_is_seeded() -> None:
 
 
 def test_hard_negative_mining_keeps_the_highest_scoring_nodule_free_patches() -> None:
-    from ai_models.training.phantom_data import WorkingCase
+    from tests.fixtures.phantom_training.phantom_data import WorkingCase
 
     image = torch.zeros(1, 30, 30, 30)
     image[0, 20:, 20:, 20:] = 1.0  # a bright corner the "network" below scores highly

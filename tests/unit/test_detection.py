@@ -14,11 +14,11 @@ import torch
 from ai_models.bundle import bundle_hash, load_model, make_parser
 from ai_models.detection import boxes_to_source, build_retinanet, tile_cores, to_inclusive
 from ai_models.phantom import Nodule, Phantom, generate_phantom, to_volume
-from ai_models.training import train_chest_ct_det as det_train
-from ai_models.training.phantom_data import nodules_on_grid
 from ai_models.types import Detection, DetectionResult
+from tests.fixtures.phantom_training import train_chest_ct_det as det_train
+from tests.fixtures.phantom_training.phantom_data import nodules_on_grid
 
-BUNDLE = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_det"
+BUNDLE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "phantom_bundles" / "chest_ct_det"
 needs_weights = pytest.mark.skipif(
     not (BUNDLE / "models" / "model.pt").is_file(), reason="chest_ct_det weights not trained yet"
 )
@@ -233,6 +233,6 @@ def test_load_model_reports_at_the_configured_operating_point() -> None:
 def test_a_segmentation_model_takes_no_min_score() -> None:
     from ai_models.types import ModelError
 
-    seg = Path(__file__).resolve().parents[2] / "ai_models" / "bundles" / "chest_ct_seg"
+    seg = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "phantom_bundles" / "chest_ct_seg"
     with pytest.raises(ModelError, match="min_score applies to detection and classification"):
         load_model(seg, device="cpu", min_score=0.5)

@@ -14,7 +14,7 @@ from ai_models import grid
 from ai_models.bundle import load_model, source_affine_xyz, volume_to_metatensor
 from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, head_activation
 from ai_models.phantom import generate_phantom, to_volume
-from ai_models.training.common import dice, eval_seed
+from tests.fixtures.phantom_training.common import dice, eval_seed
 
 _ANGLE = np.deg2rad(12.0)
 GEOMETRIES = [

@@ -10,8 +10,8 @@ import torch
 
 from ai_models.bundle import load_model, read_metadata
 from ai_models.phantom import generate_phantom
-from ai_models.training import train_chest_ct_seg
-from ai_models.training.common import eval_seed, prepare_case, train_seed
+from tests.fixtures.phantom_training import train_chest_ct_seg
+from tests.fixtures.phantom_training.common import eval_seed, prepare_case, train_seed
 
 
 def test_training_smoke(tmp_path: Path) -> None:
