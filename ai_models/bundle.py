@@ -315,6 +315,7 @@ RunnerFactory = Callable[[BundleContext], Runner]
 # same work separably: the same working grid and trace, the same window sums, the labels Invertd + argmax
 # give. Anything else runs the bundle's own transforms.
 
+
 def _fast_invert_head(transforms: Any, preprocessing: Any, image_key: str) -> Callable[[Any], Any] | None:
     """The transforms to run before our own inversion, when the postprocessing is activations -> Invertd
     (linear, of the preprocessing, keyed on the image) -> optionally AsDiscreted(argmax); else None."""
@@ -516,6 +517,10 @@ RUNNERS: dict[str, RunnerFactory] = {
     "segmentation": SegmentationRunner,
     "detection": _lazy_runner("ai_models.detection", "DetectionRunner"),
     "classification": _lazy_runner("ai_models.classification", "ClassificationRunner"),
+    # runners a bundle names itself (inference.json "runner"), for models the task's default does not fit
+    "dsb2017_detection": _lazy_runner("ai_models.nodule_runners", "NoduleDetectionRunner"),
+    "dsb2017_segmentation": _lazy_runner("ai_models.nodule_runners", "NoduleSegmentationRunner"),
+    "dsb2017_classification": _lazy_runner("ai_models.nodule_runners", "NoduleClassificationRunner"),
 }
 
 
@@ -621,9 +626,6 @@ def load_model(
     dev = resolve_device(device)
     if min_score is not None and info.task == "segmentation":
         raise ModelError(f"min_score applies to detection and classification models, not to {info.name!r}")
-    factory = RUNNERS.get(info.task)
-    if factory is None:
-        raise ModelError(f"no runner for task {info.task!r} (known: {', '.join(sorted(RUNNERS))})")
     identity = ModelIdentity(
         name=name or info.name,
         version=info.version,
@@ -635,6 +637,11 @@ def load_model(
     )
     with _quiet_monai():
         parser = _make_parser(root, info.metadata, dev)
+        named = parser.config.get("runner")  # a bundle may name its runner; else its task's runs it
+        factory = RUNNERS.get(str(named or info.task))
+        if factory is None:
+            what = f"runner {named!r}" if named else f"runner for task {info.task!r}"
+            raise ModelError(f"no {what} (known: {', '.join(sorted(RUNNERS))})")
         ctx = BundleContext(root, info, identity, parser, torch.device(dev))
         runner = factory(ctx)
     return LoadedModel(identity, runner, min_score if min_score is not None else info.min_score)

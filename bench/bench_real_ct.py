@@ -153,8 +153,10 @@ def main() -> int:
     t0 = time.perf_counter()
     volume, _ = read_series(sorted(slab.glob("*.dcm")))
     load_s = time.perf_counter() - t0
-    print(f"LIDC-IDRI-0314 slab: {volume.array.shape[0]} slices of {volume.array.shape[1]}x{volume.array.shape[2]}, "
-          f"read in {load_s:.2f} s; {len(volume.warnings)} reader warning(s): {'; '.join(volume.warnings)[:200]}")
+    print(
+        f"LIDC-IDRI-0314 slab: {volume.array.shape[0]} slices of {volume.array.shape[1]}x{volume.array.shape[2]}, "
+        f"read in {load_s:.2f} s; {len(volume.warnings)} reader warning(s): {'; '.join(volume.warnings)[:200]}"
+    )
     sets = [run_models("dicom-node (shipped)", shipped_models(), volume, annotations, args.threads)]
     if not args.no_peer:
         sets.append(run_models("phantom fixtures (before)", phantom_models(), volume, annotations, args.threads))
@@ -181,9 +183,11 @@ def main() -> int:
         big = mirrored(volume, args.slices)
         timing = run_models("shipped", shipped_models(), big, annotations, args.threads).seconds
         inference = {k: v for k, v in timing.items() if not k.endswith(" load")}
-        print(f"\n{args.slices} x 512x512 slices (the slab mirrored along z), {args.threads} threads: "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in inference.items())
-              + f"; all models {sum(inference.values()):.1f} s")
+        print(
+            f"\n{args.slices} x 512x512 slices (the slab mirrored along z), {args.threads} threads: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in inference.items())
+            + f"; all models {sum(inference.values()):.1f} s"
+        )
     return 0
 
 

@@ -100,7 +100,7 @@ class SenderSection:
 @dataclass(frozen=True)
 class ResultsSection:
     seg_series_number: int = 9001
-    sr_series_number: int = 9002
+    sr_series_number: int = 9000  # before the SEGs' 9001, 9002, ... (one per segmentation model)
     institution_name: str = ""
 
 

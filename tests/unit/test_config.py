@@ -16,7 +16,8 @@ def test_shipped_config_loads_with_working_defaults() -> None:
     cfg = load_config(REPO / "config.toml")
     assert cfg.node.ae_title == "DICOM_NODE" and cfg.node.port == 11112
     assert cfg.database_url.startswith("sqlite:///") and cfg.database_url.endswith("var/node.db")
-    assert cfg.bundle_path("chest-ct-seg") == REPO / "tests" / "fixtures" / "phantom_bundles" / "chest_ct_seg"
+    assert cfg.bundle_path("lung-seg") == REPO / "ai_models" / "bundles" / "lung_seg"
+    assert not any("fixtures" in m.bundle for m in cfg.models)  # the product ships real models, not the test fixtures
     assert [r.name for r in cfg.routes] == ["chest-ct"]
     assert cfg.routes[0].send_to == ("pacs",)
 

@@ -84,7 +84,7 @@ def test_shipped_bundle_segments_both_lungs_of_a_real_chest_ct() -> None:
 
     import ai_models.volume as volume_module
     from ai_models.bundle import load_model
-    from bench.reference_masks import classical_lung_mask
+    from ai_models.evaluation import classical_lung_mask
 
     files = sorted(LIDC.glob("*.dcm"))
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
