@@ -164,6 +164,7 @@ def _walk(
     reader: _Reader, pos: int, end: int, explicit: bool, found: dict[int, str] | None, big_endian: bool, native: bool
 ) -> str | None:
     head_s, u32, u16 = _BE if big_endian else _LE
+    shift = 0 if big_endian else 16  # a short VR's length: the last two of the four bytes read as one number
     base, buf = pos, reader.window(pos)  # element headers are read from this window of the file
     wanted = found is not None  # still collecting the identifying UIDs (top level, up to SeriesInstanceUID)
     collected: dict[int, str] = found if found is not None else {}
@@ -230,7 +231,7 @@ def _walk(
                 length = u32.unpack_from(buf, off + 8)[0]
                 pos += 12
             elif vr in _SHORT_VRS:
-                length, pos = length >> 16 if not big_endian else length & 0xFFFF, pos + 8
+                length, pos = (length >> shift) & 0xFFFF, pos + 8
             else:
                 return f"invalid VR {vr!r} at offset {pos}"
         else:
