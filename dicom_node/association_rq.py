@@ -30,14 +30,6 @@ class PlainRequest:
     calling_ae: bytes
     contexts: tuple[tuple[int, str, tuple[str, ...]], ...]  # (context id, abstract syntax, transfer syntaxes)
 
-    @property
-    def calling_title(self) -> str:
-        return self.calling_ae.decode("ascii").strip()
-
-    @property
-    def called_title(self) -> str:
-        return self.called_ae.decode("ascii").strip()
-
 
 class _NotPlain(Exception):
     pass
@@ -58,7 +50,7 @@ def _items(data: bytes, pos: int, end: int) -> list[tuple[int, bytes]]:
         kind, length = _ITEM.unpack_from(data, pos)
         if pos + 4 + length > end:
             raise _NotPlain
-        out.append((kind, data[pos + 4:pos + 4 + length]))
+        out.append((kind, data[pos + 4 : pos + 4 + length]))
         pos += 4 + length
     return out
 
@@ -115,8 +107,14 @@ def _item(kind: int, value: bytes) -> bytes:
     return _ITEM.pack(kind, len(value)) + value
 
 
-def accept(rq: PlainRequest, supported: Mapping[str, tuple[str, ...]], *, max_pdu: int, implementation_uid: str,
-           implementation_version: str) -> tuple[bytes, dict[int, tuple[str, str]]]:
+def accept(
+    rq: PlainRequest,
+    supported: Mapping[str, tuple[str, ...]],
+    *,
+    max_pdu: int,
+    implementation_uid: str,
+    implementation_version: str,
+) -> tuple[bytes, dict[int, tuple[str, str]]]:
     """(A-ASSOCIATE-AC PDU, {context id: (abstract syntax, transfer syntax)} of the accepted contexts)."""
     results = []
     accepted: dict[int, tuple[str, str]] = {}
@@ -129,8 +127,18 @@ def accept(rq: PlainRequest, supported: Mapping[str, tuple[str, ...]], *, max_pd
         else:
             result, ts = (0x04 if ours is not None else 0x03), offered[0]
         results.append(_item(0x21, bytes([cid, 0, result, 0]) + _item(0x40, ts.encode("ascii"))))
-    user = (_item(_MAX_LENGTH, struct.pack(">I", max_pdu)) + _item(_IMPL_UID, implementation_uid.encode("ascii"))
-            + _item(_IMPL_VERSION, implementation_version.encode("ascii")))
-    body = (b"\0\1\0\0" + rq.called_ae + rq.calling_ae + bytes(32) + _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
-            + b"".join(results) + _item(0x50, user))
+    user = (
+        _item(_MAX_LENGTH, struct.pack(">I", max_pdu))
+        + _item(_IMPL_UID, implementation_uid.encode("ascii"))
+        + _item(_IMPL_VERSION, implementation_version.encode("ascii"))
+    )
+    body = (
+        b"\0\1\0\0"
+        + rq.called_ae
+        + rq.calling_ae
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
+        + b"".join(results)
+        + _item(0x50, user)
+    )
     return ul.pdu(ul.A_ASSOCIATE_AC, body), accepted

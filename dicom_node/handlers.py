@@ -9,6 +9,7 @@ whatever the instance size.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,15 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
-from dicom_node.dataset_check import MalformedDataset, check_and_find, inflated_head
-from dicom_node.header_sniff import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, sniff_uids
+from dicom_node.dataset_check import (
+    SERIES,
+    SOP_CLASS,
+    SOP_INSTANCE,
+    STUDY,
+    MalformedDataset,
+    check_and_find,
+    inflate_into,
+)
 from dicom_node.upper_layer import file_meta
 from storage.files import FileStore, StorageFullError, UnsafeNameError, check_uid, start_writeback
 from storage.records import NewInstance
@@ -37,10 +45,15 @@ IMPLEMENTATION_VERSION = f"DICOMNODE_{__version__}"[:16]
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-SNIFF_BYTES = 64 << 10  # the identifying UIDs sit near the start; beyond this pydicom reads the file
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+SNIFF_BYTES = 64 << 10  # the dataset's first bytes kept in memory: the walk reads its element headers from them
 
-_KEYWORDS = {SOP_CLASS: "SOPClassUID", SOP_INSTANCE: "SOPInstanceUID", STUDY: "StudyInstanceUID",
-             SERIES: "SeriesInstanceUID"}
+_KEYWORDS = {
+    SOP_CLASS: "SOPClassUID",
+    SOP_INSTANCE: "SOPInstanceUID",
+    STUDY: "StudyInstanceUID",
+    SERIES: "SeriesInstanceUID",
+}
 _HEADER_TAGS = list(_KEYWORDS)
 
 
@@ -100,17 +113,33 @@ def read_header_uids(path: Path) -> dict[int, str]:
             if v is not None:
                 out[tag] = str(v)
         return out
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, OverflowError,
-            RecursionError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}") from exc
 
 
 class IncomingInstance:
     """One C-STORE dataset being received: fragments are written to a temp file as they arrive."""
 
-    def __init__(self, files: FileStore, settings: StoreSettings, *, command_sop_uid: bytes,
-                 command_class_uid: bytes, transfer_syntax: str, calling_ae: str,
-                 temp: tuple[int, Path] | None = None) -> None:
+    def __init__(
+        self,
+        files: FileStore,
+        settings: StoreSettings,
+        *,
+        command_sop_uid: bytes,
+        command_class_uid: bytes,
+        transfer_syntax: str,
+        calling_ae: str,
+        temp: tuple[int, Path] | None = None,
+    ) -> None:
         """``temp``: an empty temp file (fd, path) from ``FileStore.open_temp`` made ahead of time, now owned
         by this instance; otherwise one is made when the first fragment arrives."""
         self.files = files
@@ -141,11 +170,21 @@ class IncomingInstance:
             if not self.started:
                 if self.fd is None:
                     self.fd, self.tmp = self.files.open_temp()
-                self._write_all(memoryview(file_meta(self.class_raw, self.sop_raw, self.transfer_syntax,
-                                                     IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, self.calling_ae)))
+                self._write_all(
+                    memoryview(
+                        file_meta(
+                            self.class_raw,
+                            self.sop_raw,
+                            self.transfer_syntax,
+                            IMPLEMENTATION_UID,
+                            IMPLEMENTATION_VERSION,
+                            self.calling_ae,
+                        )
+                    )
+                )
                 self.started = True
             if len(self.head) < SNIFF_BYTES:
-                self.head += data[:SNIFF_BYTES - len(self.head)]
+                self.head += data[: SNIFF_BYTES - len(self.head)]
             self._write_all(data)
             if self.file_size - self.written_back >= WRITEBACK_BYTES:
                 start_writeback(self.fd, self.written_back, self.file_size - self.written_back)
@@ -180,26 +219,39 @@ class IncomingInstance:
 
     def _check_structure(self) -> dict[int, str] | None:
         """Reject a dataset whose elements do not tile it exactly (see dataset_check) and return the
-        identifying UIDs the same walk found (None: ask pydicom); for a deflated one, the UIDs from a
-        bounded inflate, never pydicom's inflate-it-all."""
+        identifying UIDs the same walk found (None: ask pydicom). Every transfer syntax is walked: the
+        encapsulated ones as Explicit VR Little Endian outside their fragments; a deflated one inflated
+        (within node.max_instance_mb) into an unnamed file beside the temp file, never into memory."""
+        assert self.tmp is not None
         start = self.file_size - self.size
+        ts = self.transfer_syntax
         try:
-            if self.transfer_syntax in (EXPLICIT_LE, IMPLICIT_LE):
-                why, values = check_and_find(self.tmp, start, self.file_size,
-                                             explicit=self.transfer_syntax == EXPLICIT_LE, head=self.head)
-                if why:
-                    raise MalformedDataset(why)
-                return values
-            if self.transfer_syntax == DEFLATED_LE:
-                head, complete = inflated_head(self.tmp, start, head_bytes=SNIFF_BYTES,
-                                               max_total=self.settings.max_instance_bytes)
-                values = sniff_uids(head, explicit=True, complete=complete)
-                if values is None:
-                    raise MalformedDataset("identifying UIDs not found at the start of the inflated dataset")
-                return values
+            if ts == DEFLATED_LE:
+                with tempfile.TemporaryFile(dir=self.tmp.parent) as inflated:
+                    size = inflate_into(self.tmp, start, inflated, max_total=self.settings.max_instance_bytes)
+                    inflated.seek(0)
+                    head = inflated.read(SNIFF_BYTES)
+                    why, values = check_and_find(
+                        f"/proc/self/fd/{inflated.fileno()}", 0, size, explicit=True, head=head
+                    )
+                if not why and values is None:
+                    why = "identifying UIDs not readable at the start of the inflated dataset"
+            else:
+                native = ts in (EXPLICIT_LE, IMPLICIT_LE, BIG_ENDIAN)
+                why, values = check_and_find(
+                    self.tmp,
+                    start,
+                    self.file_size,
+                    explicit=ts != IMPLICIT_LE,
+                    big_endian=ts == BIG_ENDIAN,
+                    native=native,
+                    head=self.head,
+                )
+            if why:
+                raise MalformedDataset(why)
         except MalformedDataset as exc:
             raise RejectedInstance(CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from exc
-        return None
+        return values
 
     def finish(self) -> Pending:
         """Check the header; raises RejectedInstance (temp file removed). The file is flushed later, by the
@@ -224,7 +276,18 @@ class IncomingInstance:
             raise
         tmp, self.tmp = self.tmp, None
         fd, self.fd = self.fd, None
-        return Pending(tmp=tmp, path=path, fd=fd, instance=NewInstance(
-            sop_instance_uid=sop, study_uid=study, series_uid=series, sop_class_uid=sop_class,
-            transfer_syntax=self.transfer_syntax, path=self.files.relative(path), size=self.file_size,
-            calling_ae=self.calling_ae))
+        return Pending(
+            tmp=tmp,
+            path=path,
+            fd=fd,
+            instance=NewInstance(
+                sop_instance_uid=sop,
+                study_uid=study,
+                series_uid=series,
+                sop_class_uid=sop_class,
+                transfer_syntax=self.transfer_syntax,
+                path=self.files.relative(path),
+                size=self.file_size,
+                calling_ae=self.calling_ae,
+            ),
+        )

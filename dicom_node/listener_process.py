@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     server.shutdown()
     ae.shutdown()
-    counts.publish(0)
+    counts.publish(0, 0)
     counts.close()
     rt.jobs.engine.dispose()
     log_event(log, "listener_stopped", pid=os.getpid())

@@ -4,7 +4,14 @@ One thread per association does blocking reads: a P-DATA fragment goes from the 
 to the instance's temp file, and the response goes out as soon as the instance is durable. Negotiation
 (once per association) answers plain requests directly (association_rq, checked byte for byte against
 pynetdicom) and leaves the rest to pynetdicom's PDU classes and presentation-context negotiation against
-the AE built in scp.py, so what is accepted is exactly what that AE supports.
+the AE built in scp.py, so what is accepted is exactly what that AE supports. The protocol version, AE
+titles, access policy and association limit are checked from the request's fixed header first, so a refused
+peer costs no decoding.
+
+What a peer can hold is bounded: a command set to ``MAX_COMMAND_BYTES``; the whole A-ASSOCIATE-RQ to
+``acse_timeout``, each PDU to ``network_timeout`` and each DIMSE message to ``dimse_timeout`` from its first
+byte (deadlines, enforced by one watchdog thread that cuts the socket, so the hot path only notes times);
+connections still negotiating are counted apart from accepted associations and capped, the oldest cut first.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -48,22 +56,36 @@ from dicom_node.handlers import (
     StoreSettings,
 )
 from dicom_node.logs import log_event
-from dicom_node.security import ListenerGuard
+from dicom_node.security import (
+    REASON_CALLED_AE_NOT_RECOGNISED,
+    REASON_CALLING_AE_NOT_RECOGNISED,
+    REASON_PROTOCOL_VERSION,
+    REJECTED_PERMANENT,
+    SOURCE_ACSE_PROVIDER,
+    SOURCE_SERVICE_USER,
+    ListenerGuard,
+    ae_title,
+)
 from dicom_node.shared_counts import SharedCounts
 from storage.files import FileStore
 
 log = logging.getLogger("dicom_node.listener")
 
 MAX_PDU_ACCEPTED = 64 << 20  # peers must respect our maximum; a little slack, never unbounded
+MAX_REQUEST_BYTES = 1 << 20  # an A-ASSOCIATE-RQ; DCMTK's 128 contexts take ~12 KiB
+MAX_COMMAND_BYTES = 4096  # a command set; real ones are ~200 bytes
+WATCHDOG_INTERVAL = 0.1  # how often deadlines are looked at: the precision of every timeout below
 UNRECOGNISED_OPERATION = 0x0211
+_NEVER = float("inf")
 
 
 @dataclass(frozen=True)
 class Limits:
     max_pdu_size: int
     max_associations: int
-    acse_timeout: float
-    network_timeout: float
+    acse_timeout: float  # the whole A-ASSOCIATE-RQ, from the connection's first moment
+    network_timeout: float  # silence between PDUs; and each PDU, from its first byte to its last
+    dimse_timeout: float  # each DIMSE message (command and dataset), from its first PDU to its last
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,6 @@ class _Accepted:
     config, so a repeated request reuses it (a plain request costs ~1 ms to answer directly, see
     association_rq; one left to pynetdicom 50-150 ms). Access checks still run on every association."""
 
-    calling_ae: str
-    called_ae: str
     accept_pdu: bytes
     contexts: dict[int, tuple[str, str]]
 
@@ -91,15 +111,28 @@ class _Sink:
 class ReceiveServer:
     """Accepts associations on ``address`` until ``shutdown``; ``server_address`` is the bound (host, port)."""
 
-    def __init__(self, ae: AE, address: tuple[str, int], files: FileStore, committer: GroupCommitter,
-                 settings: StoreSettings, limits: Limits, *, guard: ListenerGuard | None = None,
-                 sock: socket.socket | None = None, counts: SharedCounts | None = None) -> None:
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        files: FileStore,
+        committer: GroupCommitter,
+        settings: StoreSettings,
+        limits: Limits,
+        *,
+        guard: ListenerGuard | None = None,
+        sock: socket.socket | None = None,
+        counts: SharedCounts | None = None,
+    ) -> None:
         """``sock``: an already listening socket (one shared by several listener processes), else one is
         bound to ``address``. ``counts``: the node-wide association counts when there are such processes."""
         self.ae = ae
-        self.guard = guard or ListenerGuard.from_ae(ae, max_pdu_size=limits.max_pdu_size,
-                                                    max_associations=limits.max_associations,
-                                                    acse_timeout=limits.acse_timeout)
+        self.guard = guard or ListenerGuard.from_ae(
+            ae,
+            max_pdu_size=limits.max_pdu_size,
+            max_associations=limits.max_associations,
+            acse_timeout=limits.acse_timeout,
+        )
         self.files = files
         self.committer = committer
         self.settings = settings
@@ -114,12 +147,17 @@ class ReceiveServer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._active: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        # connections still negotiating, oldest first (dicts keep insertion order), and accepted associations
+        self._negotiating: dict[int, _Association] = {}
+        self._associations: dict[int, _Association] = {}
         self.accepted_cache: dict[bytes, _Accepted] = {}
         self.supported = supported_syntaxes(ae)
         self._thread = threading.Thread(target=self._accept_loop, name="listener", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="listener-watchdog", daemon=True)
 
     def start(self) -> ReceiveServer:
         self._thread.start()
+        self._watchdog.start()
         return self
 
     def remember_accept(self, request: bytes, accepted: _Accepted) -> None:
@@ -128,18 +166,66 @@ class ReceiveServer:
         self.accepted_cache[request] = accepted
 
     def active_associations(self) -> int:
-        """Open connections node-wide (all listener processes), which the limits apply to."""
+        """Accepted associations node-wide (all listener processes), which max_associations applies to."""
         if self.counts is not None:
             return self.counts.total()
         with self._lock:
-            return len(self._active)
+            return len(self._associations)
+
+    def negotiating(self) -> list[str]:
+        """This process's connections still negotiating, oldest first (their peers)."""
+        with self._lock:
+            return [a.peer for a in self._negotiating.values()]
+
+    def _negotiating_total(self) -> int:
+        if self.counts is not None:
+            return self.counts.negotiating()
+        return len(self._negotiating)
 
     def _listening(self) -> bool:
         return bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
     def _publish(self) -> None:
+        """Under ``_lock``."""
         if self.counts is not None:
-            self.counts.publish(len(self._active))
+            self.counts.publish(len(self._associations), len(self._negotiating))
+
+    def try_associate(self, assoc: _Association) -> bool:
+        """Count ``assoc`` as an accepted association if the node is below max_associations."""
+        with self._lock:
+            self._negotiating.pop(id(assoc), None)
+            self._associations[id(assoc)] = assoc
+            self._publish()
+        if self.active_associations() <= self.limits.max_associations:  # counts itself, as the others do it
+            return True
+        with self._lock:
+            self._associations.pop(id(assoc), None)
+            self._publish()
+        return False
+
+    def _make_room(self, peer: tuple[str, int]) -> bool:
+        """Whether a new connection may negotiate: below the cap, or once this process's oldest negotiating
+        connection is cut for it (a peer that has taken longest to ask is the likeliest not to be a peer)."""
+        if self._negotiating_total() < self.guard.max_negotiating:
+            return True
+        with self._lock:
+            if not self._negotiating:
+                oldest = None
+            else:
+                oldest = self._negotiating.pop(next(iter(self._negotiating)))
+                self._publish()
+        if oldest is None:
+            return self.guard.admit(self._negotiating_total(), peer)  # logs the refusal
+        oldest.cut("negotiating_connections_full")
+        log_event(
+            log,
+            "connection_cut",
+            logging.WARNING,
+            peer=oldest.peer,
+            reason="negotiating_connections_full",
+            limit=self.guard.max_negotiating,
+        )
+        return True
 
     def _accept_loop(self) -> None:
         # A shared socket is put in listening state by the pool once every listener process is ready, so
@@ -163,20 +249,23 @@ class ReceiveServer:
                 conn.close()
                 return
             conn.settimeout(None)
-            if not self.guard.admit(self.active_associations(), peer):
+            if not self._make_room(peer):
                 conn.close()
                 continue
             conn = self.guard.wrap(conn)  # TLS without I/O: the handshake runs in the connection's thread
-            t = threading.Thread(target=self._serve, args=(conn, peer), name=f"assoc-{peer[1]}", daemon=True)
+            assoc = _Association(self, conn, f"{peer[0]}:{peer[1]}")
+            t = threading.Thread(target=self._serve, args=(assoc, peer), name=f"assoc-{peer[1]}", daemon=True)
             with self._lock:
                 self._active[id(conn)] = (conn, t)
+                self._negotiating[id(assoc)] = assoc
                 self._publish()
             t.start()
 
-    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve(self, assoc: _Association, peer: tuple[str, int]) -> None:
+        conn = assoc.conn
         try:
             if self.guard.handshake(conn, peer):
-                _Association(self, conn, f"{peer[0]}:{peer[1]}").run()
+                assoc.run()
         except Exception:  # one broken association must not take the listener down
             log.exception("association_failed")
         finally:
@@ -184,7 +273,19 @@ class ReceiveServer:
                 conn.close()
             with self._lock:
                 self._active.pop(id(conn), None)
+                self._negotiating.pop(id(assoc), None)
+                self._associations.pop(id(assoc), None)
                 self._publish()
+
+    def _watch(self) -> None:
+        """Cut every connection whose deadline (see _Association.deadline) has passed."""
+        while not self._stop.wait(WATCHDOG_INTERVAL):
+            now = time.monotonic()
+            with self._lock:
+                late = [a for a in (*self._negotiating.values(), *self._associations.values()) if a.deadline < now]
+            for assoc in late:
+                if assoc.deadline < time.monotonic():  # not met meanwhile
+                    assoc.cut(assoc.deadline_name)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting, abort open associations (unacknowledged instances are not kept) and wait."""
@@ -220,11 +321,15 @@ def supported_syntaxes(ae: AE) -> dict[str, tuple[str, ...]]:
 def pynetdicom_accept(rq: A_ASSOCIATE, ae: AE, max_pdu: int) -> tuple[bytes, dict[int, tuple[str, str]]]:
     """The A-ASSOCIATE-AC for a decoded request, negotiated by pynetdicom against ``ae``'s contexts, and the
     accepted contexts; for the requests ``association_rq`` leaves to it."""
-    roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+    roles = {
+        item.sop_class_uid: (item.scu_role, item.scp_role)
+        for item in rq.user_information
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+    }
     result, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, ae.supported_contexts, roles)
-    contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in result if cx.result == 0x00}
+    contexts = {
+        int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in result if cx.result == 0x00
+    }
     ac = A_ASSOCIATE()
     ac.application_context_name = APPLICATION_CONTEXT
     ac.calling_ae_title = rq.calling_ae_title
@@ -266,6 +371,18 @@ class _Association:
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
         self.buf = bytearray(max(server.limits.max_pdu_size, 16384) + 16)
         self.spare: tuple[int, Path] | None = None  # the next instance's temp file, made ahead
+        # when the watchdog cuts the connection unless the thing named is done by then (TLS handshake and
+        # association request together first)
+        self.deadline = time.monotonic() + server.limits.acse_timeout
+        self.deadline_name = "acse_timeout"
+        self.cut_because: str | None = None
+
+    def cut(self, why: str) -> None:
+        """End the connection from another thread: its reads see the end of the stream (the socket is shut
+        for reading only, so an A-ABORT can still be sent)."""
+        self.cut_because = why
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.conn, socket.SHUT_RD)  # below TLS: SSLSocket.shutdown drops its state
 
     def send(self, data: bytes) -> None:
         self.conn.sendall(data)
@@ -278,78 +395,141 @@ class _Association:
         stream = self.conn.makefile("rb", buffering=1 << 16)
         try:
             pdu_type, length = ul.read_pdu_header(stream)
-            if pdu_type != ul.A_ASSOCIATE_RQ or length > 1 << 20:
+            if pdu_type != ul.A_ASSOCIATE_RQ or length > MAX_REQUEST_BYTES or length < 68:
                 self.send(ul.abort(0x02, 0x02))
                 return
             body = bytearray(length)
             ul.read_exact(stream, memoryview(body))
             if not self._negotiate(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + bytes(body)):
                 return
+            self.deadline = _NEVER
             self.conn.settimeout(self.server.limits.network_timeout)
             self._receive(stream)
         except ul.PeerClosed:
-            if not self.contexts:  # closed before an association existed: a port probe or health check
+            if self.cut_because is not None:
+                log_event(
+                    log,
+                    "association_aborted",
+                    logging.WARNING,
+                    calling_ae=self.calling_ae,
+                    peer=self.peer,
+                    reason=self.cut_because,
+                )
+                if self.contexts:
+                    with contextlib.suppress(OSError):
+                        self.send(ul.abort(0x02, 0x00))
+            elif not self.contexts:  # closed before an association existed: a port probe or health check
                 log_event(log, "connection_closed", logging.DEBUG, peer=self.peer)
             else:
-                log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer,
-                          reason="connection closed")
+                log_event(
+                    log,
+                    "association_aborted",
+                    logging.WARNING,
+                    calling_ae=self.calling_ae,
+                    peer=self.peer,
+                    reason="connection closed",
+                )
         except ul.ProtocolError as exc:
-            log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer,
-                      reason=str(exc))
+            log_event(
+                log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer, reason=str(exc)
+            )
             with contextlib.suppress(OSError):
                 self.send(ul.abort(0x02, 0x00))
         except OSError as exc:  # reset, timeout, shutdown
-            log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer,
-                      reason=str(exc) or type(exc).__name__)
+            log_event(
+                log,
+                "association_aborted",
+                logging.WARNING,
+                calling_ae=self.calling_ae,
+                peer=self.peer,
+                reason=self.cut_because or str(exc) or type(exc).__name__,
+            )
         finally:
             stream.close()
 
-    def _negotiate(self, raw: bytes) -> bool:
-        cached = self.server.accepted_cache.get(raw)
-        plain = rq = None
-        if cached is not None:  # same request as before (same peer software, same files): same answer
-            self.calling_ae, called = cached.calling_ae, cached.called_ae
-        elif (plain := parse_plain_request(raw)) is not None:
-            self.calling_ae, called = plain.calling_title, plain.called_title
-        else:
-            pdu = AssociateRqPDU()
-            try:
-                pdu.decode(raw)
-                rq = pdu.to_primitive()
-            except Exception as exc:  # pynetdicom's decoder raises anything (AssertionError, IndexError...)
-                raise ul.ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
-            self.calling_ae = str(rq.calling_ae_title).strip()
-            called = str(rq.called_ae_title).strip()
-        reject: tuple[int, int, int] | None = None
-        refused = self.server.guard.check_association(self.calling_ae, called, self.peer.rsplit(":", 1)[0])
+    def _refuse(self, reject: tuple[int, int, int], why: str, called: str) -> bool:
+        rj = A_ASSOCIATE()
+        rj.result, rj.result_source, rj.diagnostic = reject
+        out = AssociateRjPDU()
+        out.from_primitive(rj)
+        log_event(
+            log,
+            "association_rejected",
+            logging.WARNING,
+            calling_ae=self.calling_ae,
+            called_ae=called,
+            peer=self.peer,
+            reason=why,
+        )
+        self.send(out.encode())
+        return False
+
+    def _check_request(self, raw: bytes) -> bool:
+        """Refuse (A-ASSOCIATE-RJ) from the request's fixed header alone: protocol version, AE titles, who
+        may connect from where, the association limit. True: the request may be decoded and answered."""
+        calling, called = ae_title(raw[26:42]), ae_title(raw[10:26])
+        self.calling_ae = calling or raw[26:42].decode("ascii", errors="replace").strip(" ")
+        called_text = called or raw[10:26].decode("ascii", errors="replace").strip(" ")
+        if not int.from_bytes(raw[6:8], "big") & 1:  # PS3.8 9.3.2: bit 0 is version 1, the one we support
+            return self._refuse(
+                (REJECTED_PERMANENT, SOURCE_ACSE_PROVIDER, REASON_PROTOCOL_VERSION),
+                "protocol_version_not_supported",
+                called_text,
+            )
+        if calling is None:
+            return self._refuse(
+                (REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNISED),
+                "calling_ae_invalid",
+                called_text,
+            )
+        if called is None:
+            return self._refuse(
+                (REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLED_AE_NOT_RECOGNISED),
+                "called_ae_invalid",
+                called_text,
+            )
+        refused = self.server.guard.check_association(calling, called, self.peer.rsplit(":", 1)[0])
         if refused is not None:  # AE titles and host allow-list: see security.AccessPolicy
-            reject, why = (refused.result, refused.source, refused.reason), refused.why
-        if self.server.active_associations() > self.server.limits.max_associations:
-            reject, why = (0x02, 0x03, 0x02), "too_many_associations"
-        if reject is not None:
-            rj = A_ASSOCIATE()
-            rj.result, rj.result_source, rj.diagnostic = reject
-            out = AssociateRjPDU()
-            out.from_primitive(rj)
-            self.send(out.encode())
-            log_event(log, "association_rejected", logging.WARNING, calling_ae=self.calling_ae, called_ae=called,
-                      peer=self.peer, reason=why)
+            return self._refuse((refused.result, refused.source, refused.reason), refused.why, called)
+        if not self.server.try_associate(self):
+            return self._refuse((0x02, 0x03, 0x02), "too_many_associations", called)
+        return True
+
+    def _negotiate(self, raw: bytes) -> bool:
+        if not self._check_request(raw):
             return False
-        if cached is None:  # negotiated only for peers that passed the checks
+        cached = self.server.accepted_cache.get(raw)
+        if cached is None:  # same request as before (same peer software, same files): same answer
             max_pdu = self.server.limits.max_pdu_size
-            if plain is not None:
+            if (plain := parse_plain_request(raw)) is not None:
                 accept_pdu, contexts = accept_plain_request(
-                    plain, self.server.supported, max_pdu=max_pdu, implementation_uid=IMPLEMENTATION_UID,
-                    implementation_version=IMPLEMENTATION_VERSION)
+                    plain,
+                    self.server.supported,
+                    max_pdu=max_pdu,
+                    implementation_uid=IMPLEMENTATION_UID,
+                    implementation_version=IMPLEMENTATION_VERSION,
+                )
             else:
-                assert rq is not None
+                pdu = AssociateRqPDU()
+                try:
+                    pdu.decode(raw)
+                    rq = pdu.to_primitive()
+                except Exception as exc:  # pynetdicom's decoder raises anything (AssertionError, IndexError...)
+                    raise ul.ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
                 accept_pdu, contexts = pynetdicom_accept(rq, self.server.ae, max_pdu)
-            cached = _Accepted(self.calling_ae, called, accept_pdu, contexts)
+            cached = _Accepted(accept_pdu, contexts)
             self.server.remember_accept(raw, cached)
         self.contexts = dict(cached.contexts)
         self.send(cached.accept_pdu)
-        log_event(log, "association_accepted", logging.DEBUG, calling_ae=self.calling_ae, peer=self.peer,
-                  contexts=len(self.contexts), pid=os.getpid())
+        log_event(
+            log,
+            "association_accepted",
+            logging.DEBUG,
+            calling_ae=self.calling_ae,
+            peer=self.peer,
+            contexts=len(self.contexts),
+            pid=os.getpid(),
+        )
         return True
 
     # ---- messages --------------------------------------------------------------------------------------
@@ -359,22 +539,40 @@ class _Association:
         cmd: dict[int, bytes] | None = None
         cmd_ctx = 0
         sink: IncomingInstance | _Sink | None = None
+        limits = self.server.limits
+        message_deadline = _NEVER  # the message being received must be whole by then (dimse_timeout)
+        header = bytearray(6)
+        first, rest = memoryview(header)[:1], memoryview(header)[1:]
         try:
             while True:
-                pdu_type, length = ul.read_pdu_header(stream)
+                ul.read_exact(stream, first)  # waiting for a PDU: network_timeout of silence (the socket's)
+                pdu_deadline = time.monotonic() + limits.network_timeout  # from its first byte to its last
+                if pdu_deadline < message_deadline:
+                    self.deadline, self.deadline_name = pdu_deadline, "network_timeout"
+                else:
+                    self.deadline, self.deadline_name = message_deadline, "dimse_timeout"
+                ul.read_exact(stream, rest)
+                pdu_type, length = ul.parse_pdu_header(header)
                 if length > MAX_PDU_ACCEPTED or self.server.guard.pdu_too_large(length):
                     raise ul.ProtocolError(f"PDU of {length} bytes exceeds the announced maximum")
                 if length > len(self.buf):
                     self.buf = bytearray(length)
                 body = memoryview(self.buf)[:length]
                 ul.read_exact(stream, body)
+                self.deadline, self.deadline_name = message_deadline, "dimse_timeout"
                 if pdu_type == ul.A_RELEASE_RQ:
                     self._drop_spare()  # before answering: once released the peer may look at the store
                     self.send(ul.release_rp())
                     return
                 if pdu_type == ul.A_ABORT:
-                    log_event(log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae,
-                              peer=self.peer, reason="peer aborted")
+                    log_event(
+                        log,
+                        "association_aborted",
+                        logging.WARNING,
+                        calling_ae=self.calling_ae,
+                        peer=self.peer,
+                        reason="peer aborted",
+                    )
                     return
                 if pdu_type != ul.P_DATA_TF:
                     raise ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
@@ -384,12 +582,19 @@ class _Association:
                     if pdv.is_command:
                         if cmd is not None:
                             raise ul.ProtocolError("command fragment while a dataset was expected")
-                        command += body[pdv.start:pdv.end]
+                        if not command:  # a new message
+                            message_deadline = time.monotonic() + limits.dimse_timeout
+                            if message_deadline < self.deadline:
+                                self.deadline = message_deadline
+                        command += body[pdv.start : pdv.end]
+                        if len(command) > MAX_COMMAND_BYTES:
+                            raise ul.ProtocolError(f"command set longer than {MAX_COMMAND_BYTES} bytes")
                         if not pdv.is_last:
                             continue
                         cmd, cmd_ctx = ul.parse_command(bytes(command)), pdv.context_id
                         command.clear()
                         if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
+                            message_deadline = self.deadline = _NEVER
                             self._dispatch(cmd, cmd_ctx, None)
                             cmd = None
                         else:
@@ -397,9 +602,14 @@ class _Association:
                         continue
                     if cmd is None or sink is None:
                         raise ul.ProtocolError("dataset fragment without a command")
-                    sink.write(body[pdv.start:pdv.end])
+                    if pdv.context_id != cmd_ctx:
+                        raise ul.ProtocolError(
+                            f"dataset on presentation context {pdv.context_id}, its command on {cmd_ctx}"
+                        )
+                    sink.write(body[pdv.start : pdv.end])
                     if pdv.is_last:
                         done, sink = sink, None
+                        message_deadline = self.deadline = _NEVER  # what follows is the node's own work
                         self._dispatch(cmd, cmd_ctx, done)
                         cmd = None
         finally:
@@ -411,9 +621,15 @@ class _Association:
         if ul.command_us(cmd, 0x0100) != ul.C_STORE_RQ:
             return _Sink()
         spare, self.spare = self.spare, None
-        return IncomingInstance(self.server.files, self.server.settings, command_sop_uid=cmd.get(0x1000, b""),
-                                command_class_uid=cmd.get(0x0002, b""), transfer_syntax=self.contexts[ctx][1],
-                                calling_ae=self.calling_ae, temp=spare)
+        return IncomingInstance(
+            self.server.files,
+            self.server.settings,
+            command_sop_uid=cmd.get(0x1000, b""),
+            command_class_uid=cmd.get(0x0002, b""),
+            transfer_syntax=self.contexts[ctx][1],
+            calling_ae=self.calling_ae,
+            temp=spare,
+        )
 
     def _prepare_spare(self) -> None:
         """Make the next instance's temp file now, while the peer is still preparing that instance: creating
@@ -459,8 +675,15 @@ class _Association:
             log.exception("store_failed", extra={"fields": {"sop_instance_uid": sop_uid[:80]}})
             return OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
         if status != SUCCESS:
-            log_event(log, "instance_rejected", logging.WARNING, sop_instance_uid=sop_uid[:80],
-                      status=f"0x{status:04X}", reason=outcome, calling_ae=self.calling_ae)
+            log_event(
+                log,
+                "instance_rejected",
+                logging.WARNING,
+                sop_instance_uid=sop_uid[:80],
+                status=f"0x{status:04X}",
+                reason=outcome,
+                calling_ae=self.calling_ae,
+            )
             return status, outcome
         if outcome != "stored":
             log_event(log, "instance_" + outcome, sop_instance_uid=sop_uid, calling_ae=self.calling_ae)

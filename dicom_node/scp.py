@@ -37,9 +37,18 @@ _NATIVE = [
     pduid.ExplicitVRBigEndian,
 ]
 _COMPRESSED = [
-    pduid.JPEGBaseline8Bit, pduid.JPEGExtended12Bit, pduid.JPEGLossless, pduid.JPEGLosslessSV1,
-    pduid.JPEGLSLossless, pduid.JPEGLSNearLossless, pduid.JPEG2000Lossless, pduid.JPEG2000,
-    pduid.RLELossless, pduid.HTJ2KLossless, pduid.HTJ2KLosslessRPCL, pduid.HTJ2K,
+    pduid.JPEGBaseline8Bit,
+    pduid.JPEGExtended12Bit,
+    pduid.JPEGLossless,
+    pduid.JPEGLosslessSV1,
+    pduid.JPEGLSLossless,
+    pduid.JPEGLSNearLossless,
+    pduid.JPEG2000Lossless,
+    pduid.JPEG2000,
+    pduid.RLELossless,
+    pduid.HTJ2KLossless,
+    pduid.HTJ2KLosslessRPCL,
+    pduid.HTJ2K,
 ]
 
 
@@ -73,13 +82,22 @@ def build_ae(cfg: Config) -> AE:
 
 
 def store_settings(cfg: Config) -> StoreSettings:
-    return StoreSettings(late_arrivals=cfg.completion.late_arrivals, reopen_classes=VOLUME_SOP_CLASSES,
-                         duplicate_policy=cfg.node.duplicate_policy,
-                         max_instance_bytes=cfg.node.max_instance_mb << 20)
+    return StoreSettings(
+        late_arrivals=cfg.completion.late_arrivals,
+        reopen_classes=VOLUME_SOP_CLASSES,
+        duplicate_policy=cfg.node.duplicate_policy,
+        max_instance_bytes=cfg.node.max_instance_mb << 20,
+    )
 
 
-def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, sock: socket.socket | None = None,
-                   counts: SharedCounts | None = None) -> tuple[AE, ReceiveServer]:
+def start_listener(
+    cfg: Config,
+    files: FileStore,
+    jobs: JobStore,
+    *,
+    sock: socket.socket | None = None,
+    counts: SharedCounts | None = None,
+) -> tuple[AE, ReceiveServer]:
     """Start accepting associations in background threads; returns (ae, server).
 
     The AE holds the supported presentation contexts and AE-title rules used for negotiation; the
@@ -90,12 +108,30 @@ def start_listener(cfg: Config, files: FileStore, jobs: JobStore, *, sock: socke
     n = cfg.node
     settings = store_settings(cfg)
     server = ReceiveServer(
-        ae, (n.bind, n.port), files, GroupCommitter(files, jobs.engine, settings), settings,
-        Limits(max_pdu_size=n.max_pdu_size, max_associations=n.max_associations, acse_timeout=n.acse_timeout,
-               network_timeout=n.network_timeout), guard=ListenerGuard.from_config(cfg), sock=sock, counts=counts,
+        ae,
+        (n.bind, n.port),
+        files,
+        GroupCommitter(files, jobs.engine, settings),
+        settings,
+        Limits(
+            max_pdu_size=n.max_pdu_size,
+            max_associations=n.max_associations,
+            acse_timeout=n.acse_timeout,
+            network_timeout=n.network_timeout,
+            dimse_timeout=n.dimse_timeout,
+        ),
+        guard=ListenerGuard.from_config(cfg),
+        sock=sock,
+        counts=counts,
     ).start()
-    log_event(log, "listener_started", ae_title=n.ae_title, bind=n.bind, port=server.server_address[1],
-              sop_classes=len(ae.supported_contexts),  # the storage classes, and Verification
-              transfer_syntaxes=len({ts for cx in ae.supported_contexts for ts in cx.transfer_syntax}),
-              pid=os.getpid())
+    log_event(
+        log,
+        "listener_started",
+        ae_title=n.ae_title,
+        bind=n.bind,
+        port=server.server_address[1],
+        sop_classes=len(ae.supported_contexts),  # the storage classes, and Verification
+        transfer_syntaxes=len({ts for cx in ae.supported_contexts for ts in cx.transfer_syntax}),
+        pid=os.getpid(),
+    )
     return ae, server

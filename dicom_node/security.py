@@ -8,6 +8,8 @@
 - ``ListenerGuard`` bundles them with the transport limits the receive path (receiver.py) applies: a cap
   on open connections, the TLS handshake under a timeout in the connection's thread, and a bound on the
   PDU length a peer may announce, checked before anything is allocated for it.
+- ``ae_title`` reads an AE title from its 16 bytes as the standard defines it: only spaces are insignificant,
+  and a title with control characters, a backslash or nothing but spaces is no title.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
 SOURCE_SERVICE_USER = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
 REASON_CALLED_AE_NOT_RECOGNISED = 0x07
+SOURCE_ACSE_PROVIDER = 0x02
+REASON_PROTOCOL_VERSION = 0x02
 
 # BCP 195 (RFC 7525/9325) recommended TLS 1.2 suites; TLS 1.3 suites are all AEAD with forward secrecy.
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
@@ -47,6 +51,15 @@ class Rejection:
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def ae_title(raw: bytes) -> str | None:
+    """The AE title in a 16-byte field, or None if it is not one: the default character repertoire without
+    backslash or control characters (PS3.5 table 6.2-1), not all spaces; leading and trailing spaces removed."""
+    if any(b < 0x20 or b > 0x7E or b == 0x5C for b in raw):
+        return None
+    title = raw.decode("ascii").strip(" ")
+    return title or None
 
 
 def parse_network(value: str) -> Network:
@@ -76,11 +89,12 @@ class AccessPolicy:
     """
 
     def __init__(self, node_ae_title: str, security: SecuritySection) -> None:
-        self.node_ae_title = node_ae_title.strip()
+        self.node_ae_title = node_ae_title.strip(" ")
         self.require_called = security.require_called_ae_title
-        self.allowed_titles = frozenset(t.strip() for t in security.allowed_calling_ae_titles)
+        self.allowed_titles = frozenset(t.strip(" ") for t in security.allowed_calling_ae_titles)
         self.hosts: dict[str, tuple[Network, ...]] = {
-            ae.strip(): tuple(parse_network(h) for h in hosts) for ae, hosts in security.allowed_hosts.items()}
+            ae.strip(" "): tuple(parse_network(h) for h in hosts) for ae, hosts in security.allowed_hosts.items()
+        }
 
     @classmethod
     def from_config(cls, cfg: Config) -> AccessPolicy:
@@ -91,19 +105,22 @@ class AccessPolicy:
         return self.hosts.get(calling_ae, self.hosts.get(ANY_AE))
 
     def check(self, calling_ae: str, called_ae: str, host: str) -> Rejection | None:
-        calling, called = calling_ae.strip(), called_ae.strip()
+        calling, called = calling_ae.strip(" "), called_ae.strip(" ")
         if self.allowed_titles and calling not in self.allowed_titles:
-            return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNISED,
-                             "calling_ae_not_allowed")
+            return Rejection(
+                REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNISED, "calling_ae_not_allowed"
+            )
         if self.require_called and called != self.node_ae_title:
-            return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLED_AE_NOT_RECOGNISED,
-                             "called_ae_not_recognised")
+            return Rejection(
+                REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLED_AE_NOT_RECOGNISED, "called_ae_not_recognised"
+            )
         networks = self.hosts_for(calling)
         if networks is not None:
             addr = _address(host)
             if addr is None or not any(addr in n for n in networks if n.version == addr.version):
-                return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNISED,
-                                 "host_not_allowed")
+                return Rejection(
+                    REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNISED, "host_not_allowed"
+                )
         return None
 
 
@@ -138,7 +155,7 @@ class ListenerGuard:
     policy: AccessPolicy
     tls: ssl.SSLContext | None
     handshake_timeout: float  # seconds for the TLS handshake (the ACSE timeout)
-    max_connections: int  # open TCP connections, negotiated or not; beyond it a connection is closed at once
+    max_negotiating: int  # connections not yet associated; beyond it the oldest is cut (see ReceiveServer)
     max_pdu_body: int  # largest PDU length field accepted after negotiation
 
     @classmethod
@@ -147,23 +164,40 @@ class ListenerGuard:
         key = resolve_path(cfg.base_dir, cfg.security.tls_key_file) if cfg.security.tls_key_file else None
         if key is not None and key.stat().st_mode & 0o077:
             log_event(log, "tls_key_readable_by_others", logging.WARNING, path=str(key))
-        return cls(policy=AccessPolicy.from_config(cfg), tls=build_tls_context(cfg), handshake_timeout=n.acse_timeout,
-                   max_connections=connection_cap(n.max_associations), max_pdu_body=pdu_body_limit(n.max_pdu_size))
+        return cls(
+            policy=AccessPolicy.from_config(cfg),
+            tls=build_tls_context(cfg),
+            handshake_timeout=n.acse_timeout,
+            max_negotiating=connection_cap(n.max_associations),
+            max_pdu_body=pdu_body_limit(n.max_pdu_size),
+        )
 
     @classmethod
     def from_ae(cls, ae: Any, *, max_pdu_size: int, max_associations: int, acse_timeout: float) -> ListenerGuard:
         """No TLS; AE-title rules as set on a pynetdicom AE (for callers that have no Config)."""
-        security = SecuritySection(allowed_calling_ae_titles=tuple(ae.require_calling_aet),
-                                   require_called_ae_title=bool(ae.require_called_aet))
-        return cls(policy=AccessPolicy(str(ae.ae_title), security), tls=None, handshake_timeout=acse_timeout,
-                   max_connections=connection_cap(max_associations), max_pdu_body=pdu_body_limit(max_pdu_size))
+        security = SecuritySection(
+            allowed_calling_ae_titles=tuple(ae.require_calling_aet), require_called_ae_title=bool(ae.require_called_aet)
+        )
+        return cls(
+            policy=AccessPolicy(str(ae.ae_title), security),
+            tls=None,
+            handshake_timeout=acse_timeout,
+            max_negotiating=connection_cap(max_associations),
+            max_pdu_body=pdu_body_limit(max_pdu_size),
+        )
 
-    def admit(self, open_connections: int, peer: tuple[str, int]) -> bool:
-        """Whether one more TCP connection may be served; logs the refusal."""
-        if open_connections < self.max_connections:
+    def admit(self, negotiating: int, peer: tuple[str, int]) -> bool:
+        """Whether one more connection may negotiate; logs the refusal."""
+        if negotiating < self.max_negotiating:
             return True
-        log_event(log, "connection_refused", logging.WARNING, peer=_addr(peer), reason="too_many_connections",
-                  limit=self.max_connections)
+        log_event(
+            log,
+            "connection_refused",
+            logging.WARNING,
+            peer=_addr(peer),
+            reason="too_many_connections",
+            limit=self.max_negotiating,
+        )
         return False
 
     def wrap(self, conn: socket.socket) -> socket.socket:
@@ -184,8 +218,9 @@ class ListenerGuard:
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             log_event(log, "tls_handshake_failed", logging.WARNING, peer=_addr(peer), reason=reason)
             return False
-        log_event(log, "tls_established", logging.DEBUG, peer=_addr(peer), version=conn.version(),
-                  client=_subject(conn))
+        log_event(
+            log, "tls_established", logging.DEBUG, peer=_addr(peer), version=conn.version(), client=_subject(conn)
+        )
         return True
 
     def check_association(self, calling_ae: str, called_ae: str, host: str) -> Rejection | None:
@@ -196,8 +231,9 @@ class ListenerGuard:
 
 
 def connection_cap(max_associations: int) -> int:
-    """Open connections allowed: room for the excess to be answered A-ASSOCIATE-RJ (transient, local limit
-    exceeded) rather than dropped, yet a bound on threads and sockets a connection flood can hold."""
+    """Connections allowed to negotiate at once (accepted associations are counted apart): room for the excess
+    to be answered A-ASSOCIATE-RJ (transient, local limit exceeded) rather than dropped, yet a bound on the
+    threads and sockets a connection flood can hold, each for at most acse_timeout."""
     return 2 * max_associations + 4
 
 

@@ -1,8 +1,9 @@
-"""Open-association counts shared by the node's listener processes, so limits apply to the whole node.
+"""Association counts shared by the node's listener processes, so limits apply to the whole node.
 
-A small shared memory file (memfd) holds one counter per listener process; each process writes only its
-own slot and reads the sum. Reads race with writes by design: a limit may be passed by the number of
-associations that arrive in the same instant, as with any accept-then-count scheme.
+A small shared memory file (memfd) holds two counters per listener process, its accepted associations and
+its connections still negotiating; each process writes only its own slot and reads the sums. Reads race
+with writes by design: a limit may be passed by the number of associations that arrive in the same instant,
+as with any accept-then-count scheme.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import mmap
 import os
 import struct
 
-_SLOT = struct.Struct("<i")
+_SLOT = struct.Struct("<ii")  # (accepted associations, negotiating connections)
 
 
 class SharedCounts:
@@ -30,15 +31,20 @@ class SharedCounts:
         os.ftruncate(fd, slots * _SLOT.size)
         return cls(fd, slots, 0)
 
-    def publish(self, count: int) -> None:
-        _SLOT.pack_into(self._map, self.slot * _SLOT.size, count)
+    def publish(self, associations: int, negotiating: int = 0) -> None:
+        _SLOT.pack_into(self._map, self.slot * _SLOT.size, associations, negotiating)
 
     def clear(self, slot: int) -> None:
         """Zero a slot whose process is gone (the parent, when a listener process exits)."""
-        _SLOT.pack_into(self._map, slot * _SLOT.size, 0)
+        _SLOT.pack_into(self._map, slot * _SLOT.size, 0, 0)
 
     def total(self) -> int:
+        """Accepted associations, node-wide."""
         return sum(_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self.slots))
+
+    def negotiating(self) -> int:
+        """Connections not yet associated, node-wide."""
+        return sum(_SLOT.unpack_from(self._map, i * _SLOT.size)[1] for i in range(self.slots))
 
     def close(self) -> None:
         """Unmap the table and close this process's fd of it."""

@@ -55,6 +55,11 @@ def read_pdu_header(stream: BinaryIO) -> tuple[int, int]:
     """(pdu type, length) of the next PDU."""
     head = bytearray(6)
     read_exact(stream, memoryview(head))
+    return parse_pdu_header(head)
+
+
+def parse_pdu_header(head: bytes | bytearray) -> tuple[int, int]:
+    """(pdu type, length) from a PDU's 6 header bytes."""
     pdu_type, length = _PDU_HEADER.unpack(head)
     return pdu_type, length
 
@@ -89,7 +94,7 @@ def parse_command(raw: bytes) -> dict[int, bytes]:
         pos += 8
         if group != 0 or pos + length > end:
             raise ProtocolError("malformed command set")
-        out[elem] = raw[pos:pos + length]
+        out[elem] = raw[pos : pos + length]
         pos += length
     if pos != end:
         raise ProtocolError("trailing bytes after the command set")
@@ -114,8 +119,9 @@ def _implicit(elem: int, value: bytes) -> bytes:
     return _ELEMENT.pack(0, elem, len(value)) + value
 
 
-def encode_response(command_field: int, message_id: int, status: int, sop_class: bytes,
-                    sop_instance: bytes | None, comment: str = "") -> bytes:
+def encode_response(
+    command_field: int, message_id: int, status: int, sop_class: bytes, sop_instance: bytes | None, comment: str = ""
+) -> bytes:
     """A DIMSE response command set (C-STORE-RSP, C-ECHO-RSP, ...)."""
     body = _implicit(0x0002, _even(sop_class, b"\0"))
     body += _implicit(0x0100, struct.pack("<H", command_field | 0x8000))
@@ -160,23 +166,32 @@ def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
     return _SHORT_VR.pack(2, elem, vr, len(value)) + value
 
 
-def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: str, implementation_uid: str,
-              implementation_version: str, source_ae: str) -> bytes:
+def file_meta(
+    sop_class: bytes,
+    sop_instance: bytes,
+    transfer_syntax: str,
+    implementation_uid: str,
+    implementation_version: str,
+    source_ae: str,
+) -> bytes:
     """Preamble, 'DICM' and the group 0002 elements, so the stored file is a valid Part 10 file."""
-    before, after = _meta_around_instance(sop_class, transfer_syntax, implementation_uid, implementation_version,
-                                          source_ae)
+    before, after = _meta_around_instance(
+        sop_class, transfer_syntax, implementation_uid, implementation_version, source_ae
+    )
     instance = _meta_element(0x0003, b"UI", _even(sop_instance.rstrip(b"\0 "), b"\0"))
     length = len(before) + len(instance) + len(after)
-    return b"".join((_PREAMBLE, _SHORT_VR.pack(2, 0x0000, b"UL", 4), struct.pack("<I", length), before, instance,
-                     after))
+    return b"".join(
+        (_PREAMBLE, _SHORT_VR.pack(2, 0x0000, b"UL", 4), struct.pack("<I", length), before, instance, after)
+    )
 
 
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 
 @functools.lru_cache(maxsize=256)
-def _meta_around_instance(sop_class: bytes, transfer_syntax: str, implementation_uid: str,
-                          implementation_version: str, source_ae: str) -> tuple[bytes, bytes]:
+def _meta_around_instance(
+    sop_class: bytes, transfer_syntax: str, implementation_uid: str, implementation_version: str, source_ae: str
+) -> tuple[bytes, bytes]:
     """The meta elements before and after (0002,0003): the same for every instance of one association's
     SOP class and transfer syntax, so built once, not per instance."""
     before = _meta_element(0x0001, b"OB", b"\0\1")

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,17 @@ def _alive(pid: int) -> bool:
 
 def _node(tmp_path: Path, processes: int = 2, node_keys: str = "") -> NodeProcess:
     port = free_port()
-    cfg = write_config(tmp_path / "config.toml", port=port, data_dir=tmp_path / "var", destinations=[],
-                       stable_seconds=3600, models="", routes="",
-                       node_extra=f"listener_processes = {processes}\n{node_keys}", log_level="DEBUG")
+    cfg = write_config(
+        tmp_path / "config.toml",
+        port=port,
+        data_dir=tmp_path / "var",
+        destinations=[],
+        stable_seconds=3600,
+        models="",
+        routes="",
+        node_extra=f"listener_processes = {processes}\n{node_keys}",
+        log_level="DEBUG",
+    )
     return NodeProcess(cfg, port, tmp_path / "node.log").start()
 
 
@@ -68,9 +77,15 @@ def test_parallel_associations_are_spread_over_the_listener_processes(tmp_path: 
     node = _node(tmp_path)
     try:
         listeners = _listeners(node, "two listener processes")
-        procs = [subprocess.Popen([STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
-                                   *map(str, study[i::4])], env=DCMTK_ENV, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT) for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(node.port), *map(str, study[i::4])],
+                env=DCMTK_ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(4)
+        ]
         for p in procs:
             out, _ = p.communicate(timeout=120)
             assert p.returncode == 0, out.decode(errors="replace")[-2000:]
@@ -106,6 +121,30 @@ def test_association_limit_counts_every_listener_process(tmp_path: Path) -> None
 
         wait_for(another, 10, "a slot freed by the release")
     finally:
+        for a in held:
+            a.release()
+        assert node.stop() == 0
+
+
+def test_silent_connections_take_no_association_slot_in_any_listener_process(tmp_path: Path) -> None:
+    node = _node(tmp_path, node_keys="max_associations = 2\nacse_timeout = 10")
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    held = []
+    silent: list[socket.socket] = []
+    try:
+        _listeners(node, "two listener processes")
+        silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(4)]  # spread over both
+        time.sleep(0.5)
+        for _ in range(2):
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assert assoc.is_established, "silent connections took the association slots"
+            held.append(assoc)
+        third = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+        assert third.is_rejected  # accepted associations still count node-wide
+    finally:
+        for s in silent:
+            s.close()
         for a in held:
             a.release()
         assert node.stop() == 0

@@ -30,9 +30,13 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 
 def _config(tmp_path: Path, port: int, security: dict[str, Any] | None = None, **node: Any) -> Any:
-    return parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"),
-                                  "min_free_mb": 0, **node},
-                         "security": security or {}}, tmp_path)
+    return parse_config(
+        {
+            "node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"), "min_free_mb": 0, **node},
+            "security": security or {},
+        },
+        tmp_path,
+    )
 
 
 class Listener:
@@ -79,20 +83,24 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]
 
 # ---- config ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("security", "key"), [
-    ({"allowed_hosts": {"CT1": ["10.0.0.300"]}}, "security.allowed_hosts.CT1[0]"),
-    ({"allowed_hosts": {"CT1": ["scanner.example.org"]}}, "security.allowed_hosts.CT1[0]"),
-    ({"allowed_hosts": {"CT1": []}}, "security.allowed_hosts.CT1"),
-    ({"allowed_hosts": {"CT1": "10.0.0.1"}}, "security.allowed_hosts.CT1"),
-    ({"allowed_calling_ae_titles": ["CT2"], "allowed_hosts": {"CT1": ["10.0.0.1"]}}, "security.allowed_hosts.CT1"),
-    ({"allowed_hosts": {"A\\B": ["10.0.0.1"]}}, "security.allowed_hosts.A\\B"),
-    ({"tls_key_file": "k.pem"}, "security.tls_key_file"),
-    ({"tls_cert_file": "c.pem"}, "security.tls_key_file"),
-    ({"tls_cert_file": "missing.pem", "tls_key_file": "k.pem"}, "security.tls_cert_file"),
-    ({"tls_require_client_cert": True}, "security.tls_require_client_cert"),
-    ({"tls_min_version": "1.1"}, "security.tls_min_version"),
-    ({"allowed_host": {}}, "security.allowed_host"),
-])
+
+@pytest.mark.parametrize(
+    ("security", "key"),
+    [
+        ({"allowed_hosts": {"CT1": ["10.0.0.300"]}}, "security.allowed_hosts.CT1[0]"),
+        ({"allowed_hosts": {"CT1": ["scanner.example.org"]}}, "security.allowed_hosts.CT1[0]"),
+        ({"allowed_hosts": {"CT1": []}}, "security.allowed_hosts.CT1"),
+        ({"allowed_hosts": {"CT1": "10.0.0.1"}}, "security.allowed_hosts.CT1"),
+        ({"allowed_calling_ae_titles": ["CT2"], "allowed_hosts": {"CT1": ["10.0.0.1"]}}, "security.allowed_hosts.CT1"),
+        ({"allowed_hosts": {"A\\B": ["10.0.0.1"]}}, "security.allowed_hosts.A\\B"),
+        ({"tls_key_file": "k.pem"}, "security.tls_key_file"),
+        ({"tls_cert_file": "c.pem"}, "security.tls_key_file"),
+        ({"tls_cert_file": "missing.pem", "tls_key_file": "k.pem"}, "security.tls_cert_file"),
+        ({"tls_require_client_cert": True}, "security.tls_require_client_cert"),
+        ({"tls_min_version": "1.1"}, "security.tls_min_version"),
+        ({"allowed_host": {}}, "security.allowed_host"),
+    ],
+)
 def test_bad_security_config_names_the_key(tmp_path: Path, security: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         _config(tmp_path, 11112, security)
@@ -107,9 +115,15 @@ def test_tls_with_client_certs_requires_a_ca(tmp_path: Path) -> None:
 
 
 def test_policy_decisions() -> None:
-    cfg = parse_config({"security": {"allowed_calling_ae_titles": ["CT1", "MR1"],
-                                     "allowed_hosts": {"CT1": ["10.1.2.3", "fd00::/8"], "*": ["192.168.0.0/16"]}}},
-                       Path("."))
+    cfg = parse_config(
+        {
+            "security": {
+                "allowed_calling_ae_titles": ["CT1", "MR1"],
+                "allowed_hosts": {"CT1": ["10.1.2.3", "fd00::/8"], "*": ["192.168.0.0/16"]},
+            }
+        },
+        Path("."),
+    )
     p = AccessPolicy.from_config(cfg)
     assert p.check("CT1", "DICOM_NODE", "10.1.2.3") is None
     assert p.check("CT1", "DICOM_NODE", "::ffff:10.1.2.3") is None  # dual-stack socket view of an IPv4 peer
@@ -123,6 +137,7 @@ def test_policy_decisions() -> None:
 
 
 # ---- access ------------------------------------------------------------------------------------------------
+
 
 def test_unknown_calling_ae_is_rejected_permanent_reason_3(make_listener, caplog) -> None:
     lis = make_listener({"allowed_calling_ae_titles": ["CT1"]})
@@ -147,8 +162,12 @@ def test_wrong_called_ae_is_rejected_reason_7(make_listener, caplog) -> None:
 
 
 def test_host_allow_list_per_ae(make_listener, caplog) -> None:
-    lis = make_listener({"allowed_calling_ae_titles": ["CT1", "LOCAL"],
-                         "allowed_hosts": {"CT1": ["10.0.0.0/8"], "LOCAL": ["127.0.0.0/8"]}})
+    lis = make_listener(
+        {
+            "allowed_calling_ae_titles": ["CT1", "LOCAL"],
+            "allowed_hosts": {"CT1": ["10.0.0.0/8"], "LOCAL": ["127.0.0.0/8"]},
+        }
+    )
     caplog.set_level(logging.INFO, logger="dicom_node")
     refused = _associate(lis.port, calling="CT1")  # CT1 may only come from 10/8; we are 127.0.0.1
     assert refused.is_rejected
@@ -162,13 +181,19 @@ def test_host_allow_list_per_ae(make_listener, caplog) -> None:
 
 def test_dcmtk_is_refused_from_a_host_not_allowed(make_listener) -> None:
     lis = make_listener({"allowed_hosts": {"*": ["192.0.2.0/24"]}})
-    proc = subprocess.run([ECHOSCU, "-aec", "DICOM_NODE", "-aet", "ANY", "127.0.0.1", str(lis.port)],
-                          env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [ECHOSCU, "-aec", "DICOM_NODE", "-aet", "ANY", "127.0.0.1", str(lis.port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0
     assert "Calling AE Title Not Recognized" in proc.stderr
 
 
 # ---- limits ------------------------------------------------------------------------------------------------
+
 
 def test_excess_associations_rejected_transient_and_released(make_listener, caplog) -> None:
     lis = make_listener(max_associations=2)
@@ -192,20 +217,20 @@ def test_excess_associations_rejected_transient_and_released(make_listener, capl
 def test_a_connection_flood_is_capped_and_does_not_stop_the_listener(make_listener, caplog) -> None:
     lis = make_listener(max_associations=2, acse_timeout=30)
     caplog.set_level(logging.INFO, logger="dicom_node")
-    cap = lis.server.guard.max_connections
+    cap = lis.server.guard.max_negotiating
     socks = [socket.create_connection(("127.0.0.1", lis.port), timeout=5) for _ in range(cap + 5)]
     try:
-        wait_for(lambda: len(_events(caplog, "connection_refused")) >= 5, 10, "connections over the cap refused")
-        assert lis.server.active_associations() <= cap
+        wait_for(lambda: len(_events(caplog, "connection_cut")) >= 5, 10, "the oldest silent connections cut")
+        assert len(lis.server.negotiating()) <= cap
         closed = 0
-        for s in socks[cap:]:
+        for s in socks[:5]:  # oldest first
             s.settimeout(5)
             closed += s.recv(1) == b""
         assert closed == 5
     finally:
         for s in socks:
             s.close()
-    wait_for(lambda: lis.server.active_associations() == 0, 10, "silent connections to go")
+    wait_for(lambda: lis.server.negotiating() == [], 10, "silent connections to go")
     ok = _associate(lis.port)
     assert ok.is_established
     ok.release()
@@ -213,38 +238,53 @@ def test_a_connection_flood_is_capped_and_does_not_stop_the_listener(make_listen
 
 # ---- TLS ---------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_security(pki: Pki, require_client: bool = True) -> dict[str, Any]:
-    return {"tls_cert_file": str(pki.server_cert), "tls_key_file": str(pki.server_key),
-            "tls_ca_file": str(pki.ca_cert), "tls_require_client_cert": require_client}
+    return {
+        "tls_cert_file": str(pki.server_cert),
+        "tls_key_file": str(pki.server_key),
+        "tls_ca_file": str(pki.ca_cert),
+        "tls_require_client_cert": require_client,
+    }
 
 
 def _echo_tls(port: int, pki: Pki, cert: Path | None = None, key: Path | None = None) -> int:
     tls = ["+tls", str(key), str(cert)] if cert is not None else ["+tla"]
-    proc = subprocess.run([ECHOSCU, *tls, "+cf", str(pki.ca_cert), "-aec", "DICOM_NODE", "127.0.0.1", str(port)],
-                          env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [ECHOSCU, *tls, "+cf", str(pki.ca_cert), "-aec", "DICOM_NODE", "127.0.0.1", str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return proc.returncode
 
 
 def test_dcmtk_tls_echo_and_store_with_client_certificate(make_listener, pki: Pki, tmp_path: Path) -> None:
     lis = make_listener(_tls_security(pki))
     assert _echo_tls(lis.port, pki, pki.client_cert, pki.client_key) == 0
-    sent = write_datasets(phantom_datasets(generate_phantom(1, shape=(3, 32, 32), n_nodules=0), StudyIds.new(1)),
-                          tmp_path / "in")
+    sent = write_datasets(
+        phantom_datasets(generate_phantom(1, shape=(3, 32, 32), n_nodules=0), StudyIds.new(1)), tmp_path / "in"
+    )
     storescu(lis.port, sent, flags=["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca_cert)])
     assert len(lis.rt.jobs.all_instances()) == len(sent)
 
 
-def test_tls_refuses_plain_untrusted_and_anonymous_clients_and_keeps_serving(make_listener, pki: Pki,
-                                                                            caplog) -> None:
+def test_tls_refuses_plain_untrusted_and_anonymous_clients_and_keeps_serving(make_listener, pki: Pki, caplog) -> None:
     lis = make_listener(_tls_security(pki))
     caplog.set_level(logging.INFO, logger="dicom_node")
-    plain = subprocess.run([ECHOSCU, "-to", "5", "-ta", "5", "-aec", "DICOM_NODE", "127.0.0.1", str(lis.port)],
-                           env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+    plain = subprocess.run(
+        [ECHOSCU, "-to", "5", "-ta", "5", "-aec", "DICOM_NODE", "127.0.0.1", str(lis.port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert plain.returncode != 0
     assert _echo_tls(lis.port, pki, pki.rogue_cert, pki.rogue_key) != 0  # certificate from an unknown CA
     assert _echo_tls(lis.port, pki) != 0  # no certificate at all
@@ -260,13 +300,16 @@ def test_tls_without_client_certificates_and_a_silent_client_does_not_block_othe
         assert _echo_tls(lis.port, pki) == 0  # served meanwhile: the handshake is not in the accept loop
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    with (socket.create_connection(("127.0.0.1", lis.port)) as raw,
-          ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+    with (
+        socket.create_connection(("127.0.0.1", lis.port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
         assert tls.cipher()[0].startswith(("TLS_", "ECDHE", "DHE"))
 
 
 # ---- privacy -----------------------------------------------------------------------------------------------
+
 
 def test_no_patient_name_or_id_in_info_logs(make_listener, tmp_path: Path, caplog) -> None:
     lis = make_listener({"allowed_calling_ae_titles": ["SCANNER"]})
@@ -296,8 +339,11 @@ def test_data_dir_database_and_files_are_private(make_listener, tmp_path: Path) 
     (tmp_path / "var").mkdir(mode=0o755)  # even a pre-existing, world-readable data_dir is closed
     (tmp_path / "var").chmod(0o755)
     lis = make_listener()
-    ds = phantom_datasets(generate_phantom(2, shape=(2, 16, 16), n_nodules=0), StudyIds.new(2),
-                          transfer_syntax=pduid.ExplicitVRLittleEndian)
+    ds = phantom_datasets(
+        generate_phantom(2, shape=(2, 16, 16), n_nodules=0),
+        StudyIds.new(2),
+        transfer_syntax=pduid.ExplicitVRLittleEndian,
+    )
     storescu(lis.port, write_datasets(ds, tmp_path / "in"))
     data_dir = lis.cfg.data_dir
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
@@ -315,7 +361,6 @@ def test_key_file_readable_by_others_is_warned_about(make_listener, pki: Pki, tm
     caplog.set_level(logging.INFO, logger="dicom_node")
     make_listener(_tls_security(pki, require_client=False) | {"tls_key_file": str(key)})
     assert _events(caplog, "tls_key_readable_by_others")
-
 
 
 def test_malformed_patient_values_handled_by_the_node_are_not_quoted_in_its_log(tmp_path: Path, capsys) -> None:

@@ -19,7 +19,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import upper_layer as ul
-from dicom_node.header_sniff import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, sniff_uids
+from dicom_node.dataset_check import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, check_bytes
 from storage.batching import KeptConnection, instance_batch
 from storage.db import make_engine
 from storage.jobstore import JobStore
@@ -57,41 +57,65 @@ def _dataset(with_sequence: bool) -> Dataset:
     return ds
 
 
-def _encode(ds: Dataset, explicit: bool) -> bytes:
+def _encode(ds: Dataset, explicit: bool, little: bool = True) -> bytes:
     buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, not explicit
+    buf.is_little_endian, buf.is_implicit_VR = little, not explicit
     write_dataset(buf, ds)
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("explicit", [True, False])
+def _defined_lengths(raw: bytes, explicit: bool, little: bool) -> bytes:
+    """The same dataset with every sequence and item of defined length (pydicom writes them undefined)."""
+    ds = read_dataset(BytesIO(raw), is_implicit_VR=not explicit, is_little_endian=little)
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = False
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = False
+    return _encode(ds, explicit, little)
+
+
+@pytest.mark.parametrize(("explicit", "little"), [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("with_sequence", [False, True])
-def test_sniffed_uids_equal_pydicom(explicit: bool, with_sequence: bool) -> None:
-    raw = _encode(_dataset(with_sequence), explicit)
-    ds = read_dataset(BytesIO(raw), is_implicit_VR=not explicit, is_little_endian=True)
-    got = sniff_uids(raw, explicit=explicit, complete=True)
-    assert got == {SOP_CLASS: ds.SOPClassUID, SOP_INSTANCE: ds.SOPInstanceUID, STUDY: ds.StudyInstanceUID,
-                   SERIES: ds.SeriesInstanceUID}
-    # only the bytes up to the series UID are needed; a buffer cut before it is "undecided", not wrong
-    assert sniff_uids(raw[:raw.index(b"1.2.3.4\0")], explicit=explicit, complete=False) is None
+@pytest.mark.parametrize("defined", [False, True])
+def test_walked_uids_equal_pydicom(explicit: bool, little: bool, with_sequence: bool, defined: bool) -> None:
+    raw = _encode(_dataset(with_sequence), explicit, little)
+    if defined:
+        raw = _defined_lengths(raw, explicit, little)
+        assert b"\xff\xff\xff\xff" not in raw
+    ds = read_dataset(BytesIO(raw), is_implicit_VR=not explicit, is_little_endian=little)
+    why, got = check_bytes(raw, explicit=explicit, big_endian=not little)
+    assert why is None
+    assert got == {
+        SOP_CLASS: ds.SOPClassUID,
+        SOP_INSTANCE: ds.SOPInstanceUID,
+        STUDY: ds.StudyInstanceUID,
+        SERIES: ds.SeriesInstanceUID,
+    }
+    # cut inside an element (the first, the pixel data), it is refused
+    for cut in (9, len(raw) - 1):
+        assert check_bytes(raw[:cut], explicit=explicit, big_endian=not little)[0] is not None
 
 
-def test_sniff_reports_missing_and_empty_values() -> None:
+def test_walk_reports_missing_and_empty_values() -> None:
     ds = _dataset(False)
     del ds.SeriesInstanceUID
     ds.StudyInstanceUID = ""
-    got = sniff_uids(_encode(ds, True), explicit=True, complete=True)
-    assert got is not None and SERIES not in got and got[STUDY] == ""
+    why, got = check_bytes(_encode(ds, True), explicit=True)
+    assert why is None and got is not None and SERIES not in got and got[STUDY] == ""
 
 
-def test_sniff_never_raises_on_garbage() -> None:
+def test_walk_never_raises_on_garbage() -> None:
     rng = random.Random(7)
     raw = _encode(_dataset(True), True)
     for _ in range(2000):
         buf = bytearray(raw)
         for _ in range(rng.randint(1, 8)):
             buf[rng.randrange(len(buf))] = rng.randrange(256)
-        out = sniff_uids(bytes(buf[: rng.randint(0, len(buf))]), explicit=rng.random() < 0.5, complete=True)
+        why, out = check_bytes(
+            bytes(buf[: rng.randint(0, len(buf))]), explicit=rng.random() < 0.5, big_endian=rng.random() < 0.2
+        )
+        assert why is None or isinstance(why, str)
         assert out is None or isinstance(out, dict)
 
 
@@ -117,7 +141,7 @@ def test_pynetdicom_pdata_is_split_into_command_and_dataset() -> None:
         body = b"".join((len(v) + 1).to_bytes(4, "big") + bytes([cid]) + v for cid, v in pdu)
         for pdv in ul.iter_pdvs(memoryview(body)):
             assert pdv.context_id == 1
-            (command if pdv.is_command else data).extend(body[pdv.start:pdv.end])
+            (command if pdv.is_command else data).extend(body[pdv.start : pdv.end])
     cmd = ul.parse_command(bytes(command))
     assert ul.command_us(cmd, 0x0100) == ul.C_STORE_RQ and ul.command_us(cmd, 0x0110) == 3
     assert ul.command_str(cmd, 0x1000) == "1.2.3.4.5.6.7" and ul.command_str(cmd, 0x0002) == CT
@@ -127,8 +151,17 @@ def test_pynetdicom_pdata_is_split_into_command_and_dataset() -> None:
 def test_file_meta_makes_a_part10_file(tmp_path: Path) -> None:
     raw = _encode(_dataset(False), True)
     path = tmp_path / "x.dcm"
-    path.write_bytes(ul.file_meta(CT.encode(), b"1.2.3.4.5.6.7\0", pduid.ExplicitVRLittleEndian,
-                                  "1.2.826.0.1.3680043.10.1234.1", "DICOMNODE_1", "SCANNER") + raw)
+    path.write_bytes(
+        ul.file_meta(
+            CT.encode(),
+            b"1.2.3.4.5.6.7\0",
+            pduid.ExplicitVRLittleEndian,
+            "1.2.826.0.1.3680043.10.1234.1",
+            "DICOMNODE_1",
+            "SCANNER",
+        )
+        + raw
+    )
     ds = dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == pduid.ExplicitVRLittleEndian
     assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5.6.7"
@@ -140,8 +173,9 @@ def test_file_meta_makes_a_part10_file(tmp_path: Path) -> None:
 def test_file_meta_group_length_and_instance_uid_for_each_instance(sop: bytes) -> None:
     """Everything but the instance UID is built once per SOP class and AE: each instance still gets its own
     UID and an exact group length."""
-    meta = ul.file_meta(CT.encode(), sop, pduid.ExplicitVRLittleEndian, "1.2.826.0.1.3680043.10.1234.1",
-                        "DICOMNODE_1", "SCANNER")
+    meta = ul.file_meta(
+        CT.encode(), sop, pduid.ExplicitVRLittleEndian, "1.2.826.0.1.3680043.10.1234.1", "DICOMNODE_1", "SCANNER"
+    )
     assert meta[:132] == b"\0" * 128 + b"DICM"
     group_length = int.from_bytes(meta[140:144], "little")
     assert group_length == len(meta) - 144
@@ -172,8 +206,10 @@ def test_batch_equals_one_record_instance_per_instance(tmp_path: Path, late_arri
         js.create_schema()
         stores.append(js)
     one, batch = stores
-    rounds = [[_inst("1.2.3.4.1"), _inst("1.2.3.4.2"), _inst("1.2.9.4.1", "1.2.9")],
-              [_inst("1.2.3.4.3"), _inst("1.2.3.4.1"), _inst("1.2.3.4.3")]]
+    rounds = [
+        [_inst("1.2.3.4.1"), _inst("1.2.3.4.2"), _inst("1.2.9.4.1", "1.2.9")],
+        [_inst("1.2.3.4.3"), _inst("1.2.3.4.1"), _inst("1.2.3.4.3")],
+    ]
     for k, instances in enumerate(rounds):
         if k == 1:  # the study was processed in between: a late arrival re-opens it (or not)
             for js in stores:
