@@ -5,8 +5,9 @@ grid: LPS-ordered axes (as the LUNA16 .mhd arrays it was trained on), 2 mm isotr
 [-1000, 400], scaled to [0, 1] and shifted by -0.028. The map is then built slice by slice: the 2 mm slice z
 is predicted from the slab z-4 ... z+3, whose slice 4 it is (training used ``masks[:, :, dim // 2]`` as the
 slab's target, and the source's inference code ``zsel = dim // 2``); the slab is padded past the volume's
-ends by repeating the end slice, so the first and last 8 mm are predicted too. In-plane the network runs on
-the body's bounding box (air outside it adds time, never nodules), padded with air to a multiple of 4.
+ends by repeating the end slice, so the first and last 8 mm are predicted too. The network runs only on the
+box around the air the body encloses (the lungs; chest wall, neck and abdomen below add time, never lung
+nodules), with a margin of tissue, padded with air to a multiple of 4.
 
 The detection, segmentation and classification runners each hold this model; a route running all three
 pays for the map once: ``shared_map`` keeps the last few maps keyed by the weights' digest, the map settings
@@ -40,7 +41,8 @@ class MapSettings:
     """How the map is built (the bundle's inference.json ``map`` item); part of the cache key."""
 
     body_threshold: float = 0.33  # scaled value above which a voxel is body (about -500 HU)
-    margin: int = 4  # working voxels of air kept around the body's bounding box
+    margin: int = 4  # working voxels of tissue kept around the enclosed air's box
+    min_enclosed_air_voxels: int = 12  # fewer enclosed air voxels on a 2 mm slice than this (48 mm^2): no lung
     batch: int = 4  # slabs per forward pass: bounds memory (about 150 MB per slab at 200x200)
     z_padding: str = "replicate"  # "replicate": predict the end slices from slabs padded by repetition; "none"
 
@@ -66,21 +68,24 @@ class NoduleMap:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _body_box(image: torch.Tensor, settings: MapSettings) -> tuple[slice, slice, slice] | None:
-    """(z, y, x) slices of the body's bounding box (with margin in y and x), or None when there is no body."""
-    body = image > settings.body_threshold
-    zs = torch.nonzero(body.any(dim=2).any(dim=1)).flatten()
-    if zs.numel() == 0:
+def _lung_box(image: torch.Tensor, settings: MapSettings) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) slices of the box around the air the body encloses (the lungs, with airways and any bowel gas
+    in view), with ``margin`` working voxels of tissue in y and x and a slab's reach in z, or None when no
+    slice encloses air. Nodules of the lung lie in it; outside it the map is 0 (chest wall, neck, abdomen)."""
+    from ai_models.lung import enclosed_air_boxes
+
+    body = (image > settings.body_threshold).cpu().numpy()
+    boxes = enclosed_air_boxes(body, settings.min_enclosed_air_voxels)
+    zs = [z for z, box in enumerate(boxes) if box is not None]
+    if not zs:
         return None
-    plane = body.any(dim=0)
-    ys = torch.nonzero(plane.any(dim=1)).flatten()
-    xs = torch.nonzero(plane.any(dim=0)).flatten()
     m = settings.margin
-    ny, nx = image.shape[1:]
+    nz, ny, nx = image.shape
+    inside = [box for box in boxes if box is not None]
     return (
-        slice(int(zs[0]), int(zs[-1]) + 1),
-        slice(max(0, int(ys[0]) - m), min(ny, int(ys[-1]) + 1 + m)),
-        slice(max(0, int(xs[0]) - m), min(nx, int(xs[-1]) + 1 + m)),
+        slice(max(0, zs[0] - CENTRE), min(nz, zs[-1] + 1 + CENTRE)),
+        slice(max(0, min(b[0] for b in inside) - m), min(ny, max(b[1] for b in inside) + m)),
+        slice(max(0, min(b[2] for b in inside) - m), min(nx, max(b[3] for b in inside) + m)),
     )
 
 
@@ -120,7 +125,7 @@ def compute_map(
     settings: MapSettings,
     device: torch.device,
 ) -> NoduleMap:
-    """Preprocess the volume as the bundle says and run the slabs over the body's bounding box."""
+    """Preprocess the volume as the bundle says and run the slabs over the box where lung can be."""
     t0 = time.perf_counter()
     with torch.inference_mode():
         data = preprocess(volume, image_key, preprocessing, fast)
@@ -132,7 +137,7 @@ def compute_map(
         work = tensor[0].permute(2, 1, 0).float()  # (z, y, x) view
         prob = torch.zeros(work.shape, dtype=torch.float32)
         t1 = time.perf_counter()
-        box = _body_box(work, settings)
+        box = _lung_box(work, settings)
         if box is not None:
             prob[box] = slab_probabilities(network, work[box].contiguous(), settings, device)
         t2 = time.perf_counter()

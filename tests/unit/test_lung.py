@@ -29,11 +29,13 @@ def _blob(shape: tuple[int, int, int], centre: tuple[float, float, float], radiu
 
 
 def test_volume_path_runs_each_axial_slice_as_a_rows_by_columns_image(net: LungUNet2D) -> None:
-    """A body filling the whole field (no crop): the 5D path gives, slice for slice, the source's 4D forward
-    on the (rows = y, columns = x) image, so an asymmetric slice is not seen transposed or flipped."""
+    """Enclosed air whose box, with its margin, covers the whole slice (so no crop): the 5D path gives, slice
+    for slice, the source's 4D forward on the (rows = y, columns = x) image (BatchNorm folded: to float
+    rounding), so an asymmetric slice is not seen transposed or flipped."""
     rng = np.random.default_rng(3)
     vol = rng.uniform(600, 1600, size=(512, 512, 2)).astype(np.float32)  # (x, y, z), all "body"
-    vol[50:250, 100:400, :] = 24.0  # an air pocket off-centre, asymmetric in x and y
+    vol[20:490, 25:300, :] = 24.0  # enclosed air, asymmetric in x and y
+    vol[300:330, 400:500, :] = 24.0
     with torch.inference_mode():
         out = net(torch.from_numpy(vol)[None, None])[0, 0].numpy()
         for z in range(vol.shape[2]):
@@ -42,13 +44,23 @@ def test_volume_path_runs_each_axial_slice_as_a_rows_by_columns_image(net: LungU
             np.testing.assert_allclose(out[:, :, z], expected, atol=1e-5)
 
 
-def test_slices_of_another_matrix_are_scaled_to_the_training_matrix(net: LungUNet2D) -> None:
-    vol = np.full((256, 256, 2), 24.0, dtype=np.float32)  # air
-    vol[:, :, 1] = 1024.0  # water: body everywhere on slice 1
+def test_slices_without_enclosed_air_are_skipped_and_other_matrices_scaled(net: LungUNet2D) -> None:
+    vol = np.full((256, 256, 3), 24.0, dtype=np.float32)  # air
+    vol[:, :, 1] = 1024.0  # water: body everywhere, no lung possible
+    vol[:, :, 2] = 1024.0
+    vol[60:200, 50:120, 2] = 24.0  # enclosed air on slice 2
     with torch.inference_mode():
         out = net(torch.from_numpy(vol)[None, None])
-    assert out.shape == (1, 1, 256, 256, 2)
-    assert float(out[..., 0].abs().max()) == 0.0  # no body on slice 0: skipped, probability 0
+    assert out.shape == (1, 1, 256, 256, 3)
+    assert float(out[..., :2].abs().max()) == 0.0  # skipped: probability 0
+    assert float(out[..., 2].abs().max()) > 0.0  # run, after scaling to 512x512 and back
+
+
+def test_folded_batchnorm_is_the_same_function(net: LungUNet2D) -> None:
+    x = torch.from_numpy(np.random.default_rng(5).uniform(0, 1600, (2, 1, 64, 48)).astype(np.float32))
+    with torch.inference_mode():
+        np.testing.assert_allclose(net._for_inference().forward_slices(x), net.forward_slices(x), atol=1e-5)
+    assert set(net.state_dict()) == set(LungUNet2D().state_dict())  # the published weights' keys, unchanged
 
 
 def test_two_separate_lungs_take_their_sides_and_islands_are_dropped() -> None:
