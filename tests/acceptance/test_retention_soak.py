@@ -77,12 +77,26 @@ class DiskSampler:
 def _node(tmp: Path, disk: Path, pacs_port: int, **retention: object) -> NodeProcess:
     port = free_port()
     bundle = write_fault_bundle(tmp / "bundles", "fast-seg")
-    keys = {"keep_received_hours": 0, "keep_results_days": 0, "keep_failed_days": 0, "keep_history_days": 0,
-            "high_watermark_percent": HIGH, "low_watermark_percent": LOW, "interval_seconds": 0.5, **retention}
-    cfg = write_config(tmp / "config.toml", port=port, data_dir=disk / "var", destinations=[{"name": "pacs",
-                       "port": pacs_port}], stable_seconds=0.5, models=f'[[models]]\nname = "fast"\nbundle = "{bundle}"\n',
-                       route_models=("fast",), extra='format = "json"\n\n[retention]\n' + "".join(
-                           f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    keys = {
+        "keep_received_hours": 0,
+        "keep_results_days": 0,
+        "keep_failed_days": 0,
+        "keep_history_days": 0,
+        "high_watermark_percent": HIGH,
+        "low_watermark_percent": LOW,
+        "interval_seconds": 0.5,
+        **retention,
+    }
+    cfg = write_config(
+        tmp / "config.toml",
+        port=port,
+        data_dir=disk / "var",
+        destinations=[{"name": "pacs", "port": pacs_port}],
+        stable_seconds=0.5,
+        models=f'[[models]]\nname = "fast"\nbundle = "{bundle}"\n',
+        route_models=("fast",),
+        extra='format = "json"\n\n[retention]\n' + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()),
+    )
     text = cfg.read_text().replace("min_free_mb = 0", f"min_free_mb = {FLOOR_MIB}")
     cfg.write_text(text.replace("[sender]\n", "[sender]\nmax_attempts = 10000\n"))
     return NodeProcess(cfg, port, tmp / "node.log")
@@ -125,8 +139,9 @@ def _send(node: NodeProcess, paths: list[Path]) -> None:
     storescu(node.port, paths, check=False)  # refused instances are counted from the node's log
 
 
-def test_eager_retention_keeps_the_disk_below_the_high_watermark(tmp_path: Path, small_disk: Path,
-                                                                 studies: list[list[Path]]) -> None:
+def test_eager_retention_keeps_the_disk_below_the_high_watermark(
+    tmp_path: Path, small_disk: Path, studies: list[list[Path]]
+) -> None:
     pacs = StoreSCP(tmp_path / "pacs").start()
     node = _node(tmp_path, small_disk, pacs.port)
     uids = [str(dcmread(s[0], stop_before_pixels=True).StudyInstanceUID) for s in studies]
@@ -150,19 +165,24 @@ def test_eager_retention_keeps_the_disk_below_the_high_watermark(tmp_path: Path,
     assert _events(node, "job_failed") == [] and _events(node, "delivery_failed") == []
     purged = _events(node, "study_purged")
     assert {e["study_uid"] for e in purged if e["what"] == "received"} == set(uids)
-    assert all(e["bytes"] > 0 and e["reason"] in ("retention", "disk_pressure") for e in purged if e["what"] != "history")
+    assert all(
+        e["bytes"] > 0 and e["reason"] in ("retention", "disk_pressure") for e in purged if e["what"] != "history"
+    )
     assert {e["study_uid"] for e in purged if e["what"] == "history"} <= set(uids)
     assert not any("PatientName" in json.dumps(e) or "PatientID" in json.dumps(e) for e in purged)
     total = os.statvfs(small_disk).f_blocks * os.statvfs(small_disk).f_frsize
     peak_percent = 100 * sampler.peak / total
-    print(f"\nsoak: {len(studies)} studies, {sent_bytes >> 20} MiB sent, peak disk use {sampler.peak >> 20} MiB "
-          f"({peak_percent:.0f}% of {DISK_MIB} MiB), 0 refusals")
+    print(
+        f"\nsoak: {len(studies)} studies, {sent_bytes >> 20} MiB sent, peak disk use {sampler.peak >> 20} MiB "
+        f"({peak_percent:.0f}% of {DISK_MIB} MiB), 0 refusals"
+    )
     assert peak_percent < HIGH
     assert not list((small_disk / "var" / "files").rglob("*.dcm"))  # nothing left that nothing indexes
 
 
 def test_with_the_destination_down_studies_are_kept_and_refused_only_when_nothing_may_go(
-        tmp_path: Path, small_disk: Path, studies: list[list[Path]]) -> None:
+    tmp_path: Path, small_disk: Path, studies: list[list[Path]]
+) -> None:
     pacs_port = free_port()
     node = _node(tmp_path, small_disk, pacs_port)
     uids = [str(dcmread(s[0], stop_before_pixels=True).StudyInstanceUID) for s in studies]
@@ -180,22 +200,30 @@ def test_with_the_destination_down_studies_are_kept_and_refused_only_when_nothin
         assert why and "studies_evictable" not in why[0] and why[0]["free_mb"] < FLOOR_MIB
         assert _events(node, "study_purged") == []  # every study still waits for its delivery
         stored = {u for (u,) in _db(small_disk, "SELECT DISTINCT study_uid FROM instances")}
-        assert set(uids[:sent - 1]) <= stored
+        assert set(uids[: sent - 1]) <= stored
         print(f"\ndestination down: {sent} studies sent, refused from study {sent}, {len(refused)} refusals")
         pacs.start()  # the destination is back: results go out, retention frees the disk, the node takes more
-        wait_for(lambda: set(uids[:sent - 1]) <= _sr_studies(pacs), 120, "the kept studies' results at the PACS")
+        wait_for(lambda: set(uids[: sent - 1]) <= _sr_studies(pacs), 120, "the kept studies' results at the PACS")
         n_refused = len(_events(node, "instance_rejected"))
         _send(node, studies[sent])
         assert len(_events(node, "instance_rejected")) == n_refused
         wait_for(lambda: uids[sent] in _sr_studies(pacs), 60, "the next study's results")
 
 
-def test_watermarks_evict_delivered_studies_oldest_first_before_refusing(tmp_path: Path, small_disk: Path,
-                                                                        studies: list[list[Path]]) -> None:
+def test_watermarks_evict_delivered_studies_oldest_first_before_refusing(
+    tmp_path: Path, small_disk: Path, studies: list[list[Path]]
+) -> None:
     pacs = StoreSCP(tmp_path / "pacs").start()
-    node = _node(tmp_path, small_disk, pacs.port, keep_received_hours=1000, keep_results_days=1000,
-                 keep_history_days=1000, interval_seconds=2)
-    batch = studies[:60]  # ~90 MiB: more than the disk holds
+    node = _node(
+        tmp_path,
+        small_disk,
+        pacs.port,
+        keep_received_hours=1000,
+        keep_results_days=1000,
+        keep_history_days=1000,
+        interval_seconds=2,
+    )
+    batch = studies[:50]  # ~75 MiB: more than the disk holds
     uids = [str(dcmread(s[0], stop_before_pixels=True).StudyInstanceUID) for s in batch]
     with running(pacs, node):
         node.start()
@@ -207,6 +235,6 @@ def test_watermarks_evict_delivered_studies_oldest_first_before_refusing(tmp_pat
     assert _events(node, "instance_rejected") == []
     evicted = [e["study_uid"] for e in _events(node, "study_purged") if e["what"] == "received"]
     assert evicted and all(e["reason"] == "disk_pressure" for e in _events(node, "study_purged"))
-    assert evicted == uids[:len(evicted)]  # oldest first
+    assert evicted == uids[: len(evicted)]  # oldest first
     st = os.statvfs(small_disk)
     assert 100 * (st.f_blocks - st.f_bfree) / st.f_blocks <= HIGH

@@ -4,6 +4,7 @@ purge, watermark order, the [retention] config, and SQLite giving its space back
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -268,3 +269,30 @@ def test_sqlite_gives_purged_rows_space_back(tmp_path: Path) -> None:
 def test_retention_config_errors_name_the_key(retention: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         parse_config({"retention": retention}, Path("/tmp"))
+
+
+def test_cli_status_and_purge_dry_run_then_purge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    js = JobStore(make_engine(f"sqlite:///{tmp_path / 'var' / 'node.db'}"))
+    js.create_schema()
+    files = FileStore(tmp_path / "var" / "files")
+    env = Env(js, files, RetentionStore(js.engine, files), tmp_path)
+    env.run("1.15.1", env.study("1.15.1"))
+    env.run("1.15.2", env.study("1.15.2"), deliver="pending")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nmin_free_mb = 0\n[retention]\nkeep_received_hours = 0\n')
+    assert main(["--config", str(cfg), "status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"disk: [\d.]+% used, \d+ MiB free \(evicts above 90% or below 0 MiB free, down to 80%\)", out)
+    assert "eligible for purge now: 1 studies" in out
+    assert main(["--config", str(cfg), "purge", "--dry-run"]) == 0
+    assert "would purge received of 1.15.1 (retention; 3 files, 3072 bytes)" in capsys.readouterr().out
+    assert len(env.on_disk("1.15.1")) == 4
+    assert main(["--config", str(cfg), "purge", "--study", "1.15.2", "--older-than", "0"]) == 0
+    assert "kept 1.15.2: delivery pending" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "purge"]) == 0
+    assert "purged received of 1.15.1 (retention; 3 files, 3072 bytes)" in capsys.readouterr().out
+    assert [p.name for p in env.on_disk("1.15.1")] == ["1.15.1.1.99.0.dcm"]
+    assert main(["--config", str(cfg), "purge", "--study", "9.9"]) == 1
+    js.engine.dispose()
