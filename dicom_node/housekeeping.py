@@ -34,6 +34,7 @@ HOUR = 3600.0
 DAY = 86400.0
 ORPHAN_MIN_AGE_SECONDS = 3600.0  # an unindexed file this old is no transfer in flight
 REFUSAL_LOG_SECONDS = 10.0  # at most one "refusing" event per this, per process
+RETRY_EVICTION_SECONDS = 2.0  # after an eviction that found nothing, the listener looks again only after this
 
 
 @dataclass(frozen=True)
@@ -216,11 +217,16 @@ class SpaceKeeper:
         self.keeper = keeper
         self._busy = threading.Lock()
         self._last_refusal_log = 0.0
+        self._quiet_until = 0.0
 
     def pressure(self, free: int, used: int, incoming: int) -> bool:
         k = self.keeper
         d = DiskUse(total=free + used, used=used, free=free)
         if not k.over(d, incoming):
+            return False
+        if time.monotonic() < self._quiet_until:  # nothing was evictable a moment ago: no scan per instance
+            if d.free - incoming < k.floor:
+                self._explain(d)
             return False
         if d.free - incoming >= k.floor:  # above the high watermark only: evict without holding this instance
             if self._busy.acquire(blocking=False):
@@ -228,6 +234,8 @@ class SpaceKeeper:
             return False
         with self._busy:
             freed = k.relieve(incoming, wait=30.0)
+        if not freed:
+            self._quiet_until = time.monotonic() + RETRY_EVICTION_SECONDS
         after = k.disk()
         if after.free - incoming < k.floor:
             self._explain(after)
@@ -235,7 +243,8 @@ class SpaceKeeper:
 
     def _background(self, incoming: int) -> None:
         try:
-            self.keeper.relieve(incoming, wait=0.0)
+            if not self.keeper.relieve(incoming, wait=0.0):
+                self._quiet_until = time.monotonic() + RETRY_EVICTION_SECONDS
         except Exception:  # an eviction that fails must not end the listener; the next check tries again
             log.exception("eviction_failed")
         finally:

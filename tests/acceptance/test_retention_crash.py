@@ -149,9 +149,10 @@ def test_two_nodes_purge_one_postgresql_database_one_at_a_time(tmp_path: Path, p
     js.create_schema()
     files = FileStore(data / "files")
     uids = _fill(js, files, 60, 20)
-    configs = [
-        _config(tmp_path / f"node{n}", data, postgres_url) for n in (1, 2) if (tmp_path / f"node{n}").mkdir() is None
-    ]
+    configs = []
+    for n in (1, 2):
+        (tmp_path / f"node{n}").mkdir()
+        configs.append(_config(tmp_path / f"node{n}", data, postgres_url))
     procs = [_purge(c, "--older-than", "0") for c in configs]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
