@@ -3,7 +3,8 @@
 Completing a study routes it and enqueues its jobs in one transaction (idempotent per study, route and
 generation). An image a model could read (routing.VOLUME_SOP_CLASSES) arriving after completion re-opens
 the study with the next generation, so it is routed again once quiet and the new results supersede the old
-(see config ``completion.late_arrivals``); other objects are stored without re-opening it.
+(see config ``completion.late_arrivals``); other objects are stored without re-opening it. After retention
+purged a study, only series sent again whole are run (``_whole``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dicom_node.routing import SeriesInfo, plan_jobs
 from storage.files import FileStore
 from storage.jobstore import JobStore
 from storage.records import InstanceRecord, NewJob, StudyRecord
+from storage.retention import RetentionStore
 
 log = logging.getLogger("dicom_node.assembly")
 
@@ -48,12 +50,13 @@ class Assembler:
         self.cfg = cfg
         self.files = files
         self.jobs = jobs
+        self.retention = RetentionStore(jobs.engine, files)
         self.started_at = time.time() if started_at is None else started_at
 
     def complete(self, study: StudyRecord) -> list[int]:
         """Route one quiet study and enqueue its jobs; returns the job ids."""
         instances = self.jobs.instances_of_study(study.study_uid)
-        infos = series_infos(self.files, instances)
+        infos = self._whole(study, series_infos(self.files, instances))
         plan = plan_jobs(self.cfg.routes, infos)
         routes = {r.name: r for r in self.cfg.routes}
         new = [NewJob(route=name, series_uid=s.series_uid, models=routes[name].models,
@@ -67,6 +70,22 @@ class Assembler:
                   job_ids=",".join(str(j.id) for j in jobs) or "none",
                   routes=",".join(plan) or "none")
         return [j.id for j in jobs]
+
+    def _whole(self, study: StudyRecord, infos: list[SeriesInfo]) -> list[SeriesInfo]:
+        """The series the models may read. After retention purged a study's instances, a series counts only
+        once at least as many of its instances arrived again as were purged (the series sent again whole);
+        fewer are late stragglers: stored, but no model runs on a part of a series."""
+        purged = self.retention.purged_series(study.study_uid) if study.generation else {}
+        whole = []
+        for info in infos:
+            before = purged.get(info.series_uid, 0)
+            if info.instance_count < before:
+                log_event(log, "late_arrival_after_purge_not_run", logging.WARNING, study_uid=study.study_uid,
+                          series_uid=info.series_uid, generation=study.generation, instances=info.instance_count,
+                          purged=before)
+                continue
+            whole.append(info)
+        return whole
 
     def run_once(self, now: float | None = None) -> int:
         """Complete every study quiet for stable_seconds as of ``now`` (default: the clock).

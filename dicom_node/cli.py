@@ -68,13 +68,94 @@ def cmd_status(args: argparse.Namespace) -> int:
     rt = open_runtime(cfg, create=False)
     counts = rt.jobs.counts()
     jobs = rt.jobs.list_jobs(limit=args.limit)
+    storage = _storage_status(cfg, rt)
     if args.json:
-        print(json.dumps({"counts": counts, "jobs": [_job_json(rt, j) for j in jobs]}, default=str))
+        print(json.dumps({"counts": counts, "storage": storage, "jobs": [_job_json(rt, j) for j in jobs]},
+                         default=str))
         return 0
     print(f"instances: {counts['instances']['total']}")
     for k in ("studies", "jobs", "deliveries"):
         print(f"{k}: " + (", ".join(f"{s}={n}" for s, n in sorted(counts[k].items())) or "none"))
+    d, r = storage["disk"], cfg.retention
+    print(f"disk: {d['used_percent']}% used, {d['free_mb']} MiB free (evicts above {r.high_watermark_percent:g}% "  # type: ignore[index]
+          f"or below {cfg.node.min_free_mb} MiB free, down to {r.low_watermark_percent:g}%)")
+    e = storage["eligible"]
+    print(f"eligible for purge now: {e['studies']} studies, {e['received_mb']} MiB received, "  # type: ignore[index]
+          f"{e['result_files']} result files, {e['history']} histories"  # type: ignore[index]
+          + ("" if r.enabled else " (retention.enabled = false: only `dicom-node purge` deletes)"))
     _print_jobs(rt, jobs)
+    return 0
+
+
+def _storage_status(cfg: Config, rt: Runtime) -> dict[str, object]:
+    """Disk use against the watermarks, and what the retention rules would purge now."""
+    from dicom_node.housekeeping import Housekeeper
+    from storage.retention import RetentionStore
+
+    keeper = Housekeeper(cfg, rt.files, RetentionStore(rt.jobs.engine, rt.files))
+    out: dict[str, object] = {}
+    if rt.files.root.is_dir():
+        d = keeper.disk()
+        out["disk"] = {"used_percent": round(d.percent, 1), "free_mb": d.free >> 20, "total_mb": d.total >> 20,
+                       "high_watermark_percent": cfg.retention.high_watermark_percent,
+                       "low_watermark_percent": cfg.retention.low_watermark_percent, "floor_mb": cfg.node.min_free_mb}
+    else:
+        out["disk"] = {"used_percent": "-", "free_mb": "-"}
+    plan = keeper.plan()
+    out["eligible"] = {"studies": len({p.study_uid for p in plan if p.what != "history"}),
+                       "received_mb": round(sum(p.bytes for p in plan) / (1 << 20), 1),
+                       "result_files": sum(p.files for p in plan if p.what == "results"),
+                       "history": sum(p.what == "history" for p in plan)}
+    return out
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Show (--dry-run) or do what the retention rules call for now; --older-than DAYS instead of the rules'
+    ages, --study for one study. What a queued or running job or a pending delivery needs is never purged."""
+    cfg = _load(args)
+    if args.older_than is not None and args.older_than < 0:
+        print("error: --older-than must not be negative", file=sys.stderr)
+        return 2
+    from dicom_node.housekeeping import Housekeeper
+    from dicom_node.runtime import open_runtime
+    from storage.retention import RetentionStore
+
+    rt = open_runtime(cfg, create=False)
+    keeper = Housekeeper(cfg, rt.files, RetentionStore(rt.jobs.engine, rt.files))
+    if args.study and not keeper.store.usage(args.study):
+        print(f"error: no study {args.study}", file=sys.stderr)
+        return 1
+    if not args.dry_run and not keeper.lock.acquire(60.0):
+        print("error: another purge is still running (waited 60 s)", file=sys.stderr)
+        return 1
+    try:
+        if not args.dry_run:
+            keeper.store.finish_pending()
+        plan = keeper.plan(study_uid=args.study, older_than_days=args.older_than)
+        done = skipped = 0
+        for p in plan:
+            if args.dry_run:
+                size = f", {p.bytes} bytes" if p.bytes else ""
+                print(f"would purge {p.what} of {p.study_uid} ({p.reason}; {p.files} files{size})")
+                continue
+            out = keeper.execute(p)
+            if out.skipped:
+                skipped += 1
+                print(f"kept {p.what} of {p.study_uid}: {out.skipped}")
+            else:
+                done += 1
+                print(f"purged {p.what} of {p.study_uid} ({p.reason}; {out.files} files, {out.bytes} bytes)")
+        if args.study:
+            for u in keeper.store.usage(args.study):
+                if u.busy:
+                    print(f"kept {u.study_uid}: {u.busy}")
+        if not args.dry_run and done:
+            keeper.store.vacuum()
+    finally:
+        if not args.dry_run:
+            keeper.lock.release()
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"{verb} {len(plan) if args.dry_run else done} item(s)" + (f", {skipped} kept" if skipped else ""))
     return 0
 
 
@@ -231,9 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("serve", cmd_serve, "run listener, worker and sender until SIGTERM or Ctrl-C")
-    sp = add("status", cmd_status, "queue counts and recent jobs")
+    sp = add("status", cmd_status, "queue counts, disk use against the watermarks, what may be purged, recent jobs")
     sp.add_argument("--limit", type=int, default=10)
     sp.add_argument("--json", action="store_true")
+    sp = add("purge", cmd_purge, "delete what the retention rules call for now (see README: Retention)")
+    sp.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    sp.add_argument("--study", metavar="UID", help="only this study")
+    sp.add_argument("--older-than", type=float, metavar="DAYS",
+                    help="every finished study older than this, whatever the keep_* settings")
     sp = add("jobs", cmd_jobs, "list jobs")
     sp.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"],
                     help="failed: also done jobs with a result a destination did not take")

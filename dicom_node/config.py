@@ -105,6 +105,22 @@ class ResultsSection:
 
 
 @dataclass(frozen=True)
+class RetentionSection:
+    """What the node deletes, and when (see dicom_node/housekeeping.py). Ages count from when a study
+    finished: its last instance, job or delivery, whichever came last."""
+
+    enabled: bool = True  # false: nothing is deleted except by `dicom-node purge`
+    keep_received_hours: float = 24.0  # received instances, once every job is done and every result delivered
+    keep_results_days: float = 7.0  # result objects (SEG, SR), once delivered
+    keep_failed_days: float = 14.0  # a study with a failed job or an undelivered result, all of it
+    keep_history_days: float = 90.0  # rows (study, jobs, deliveries) of a study whose files are all gone
+    high_watermark_percent: float = 90.0  # data volume use above which finished studies are evicted...
+    low_watermark_percent: float = 80.0  # ...oldest first, down to this
+    evict_failed: bool = True  # under disk pressure failed studies go too (after every delivered one)
+    interval_seconds: float = 60.0  # how often the housekeeping round runs in `dicom-node serve`
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: str = "INFO"
     format: str = "logfmt"  # logfmt | json
@@ -150,6 +166,7 @@ class Config:
     worker: WorkerSection = WorkerSection()
     sender: SenderSection = SenderSection()
     results: ResultsSection = ResultsSection()
+    retention: RetentionSection = RetentionSection()
     logging: LoggingSection = LoggingSection()
     destinations: tuple[Destination, ...] = ()
     models: tuple[ModelSpec, ...] = ()
@@ -324,6 +341,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.max_attempts: must be at least 1")
     if cfg.sender.max_attempts < 1:
         raise ConfigError("sender.max_attempts: must be at least 1")
+    _validate_retention(cfg.retention)
     if cfg.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
     if cfg.logging.format not in {"logfmt", "json"}:
@@ -360,6 +378,17 @@ def _validate(cfg: Config) -> None:
                     re.compile(pattern[1:-1])
                 except re.error as exc:
                     raise ConfigError(f"routes[{i}].match.{kw}: invalid regex: {exc}") from exc
+
+
+def _validate_retention(r: RetentionSection) -> None:
+    for k in ("keep_received_hours", "keep_results_days", "keep_failed_days", "keep_history_days"):
+        if getattr(r, k) < 0:
+            raise ConfigError(f"retention.{k}: must not be negative")
+    if not 0 < r.low_watermark_percent < r.high_watermark_percent <= 100:
+        raise ConfigError("retention.low_watermark_percent, retention.high_watermark_percent: expected "
+                          f"0 < low < high <= 100, got {r.low_watermark_percent} and {r.high_watermark_percent}")
+    if r.interval_seconds <= 0:
+        raise ConfigError("retention.interval_seconds: must be positive")
 
 
 def _validate_security(cfg: Config) -> None:

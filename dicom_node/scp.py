@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.config import Config
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.handlers import StoreSettings
+from dicom_node.housekeeping import Housekeeper, SpaceKeeper
 from dicom_node.logs import log_event
 from dicom_node.receiver import Limits, ReceiveServer
 from dicom_node.routing import VOLUME_SOP_CLASSES
@@ -27,6 +28,7 @@ from dicom_node.security import ListenerGuard
 from dicom_node.shared_counts import SharedCounts
 from storage.files import FileStore
 from storage.jobstore import JobStore
+from storage.retention import RetentionStore
 
 log = logging.getLogger("dicom_node.listener")
 
@@ -107,6 +109,8 @@ def start_listener(
     ae = build_ae(cfg)
     n = cfg.node
     settings = store_settings(cfg)
+    if cfg.retention.enabled and files.guard is None:  # evict finished studies before refusing for space
+        files.guard = SpaceKeeper(Housekeeper(cfg, files, RetentionStore(jobs.engine, files)))
     server = ReceiveServer(
         ae,
         (n.bind, n.port),

@@ -1,4 +1,6 @@
-"""`dicom-node serve`: listener, assembler, worker and sender in one process, stopped cleanly by a signal.
+"""`dicom-node serve`: listener, assembler, worker, sender and housekeeping in one process, stopped cleanly by a
+signal. Housekeeping (retention, watermarks, database compaction) runs every ``retention.interval_seconds``;
+at start it first finishes purges a crash cut short.
 
 On SIGTERM or Ctrl-C the listener stops accepting, the worker gets ``shutdown_grace_seconds`` to finish
 its job and otherwise gives its lease back, and in-flight deliveries are released, so a restart finds no
@@ -20,6 +22,7 @@ from pynetdicom import AE
 from dicom_node import __version__
 from dicom_node.assembly import Assembler
 from dicom_node.config import Config, ConfigError
+from dicom_node.housekeeping import Housekeeper
 from dicom_node.listener_pool import ListenerPool, listener_count
 from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
@@ -29,6 +32,7 @@ from dicom_node.runtime import open_runtime
 from dicom_node.scp import start_listener
 from dicom_node.sender import Sender
 from dicom_node.worker import Worker
+from storage.retention import RetentionStore
 
 log = logging.getLogger("dicom_node.service")
 SHUTDOWN_GRACE_SECONDS = 20.0
@@ -88,6 +92,7 @@ class Node:
         self.assembler = Assembler(cfg, self.rt.files, self.rt.jobs)
         self.worker = Worker(cfg, self.rt.files, self.rt.jobs, self.models, node_identity(cfg), self.owner)
         self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner)
+        self.housekeeper = Housekeeper(cfg, self.rt.files, RetentionStore(self.rt.jobs.engine, self.rt.files))
         self.server: ReceiveServer | None = None
         self.ae: AE | None = None
         self.pool: ListenerPool | None = None
@@ -101,6 +106,7 @@ class Node:
         jobs, deliveries = self.rt.jobs.recover_dead_owners(socket.gethostname(), _pid_alive)
         if jobs or deliveries:
             log_event(log, "leases_recovered", jobs=jobs, deliveries=deliveries)
+        self.housekeeper.start_up()
         processes = listener_count(self.cfg)
         try:
             if processes > 1:
@@ -111,12 +117,13 @@ class Node:
             n = self.cfg.node
             raise ConfigError(f"node.port: cannot listen on {n.bind}:{n.port}: {exc.strerror or exc}") from exc
         c = self.cfg
-        wake = {name: threading.Event() for name in ("assembler", "worker", "sender")}
+        wake = {name: threading.Event() for name in ("assembler", "worker", "sender", "housekeeping")}
         self.wakes = list(wake.values())
         for name, step, poll, stop in (
             ("assembler", _then_wake(self.assembler.run_once, wake["worker"]), c.completion.poll_seconds, self.stop),
             ("worker", _then_wake(self.worker.run_once, wake["sender"]), c.worker.poll_seconds, self.worker_stop),
             ("sender", self.sender.run_once, c.sender.poll_seconds, self.stop),
+            ("housekeeping", self.housekeeper.run_once, c.retention.interval_seconds, self.stop),
         ):
             first = self.models.preload if name == "worker" and c.worker.preload_models and c.models else None
             t = threading.Thread(target=_loop, args=(name, step, poll, stop, wake[name], first), name=name,

@@ -33,6 +33,7 @@ def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new file: purged rows' pages go back
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={level}")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")

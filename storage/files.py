@@ -14,11 +14,11 @@ import fcntl
 import functools
 import os
 import re
-import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TMP_PREFIX = ".tmp-"
@@ -112,6 +112,14 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+class SpaceGuard(Protocol):
+    """Told the data volume's use by every free-space check; may free space (evict finished studies)."""
+
+    def pressure(self, free: int, used: int, incoming: int) -> bool:
+        """True when it freed space, so the caller measures again."""
+        ...
+
+
 class FileStore:
     """Files under ``root``: ``incoming/<study>/<series>/<sop>.dcm`` and ``results/<study>/<sop>.dcm``."""
 
@@ -120,6 +128,7 @@ class FileStore:
         self.root = Path(root)
         self._root_str = str(self.root)
         self.min_free_bytes = min_free_bytes
+        self.guard: SpaceGuard | None = None  # set by the listener: evicts before anything is refused
         if create:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._known_dirs: set[str] = set()
@@ -149,11 +158,19 @@ class FileStore:
             raise UnsafeNameError(f"path escapes the storage root: {relative!r}")
         return p
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+    def usage(self) -> tuple[int, int]:
+        """(free, used) bytes of the data volume, as df counts them (free: what this user may still write)."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def check_space(self, incoming_bytes: int = 0) -> None:
-        if self.min_free_bytes and self.free_bytes() - incoming_bytes < self.min_free_bytes:
+        """One statvfs: below the floor (after the guard, if any, freed what it could) raises StorageFullError."""
+        if not self.min_free_bytes and self.guard is None:
+            return
+        free, used = self.usage()
+        if self.guard is not None and self.guard.pressure(free, used, incoming_bytes):
+            free, used = self.usage()
+        if self.min_free_bytes and free - incoming_bytes < self.min_free_bytes:
             raise StorageFullError(f"free space below the floor of {self.min_free_bytes // (1 << 20)} MiB")
 
     def ensure_dir(self, folder: str | Path) -> None:
@@ -172,9 +189,16 @@ class FileStore:
             _fsync_dir(c.parent)
         self._known_dirs.add(key)
 
+    def _forget_dir(self, folder: str | Path) -> None:
+        """A remembered folder was removed since (a purge empties and removes study folders): make it again."""
+        self._known_dirs.discard(str(folder))
+        self.ensure_dir(folder)
+
     def write_atomic(self, path: Path, chunks: bytes | memoryview | list[bytes]) -> int:
         """Write bytes durably under ``path``; return the size. Leaves nothing behind on failure."""
         self.ensure_dir(path.parent)
+        if not path.parent.is_dir():
+            self._forget_dir(path.parent)
         tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         size = 0
         try:
@@ -217,9 +241,16 @@ class FileStore:
 
     def place_new(self, tmp: Path, path: Path) -> bool:
         """Rename ``tmp`` to ``path`` unless a file already has that name: then False, and ``tmp`` stays."""
+        folder = os.path.dirname(path)
         try:
-            self.ensure_dir(os.path.dirname(path))
-            rename_no_replace(str(tmp), str(path))
+            self.ensure_dir(folder)
+            try:
+                rename_no_replace(str(tmp), str(path))
+            except FileNotFoundError:
+                if not os.path.exists(tmp):
+                    raise
+                self._forget_dir(folder)
+                rename_no_replace(str(tmp), str(path))
         except FileExistsError:
             return False
         except OSError as exc:
@@ -238,9 +269,16 @@ class FileStore:
 
     def place(self, tmp: Path, path: Path) -> None:
         """Rename a complete, fsynced temp file to ``path``; durable once ``sync_dirs`` covered its folder."""
+        folder = os.path.dirname(path)
         try:
-            self.ensure_dir(os.path.dirname(path))
-            os.replace(tmp, path)
+            self.ensure_dir(folder)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                if not os.path.exists(tmp):
+                    raise
+                self._forget_dir(folder)
+                os.replace(tmp, path)
         except OSError as exc:
             raise _storage_error(exc) from exc
 

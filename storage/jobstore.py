@@ -30,7 +30,7 @@ from storage.records import (
     ResultRecord,
     StudyRecord,
 )
-from storage.schema import Base, DeliveryRow, InstanceRow, JobRow, ResultRow, StudyRow
+from storage.schema import Base, DeliveryRow, InstanceRow, JobRow, ResultRow, StudyPurgeRow, StudyRow
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 DELIVERY_STATES = ("pending", "sending", "done", "failed")
@@ -78,6 +78,17 @@ def _later_run(s: Session, row: JobRow) -> JobRow | None:
     return s.scalars(select(JobRow).where(
         JobRow.study_uid == row.study_uid, JobRow.route == row.route, JobRow.generation > row.generation,
         JobRow.state != "cancelled").order_by(JobRow.generation.desc()).limit(1)).first()
+
+
+def _purged(s: Session, row: JobRow) -> str:
+    """What a retry of ``row`` would need that retention removed: "received instances" or "results"; else ""."""
+    if row.state in ("failed", "cancelled") and s.get(StudyPurgeRow, row.study_uid) is not None:
+        kept = select(InstanceRow.sop_instance_uid).where(InstanceRow.series_uid == row.series_uid).limit(1)
+        if s.scalars(kept).first() is None:
+            return "received instances"
+    if s.scalars(select(ResultRow.id).where(ResultRow.job_id == row.id, ResultRow.path == "").limit(1)).first():
+        return "results"
+    return ""
 
 
 def _new_job_row(study_uid: str, generation: int, job: NewJob, now: float) -> JobRow:
@@ -338,6 +349,10 @@ class JobStore:
             if row is None:
                 raise JobStoreError(f"no job {job_id}")
             resend = DeliveryRow.state == "failed"
+            purged = _purged(s, row)
+            if purged:
+                raise JobStoreError(f"job {job_id}: retention already removed its {purged}; send the study again "
+                                    f"to run it anew")
             if row.state in ("failed", "cancelled"):
                 later = _later_run(s, row)
                 if later is not None:  # its results would reach the PACS after, and look newer than, the later run's

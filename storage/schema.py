@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -90,3 +90,28 @@ class DeliveryRow(Base):
     last_status: Mapped[str] = mapped_column(String(16), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class StudyPurgeRow(Base):
+    """What retention deleted of a study: kept with the study's rows, so a late arrival after the purge can be
+    told from a whole study sent again (``series_counts``: JSON {series UID: instances purged, at most})."""
+
+    __tablename__ = "study_purges"
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_counts: Mapped[str] = mapped_column(Text, default="{}")
+    received_purged_at: Mapped[float] = mapped_column(Float, default=0.0)
+    results_purged_at: Mapped[float] = mapped_column(Float, default=0.0)
+    received_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    results_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str] = mapped_column(String(32), default="")
+
+
+class PurgeFileRow(Base):
+    """A file whose index row a purge removed and that it has yet to unlink: committed with the removal, so a
+    crash in between leaves a note of the file (removed at the next start), never an unindexed file."""
+
+    __tablename__ = "purge_files"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text)
+    inode: Mapped[int] = mapped_column(BigInteger, default=0)  # the file's, when purged: a file stored since differs
+    created_at: Mapped[float] = mapped_column(Float)
