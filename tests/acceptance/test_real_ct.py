@@ -86,7 +86,7 @@ def test_real_chest_ct_gives_lungs_and_the_readers_nodule(tmp_path: Path) -> Non
     )
     node = NodeProcess(cfg, port, tmp_path / "node.log").start()
     with running(pacs, node):
-        storescu(port, files)
+        storescu(port, files, flags=("-xv",))  # propose JPEG 2000 lossless, as the files are stored
 
         def arrived() -> dict[str, list[Path]] | None:
             kinds: dict[str, list[Path]] = {}
