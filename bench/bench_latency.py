@@ -1,8 +1,10 @@
-"""End-to-end latency on the CPU: last CT instance acknowledged -> SEG and SR acknowledged by the PACS.
+"""End-to-end latency: last CT instance acknowledged -> every SEG and the SR acknowledged by the PACS.
 
 One command. A CT phantom (default 300 x 512 x 512) is sent by DCMTK storescu (TCP_NODELAY=1) to
-``dicom-node serve`` (temp config, the shipped chest_ct_seg bundle, JSON logs), results go to DCMTK
-storescp. A small warm-up study goes first so the model is loaded and the process warm, as in service.
+``dicom-node serve`` (temp config, JSON logs), results go to DCMTK storescp. The models (``--models``): the
+shipped ``config.toml`` route's models with their operating points (default), or the phantom-trained
+chest_ct_seg fixture alone (``phantom-seg``); on ``--device`` (cpu, cuda, cuda:N). A small warm-up study goes
+first so the models are loaded and the process warm, as in service.
 
 The split comes from the node itself: the JSON log's events (study_complete, job_started, job_done with
 its t_* stage timings, result_delivered) and the job row's ``timings`` read back through
@@ -10,14 +12,16 @@ storage.jobstore. The segmentation runner times its own stages (pre-processing, 
 calls only, measured by hooks on the network, the sliding window's work around them, post-processing and
 inversion to the label map), so "forward pass" is the network's time and nothing else. The budget line is
 the total minus the completion wait minus that forward pass. The same stages are then taken in-process
-on the same series (warm, medians), with the encode stage taken apart (SEG build, SR build, write to
-bytes, read-back check); ``--monai-reference`` also runs the bundle's own MONAI path (Spacingd, MONAI's
-sliding window, Invertd) on the series and compares the label maps.
+on the same series (warm, medians): each model's runner stages, and the encode stage taken apart (SEG
+build per segmentation, SR build, write to bytes, read-back check); ``--monai-reference`` also runs the
+bundle's own MONAI path (Spacingd, MONAI's sliding window, Invertd) for the models run by the generic
+segmentation runner and compares the label maps (the others have no MONAI path: skipped, and said so).
 
-If the bundle has no models/model.pt yet, a copy with random weights (same network_def, seed 0) is
-used and the output says so: the forward pass costs the same, the mask (and so SEG size) differs.
+With ``phantom-seg``, if the fixture has no models/model.pt, a copy with random weights (same network_def,
+seed 0) is used and the output says so: the forward pass costs the same, the mask (and so SEG size) differs.
 
-    .venv/bin/python bench/bench_latency.py [--slices 300] [--size 512] [--stable-seconds 1.0] [--monai-reference]
+    .venv/bin/python bench/bench_latency.py [--device cpu] [--models shipped|phantom-seg] [--slices 300]
+        [--size 512] [--stable-seconds 1.0] [--monai-reference] [--no-split]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import shutil
 import statistics
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -40,6 +45,27 @@ from bench.common import StoreSCPPeer, cached_ct_study, workdir
 from tests.peers import DCMTK_ENV, PHANTOM_SEG_BUNDLE, STORESCU, NodeProcess, free_port, wait_for, write_config
 
 BUDGET_S = 2.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shipped_models() -> list[tuple[str, Path, float | None]]:
+    """(name, bundle folder, operating point or None: the bundle's) of the shipped route, as config.toml says."""
+    cfg = tomllib.loads((REPO / "config.toml").read_text())
+    models = {m["name"]: m for m in cfg["models"]}
+    out = []
+    for name in cfg["routes"][0]["models"]:
+        point = float(models[name].get("min_score", -1.0))
+        out.append((name, REPO / models[name]["bundle"], point if point >= 0 else None))
+    return out
+
+
+def models_toml(models: list[tuple[str, Path, float | None]], device: str) -> str:
+    """[[models]] tables for write_config, each on ``device``."""
+    return "".join(
+        f'[[models]]\nname = "{name}"\nbundle = "{bundle}"\ndevice = "{device}"\n'
+        + (f"min_score = {point}\n" if point is not None else "")
+        for name, bundle, point in models
+    )
 
 
 def random_weight_bundle(dest: Path) -> Path:
@@ -96,9 +122,13 @@ def run_study(node: NodeProcess, paths: list[Path], timeout: float) -> tuple[flo
         bad = [e for e in mine if e.get("event") in failed]
         if bad:
             raise RuntimeError(f"node reported {bad[0]}")
-        return {e.get("kind") for e in mine if e.get("event") == "result_delivered"} >= {"seg", "sr"}
+        finished = [e for e in mine if e.get("event") == "job_done"]
+        if not finished:
+            return False
+        expected = str(finished[0].get("results") or "").split(",")  # every SEG (none for an empty mask) and the SR
+        return sum(e.get("event") == "result_delivered" for e in mine) >= len([k for k in expected if k])
 
-    wait_for(done, timeout, f"SEG and SR of {study_uid} delivered", interval=0.05)
+    wait_for(done, timeout, f"every result of {study_uid} delivered", interval=0.05)
     return acked, [e for e in events(node.log_path) if e.get("study_uid") == study_uid]
 
 
@@ -121,60 +151,83 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def in_process_split(bundle: Path, paths: list[Path], monai_reference: bool) -> dict[str, float]:
+def in_process_split(models: list[tuple[str, Path, float | None]], paths: list[Path], monai_reference: bool,
+                     device: str) -> dict[str, float]:
     """The worker's load / inference / encode stages, taken apart in this process (same code, warm)."""
     import highdicom as hd
     import numpy as np
     import pydicom
 
-    from ai_models.bundle import load_model
+    from ai_models.bundle import SegmentationRunner, load_model
+    from ai_models.types import ClassificationResult, DetectionResult, SegmentationResult
     from ai_models.volume import read_series
     from dicom_node.results.equipment import NodeIdentity
-    from dicom_node.results.seg import build_seg
+    from dicom_node.results.seg import EmptySegmentationError, build_seg
     from dicom_node.results.sr import build_sr
 
     out: dict[str, float] = {}
     read_series(paths)  # warm the page cache and imports
     out["load (read_series: headers + pixels)"], (volume, headers) = timed(lambda: read_series(paths), 3)
 
-    model = load_model(bundle, name="chest-ct-seg", device="cpu")
-    model.run(volume)  # warm
-    runs = [model.run_timed(volume) for _ in range(2)]
-    result = runs[-1][0]
-    for stage in runs[0][1]:
-        out[f"model: {stage}"] = statistics.median(r[1][stage] for r in runs)
-    if monai_reference:
+    node = NodeIdentity(software_version="bench", device_serial_number="BENCH")
+    results = []
+    for name, bundle, point in models:
+        model = load_model(bundle, name=name, device=device, min_score=point)
+        model.run(volume)  # warm
+        runs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            result, stages = model.run_timed(volume)
+            runs.append((time.perf_counter() - t0, stages))
+        results.append(result)
+        out[f"{name}: run"] = statistics.median(r[0] for r in runs)
+        for stage in runs[0][1]:
+            out[f"{name}: {stage}"] = statistics.median(r[1][stage] for r in runs)
+        if not monai_reference:
+            continue
         runner = model._runner  # type: ignore[attr-defined]
+        if not isinstance(runner, SegmentationRunner):
+            print(f"# --monai-reference: {name} is run by {type(runner).__name__}, which has no MONAI path: skipped")
+            continue
         with runner.fast_paths_disabled():
             ref, stages = model.run_timed(volume)
         for stage, secs in stages.items():
-            out[f"MONAI path: {stage}"] = secs
+            out[f"{name}: MONAI path: {stage}"] = secs
         fast_mask, ref_mask = result.mask, ref.mask  # type: ignore[union-attr]
-        out["(voxels differing, fast vs MONAI path)"] = float(np.count_nonzero(fast_mask != ref_mask))
+        out[f"({name}: voxels differing, fast vs MONAI path)"] = float(np.count_nonzero(fast_mask != ref_mask))
         for label in sorted(int(v) for v in np.unique(ref_mask) if v):
             a, b = fast_mask == label, ref_mask == label
-            out[f"(Dice label {label}, fast vs MONAI path)"] = 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
-
-    node = NodeIdentity(software_version="bench", device_serial_number="BENCH")
-    out["encode: SEG build"], seg = timed(lambda: build_seg(
-        headers, result, series_uid="2.25.1", sop_uid="2.25.2", series_number=900, node=node), 3)
-    out["encode: SR build"], sr = timed(lambda: build_sr(
-        headers, volume, segmentations=[(result, seg)], detections=[], classifications=[], series_uid="2.25.3",
-        sop_uid="2.25.4", series_number=901, node=node), 3)
+            out[f"({name}: Dice label {label}, fast vs MONAI path)"] = 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
 
     def to_bytes(ds: pydicom.Dataset) -> bytes:
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
 
-    out["encode: SEG write to bytes"], seg_bytes = timed(lambda: to_bytes(seg), 3)
+    reported = []
+    for i, result in enumerate(r for r in results if isinstance(r, SegmentationResult)):
+        name = result.identity.name
+        try:
+            out[f"encode: {name} SEG build"], seg = timed(lambda r=result, i=i: build_seg(
+                headers, r, series_uid=f"2.25.1{i}", sop_uid=f"2.25.2{i}", series_number=900 + i, node=node), 3)
+        except EmptySegmentationError:
+            print(f"# {name}: empty segmentation, no SEG (as the worker does)")
+            reported.append((result, None))
+            continue
+        reported.append((result, seg))
+        out[f"encode: {name} SEG write to bytes"], seg_bytes = timed(lambda seg=seg: to_bytes(seg), 3)
+        out[f"encode: {name} SEG read-back (dcmread + from_dataset)"], _ = timed(
+            lambda b=seg_bytes: hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(b)), copy=False), 3)
+        out[f"({name}: SEG frames)"] = float(seg.NumberOfFrames)
+        out[f"({name}: SEG MiB)"] = len(seg_bytes) / 2**20
+    out["encode: SR build"], sr = timed(lambda: build_sr(
+        headers, volume, segmentations=reported,
+        detections=[r for r in results if isinstance(r, DetectionResult)],
+        classifications=[r for r in results if isinstance(r, ClassificationResult)],
+        series_uid="2.25.3", sop_uid="2.25.4", series_number=901, node=node), 3)
     out["encode: SR write to bytes"], sr_bytes = timed(lambda: to_bytes(sr), 3)
-    out["encode: SEG read-back (dcmread + from_dataset)"], _ = timed(
-        lambda: hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(seg_bytes)), copy=False), 3)
     out["encode: SR read-back (dcmread + from_dataset)"], _ = timed(
         lambda: hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(BytesIO(sr_bytes)), copy=False), 3)
-    out["(SEG frames)"] = float(seg.NumberOfFrames)
-    out["(SEG MiB)"] = len(seg_bytes) / 2**20
     return out
 
 

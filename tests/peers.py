@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-ECHOSCU = "/usr/bin/echoscu"
+DCMTK_BIN = Path(os.environ.get("DICOM_NODE_DCMTK_BIN", "/usr/bin"))  # another DCMTK (an unpacked one) by folder
+STORESCU = str(DCMTK_BIN / "storescu")
+STORESCP = str(DCMTK_BIN / "storescp")
+ECHOSCU = str(DCMTK_BIN / "echoscu")
 DCIODVFY = "/usr/bin/dciodvfy"
 BUNDLES = REPO / "tests" / "fixtures" / "phantom_bundles"
 PHANTOM_SEG_BUNDLE = Path(os.environ.get("DICOM_NODE_TEST_SEG_BUNDLE", BUNDLES / "chest_ct_seg"))
