@@ -21,7 +21,6 @@ split at the anterior junction when the two lungs touch, small islands dropped.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -135,7 +134,10 @@ class LungUNet2D(nn.Module):
         if fused is None or self.training:
             from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-            fused = copy.deepcopy(self).eval()
+            # a fresh module with these weights (a deep copy would also copy hooks others put on this one)
+            fused = LungUNet2D(self.conv1[0].in_channels, self.final.out_channels, self.slices_per_batch)
+            fused.load_state_dict(self.state_dict())
+            fused = fused.to(self.final.weight.device).eval()
             for name in ("conv1", "conv2", "conv3", "middle", "upconv3", "upconv2", "upconv1"):
                 block = getattr(fused, name)
                 setattr(

@@ -114,3 +114,21 @@ def test_shipped_bundle_segments_both_lungs_of_a_real_chest_ct() -> None:
     lungs = mask > 0
     dice = 2 * np.count_nonzero(lungs & reference) / (np.count_nonzero(lungs) + np.count_nonzero(reference))
     assert dice >= 0.95
+
+
+def test_folding_ignores_hooks_others_put_on_the_network(net: LungUNet2D) -> None:
+    """The worker times forward calls with hooks whose state cannot be copied (CUDA events): the folded copy
+    is built from the weights, not by copying the module with its hooks."""
+
+    class Uncopyable:
+        def __deepcopy__(self, memo: dict) -> None:
+            raise TypeError("cannot pickle 'Event' object")
+
+    state = Uncopyable()
+    handle = net.register_forward_hook(lambda *_: state)
+    try:
+        net.__dict__.pop("_fused", None)
+        with torch.inference_mode():
+            net(torch.full((1, 1, 64, 64, 1), 24.0))
+    finally:
+        handle.remove()
