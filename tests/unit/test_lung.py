@@ -124,8 +124,14 @@ def test_folding_ignores_hooks_others_put_on_the_network(net: LungUNet2D) -> Non
         def __deepcopy__(self, memo: dict) -> None:
             raise TypeError("cannot pickle 'Event' object")
 
-    state = Uncopyable()
-    handle = net.register_forward_hook(lambda *_: state)
+    class Clock:  # as ForwardClock: a bound method as the hook, its state not copyable
+        def __init__(self) -> None:
+            self.pending = Uncopyable()
+
+        def after(self, *_: object) -> None:
+            pass
+
+    handle = net.register_forward_hook(Clock().after)
     try:
         net.__dict__.pop("_fused", None)
         with torch.inference_mode():
