@@ -123,7 +123,7 @@ class LungUNet2D(nn.Module):
             prob = _padded(net, batch)
             if resize:
                 prob = F.interpolate(prob, size=(ny, nx), mode="bilinear")
-            out[x0:x1, y0:y1, idx] = prob[:, 0].permute(2, 1, 0)
+            out[x0:x1, y0:y1, idx] = prob[:, 0].permute(2, 1, 0).float()  # autocast on CUDA: half
         return out
 
     def _for_inference(self) -> LungUNet2D:

@@ -29,7 +29,7 @@ ZOO="$(dirname "$PWD")/shared/bundles"
 if [ ! -d "$ZOO" ]; then mkdir -p "$ZOO" && cp -r .gpu/zoo/* "$ZOO/"; fi
 
 {
-  echo "== machine"; uname -a; grep PRETTY_NAME /etc/os-release || true; ldd --version | head -1; nproc
+  echo "== machine"; uname -a; grep PRETTY_NAME /etc/os-release || true; (ldd --version | head -n 1) || true; nproc
   nvidia-smi || true
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' || true
   python3 -c 'import monai, pydicom, highdicom, pynetdicom, sqlalchemy, numpy, scipy; print("monai", monai.__version__, "pydicom", pydicom.__version__, "highdicom", highdicom.__version__, "pynetdicom", pynetdicom.__version__, "sqlalchemy", sqlalchemy.__version__, "numpy", numpy.__version__, "scipy", scipy.__version__)' || true
