@@ -60,10 +60,10 @@ def _handler(dist: Path, pacs_http_port: int) -> type[http.server.SimpleHTTPRequ
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, directory=str(dist), **kwargs)  # type: ignore[arg-type]
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path.startswith("/dicom-web/"):
                 self._proxy()

@@ -72,9 +72,10 @@ def _expected(results: dict[str, list[Path]]) -> dict[str, Any]:
     findings = []
     for path in results.get("SR", []):
         ds = pydicom.dcmread(path)
+        if not str(ds.SeriesDescription).startswith("AI findings"):
+            continue
         report = hd.sr.srread(path)
-        planar = report.content.get_planar_roi_measurement_groups()
-        for group in planar:
+        for group in report.content.get_image_measurement_groups():
             score = next((m.value for m in group.get_measurements() if m.name.value == "111012"), None)
             findings.append(
                 {
@@ -95,6 +96,7 @@ def _by_text(selector: str, text: str) -> str:
 
 
 THUMBNAILS = '[data-cy^="study-browser-thumbnail"]'
+PANELS = {"seg": "panelSegmentation-btn", "sr": "trackedMeasurements-btn"}
 
 
 def _open(browser: Browser, viewer: ViewerServer, study_uid: str, out: Path) -> dict[str, Any]:
@@ -117,7 +119,10 @@ def _open(browser: Browser, viewer: ViewerServer, study_uid: str, out: Path) -> 
             f"OHIF's {name} prompt",
         )
         browser.click(_by_text("button", "Yes"))
-        browser.settle(8)
+        browser.settle(6)
+        # the right-hand panel that lists what was loaded: segments, or measurements
+        browser.click(f"document.querySelector('[data-cy=\"{PANELS[name]}\"]')")
+        browser.settle(3)
         browser.screenshot(out / f"{name}.png")
         steps[name] = browser.text()
     return steps
