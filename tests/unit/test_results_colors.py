@@ -4,7 +4,6 @@ other labels, the same in the fast encoder and in highdicom's."""
 from __future__ import annotations
 
 import highdicom as hd
-import numpy as np
 
 from ai_models.types import SegmentationResult
 from dicom_node.results.colors import segment_rgb
