@@ -13,9 +13,9 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom.uid import ComprehensiveSRStorage
 from pydicom import dcmread
 from pydicom import uid as pduid
+from pydicom.uid import ComprehensiveSRStorage
 
 from ai_models.phantom import Phantom, generate_phantom
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets, write_datasets
