@@ -27,6 +27,7 @@ import highdicom as hd
 import pydicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage
 
 from ai_models.types import (
     ClassificationResult,
@@ -43,7 +44,7 @@ from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
 from dicom_node.results.equipment import NodeIdentity
 from dicom_node.results.seg import EmptySegmentationError, build_seg
-from dicom_node.results.sr import build_sr
+from dicom_node.results.sr import build_findings_sr, build_sr
 from dicom_node.results.uids import derive_uid
 from storage.files import FileStore
 from storage.jobstore import JobStore
@@ -126,6 +127,8 @@ def _read_back(data: bytes, kind: str, sop_uid: str) -> None:
         raise ModelError(f"{kind} read back with SOP Instance UID {ds.SOPInstanceUID}, expected {sop_uid}")
     if kind == "seg":
         hd.seg.Segmentation.from_dataset(ds, copy=False)
+    elif ds.SOPClassUID == ComprehensiveSRStorage:  # the findings SR
+        hd.sr.ComprehensiveSR.from_dataset(ds, copy=False)
     else:
         hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
 
@@ -326,16 +329,30 @@ class Worker:
             reported.append((r, ds))
         idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
         sr_key = (volume.series_instance_uid, job.route, *idents)
+        sr_series = derive_uid("sr-series", *sr_key)
         sop_uid = derive_uid("sr", *sr_key, digest)
-        number, superseded = _succession([e for e in earlier if e.kind == "sr"], sop_uid, job.generation)
+        number, superseded = _succession([e for e in earlier if e.kind == "sr" and e.series_uid == sr_series],
+                                         sop_uid, job.generation)
         if superseded:
             sop_uid = derive_uid("sr", *sr_key, digest, "supersedes", str(number),
                                  *(r.sop_instance_uid for r in superseded))
         sr = t.measure("sr_encode", lambda: build_sr(
             headers, volume, segmentations=reported, detections=dets, classifications=clss,
-            series_uid=derive_uid("sr-series", *sr_key), sop_uid=sop_uid, series_number=rc.sr_series_number,
+            series_uid=sr_series, sop_uid=sop_uid, series_number=rc.sr_series_number,
             node=self.node, instance_number=number, predecessors=[_reference(r) for r in superseded]))
         out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
+        # the findings with geometry again, alone, for viewers that cannot open the full report (OHIF)
+        findings_series = derive_uid("findings-sr-series", *sr_key)
+        findings_uid = derive_uid("findings-sr", sop_uid)  # one per report: follows it
+        number, superseded = _succession([e for e in earlier if e.kind == "sr" and e.series_uid == findings_series],
+                                         findings_uid, job.generation)
+        findings = t.measure("sr_encode", lambda: build_findings_sr(
+            headers, volume, detections=dets, report_sop_uid=sop_uid, series_uid=findings_series,
+            sop_uid=findings_uid, series_number=rc.sr_series_number + 1, node=self.node, instance_number=number,
+            predecessors=[_reference(r) for r in superseded]))
+        if findings is not None:  # recorded under the detection models that found them (the report has none)
+            by = ",".join(dict.fromkeys(r.identity.name for r in dets if r.detections))
+            out.append(t.measure("write", lambda: self._write(findings, "sr", by)))
         return out
 
 

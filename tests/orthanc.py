@@ -18,8 +18,10 @@ ORTHANC = "/usr/sbin/Orthanc"
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, ae_title: str = "PACS") -> None:
+    def __init__(self, workdir: Path, ae_title: str = "PACS", extra: dict[str, Any] | None = None) -> None:
+        """``extra``: more Orthanc settings (e.g. a plugin and its section)."""
         self.workdir = workdir
+        self.extra = extra or {}
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -33,7 +35,7 @@ class Orthanc:
             "IndexDirectory": str(self.workdir / "index"), "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True, "Plugins": [], "HttpServerEnabled": True, "StableAge": 1,
-            "OverwriteInstances": False, "DicomScpTimeout": 30,
+            "OverwriteInstances": False, "DicomScpTimeout": 30, **self.extra,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(cfg))

@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in dcmtk dicom3tools orthanc postgresql; do
+for pkg in dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+command -v npm >/dev/null || need+=(npm)  # any npm will do (Debian's, or one that came with nodejs)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   # never let a package start its service (Orthanc would listen on all interfaces)
@@ -18,6 +19,15 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+
+# OHIF Viewer's prebuilt dist/ for the browser test (tests/ohif.py): the npm package's tarball alone, no
+# dependencies, unpacked into the ignored .cache/ohif/<version>/
+OHIF_VERSION=3.13.2
+if [ ! -f ".cache/ohif/$OHIF_VERSION/package/dist/index.html" ]; then
+  mkdir -p ".cache/ohif/$OHIF_VERSION"
+  tgz=$(cd ".cache/ohif/$OHIF_VERSION" && npm pack --silent "@ohif/app@$OHIF_VERSION")
+  tar xzf ".cache/ohif/$OHIF_VERSION/$tgz" -C ".cache/ohif/$OHIF_VERSION" && rm ".cache/ohif/$OHIF_VERSION/$tgz"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

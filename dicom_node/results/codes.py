@@ -79,6 +79,9 @@ VOLUME = hd.sr.CodedConcept.from_code(codes.SCT.Volume)  # 118565006
 MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 CERTAINTY_OF_FINDING = hd.sr.CodedConcept.from_code(codes.DCM.CertaintyOfFinding)  # DCM 111012
 PERCENT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
+AREA = hd.sr.CodedConcept.from_code(codes.SCT.Area)  # 42798000
+SQUARE_MILLIMETER = hd.sr.CodedConcept.from_code(codes.UCUM.SquareMillimeter)
+COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)  # 121106
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pydicom
 from ai_models.types import ModelIdentity, SegmentationResult
 
 from .codes import coding_scheme_identification, segment_coding
+from .colors import segment_color
 from .equipment import NodeIdentity, equipment_kwargs, seg_algorithm_identification
 from .seg_fast import fast_binary_seg
 from .uids import derive_uid
@@ -112,6 +113,7 @@ def segment_descriptions(
             algorithm_identification=algorithm,
             tracking_uid=tracking_uid,
             tracking_id=tracking_id,
+            display_color=segment_color(name),
         )
         if coding.modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [

@@ -24,6 +24,7 @@ a re-run writes a new one). Evidence: the source images and every SEG the SR ref
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -41,11 +42,14 @@ from ai_models.types import (
 
 from .codes import (
     ABSENT,
+    AREA,
     CERTAINTY_OF_FINDING,
-    MILLILITER,
+    COMMENT,
+        MILLILITER,
     NOT_DETECTED,
     PERCENT,
     PRESENT,
+    SQUARE_MILLIMETER,
     VOLUME,
     SegmentCoding,
     coding_scheme_identification,
@@ -207,6 +211,66 @@ def _centre_slice_ellipse(detection: Detection, geometry: Volume) -> tuple[int, 
     return z, np.asarray(along_cols + along_rows)
 
 
+# OHIF 3.x (@cornerstonejs/adapters) reads a measurement group as one of its tools by this Tracking Identifier;
+# an ellipse is its EllipticalROI
+CORNERSTONE_ELLIPSE = "Cornerstone3DTools@^0.1.0:EllipticalROI"
+
+
+def finding_label(coding: SegmentCoding, score: float) -> str:
+    """What a viewer shows as the finding's name: "Pulmonary nodule (certainty 99 %)"."""
+    return f"{coding.display} (certainty {100.0 * score:.0f} %)"[:64]
+
+
+def _planar_group(detection: Detection, geometry: Volume, sop_classes: dict[str, str],
+                  common: dict[str, Any]) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group with the box's ellipse on its centre slice (SCOORD ELLIPSE on that image) and the score."""
+    z, points = _centre_slice_ellipse(detection, geometry)
+    image_uid = geometry.sop_instance_uids[z]
+    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=points.astype(np.float32),
+                               source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        referenced_region=region, measurements=[_score(detection, common["algorithm_id"])], **common)
+
+
+def _viewer_group(detection: Detection, geometry: Volume, sop_classes: dict[str, str],
+                  common: dict[str, Any]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group as OHIF's adapter reads an ellipse: Tracking Identifier in its form, the first measurement
+    the ellipse's area INFERRED FROM the ellipse on the box's centre slice (TID 300; OHIF takes that SCOORD as
+    the annotation and the value as its area), then the score, and a Comment that OHIF shows as the label."""
+    z, points = _centre_slice_ellipse(detection, geometry)
+    image_uid = geometry.sop_instance_uids[z]
+    ellipse = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=points.astype(np.float32),
+        source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid))
+    algorithm = common["algorithm_id"]
+    area = hd.sr.Measurement(name=AREA, value=_ellipse_area_mm2(points, geometry), unit=SQUARE_MILLIMETER,
+                             algorithm_id=algorithm, referenced_coordinates=[ellipse])
+    tracking = hd.sr.TrackingIdentifier(uid=common["tracking_identifier"][1].UID, identifier=CORNERSTONE_ELLIPSE)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        measurements=[area, _score(detection, algorithm)], **{**common, "tracking_identifier": tracking})
+    label = finding_label(segment_coding(detection.label), detection.score)
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(name=COMMENT, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _ellipse_area_mm2(points: np.ndarray, geometry: Volume) -> float:
+    """pi x semi-axes in mm, of the (column, row) axis end points (major first, then minor)."""
+    scale = np.asarray([geometry.spacing[2], geometry.spacing[1]])
+    axes = [float(np.linalg.norm((points[i + 1] - points[i]) * scale)) / 2.0 for i in (0, 2)]
+    return float(np.pi * axes[0] * axes[1])
+
+
+def _detection_common(detection: Detection, index: int, identity: ModelIdentity,
+                      algorithm: hd.sr.AlgorithmIdentification, sop_uid: str) -> dict[str, Any]:
+    coding = segment_coding(detection.label)
+    # a detection is new in every run (nothing says box k is the same lesion as last time): its tracking
+    # UID derives from the run's report UID; the 3D and the planar group, and the findings SR, share it
+    tracking = _tracking(sop_uid, "det", identity.name, str(index), text=f"{coding.display} {index}")
+    return {"tracking_identifier": tracking, "finding_type": coding.type, "finding_category": coding.category,
+            "finding_sites": _finding_sites(coding), "algorithm_id": algorithm}
+
+
 def _detection_groups(
     result: DetectionResult,
     geometry: Volume | None,
@@ -223,29 +287,17 @@ def _detection_groups(
         raise ValueError("detections need the volume geometry to be placed in the frame of reference")
     for index, detection in enumerate(result.detections, start=1):
         assert geometry is not None
-        coding = segment_coding(detection.label)
+        common = _detection_common(detection, index, identity, algorithm, sop_uid)
         surface = hd.sr.VolumeSurface(
             graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
             graphic_data=ellipsoid_lps(detection, geometry).astype(np.float32),
             frame_of_reference_uid=frame_of_reference_uid,
             source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         )
-        # a detection is new in every run (nothing says box k is the same lesion as last time): its tracking
-        # UID derives from this document's UID; the 3D and the planar group share it (one finding)
-        tracking = _tracking(sop_uid, "det", identity.name, str(index), text=f"{coding.display} {index}")
-        common = {"tracking_identifier": tracking, "finding_type": coding.type, "finding_category": coding.category,
-                  "finding_sites": _finding_sites(coding), "algorithm_id": algorithm}
+        # the planar group first: a viewer that keeps one group per tracking UID keeps the drawable one
+        groups.append(_planar_group(detection, geometry, sop_classes, common))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             referenced_volume_surface=surface, measurements=[_score(detection, algorithm)], **common))
-        z, points = _centre_slice_ellipse(detection, geometry)
-        image_uid = geometry.sop_instance_uids[z]
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
-            graphic_data=points.astype(np.float32),
-            source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid),
-        )
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=region, measurements=[_score(detection, algorithm)], **common))
     found = {_coding_key(segment_coding(d.label)) for d in result.detections}
     for label, name in sorted(identity.labels.items()):
         coding = segment_coding(name)
@@ -365,6 +417,68 @@ def build_sr(
         is_final=True,
         is_verified=False,
         series_description=f"AI SR {names}"[:64],
+        coding_schemes=coding_scheme_identification(segment_coding(label) for label in labels),
+        **equipment_kwargs(node),
+    )
+
+
+def build_findings_sr(
+    source: Sequence[pydicom.Dataset],
+    volume_geometry: Volume,
+    *,
+    detections: Sequence[DetectionResult],
+    report_sop_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    node: NodeIdentity,
+    instance_number: int = 1,
+    predecessors: Sequence[pydicom.Dataset] = (),
+) -> pydicom.Dataset | None:
+    """The findings with geometry alone, as a TID 1500 Comprehensive SR that OHIF 3.x opens and draws; None
+    when there is none.
+
+    OHIF 3.x cannot open a measurement report with any group that has no SCOORD (a segment's volume, an
+    "Absent", a classification: it stops with an error), so these go in the full report (``build_sr``) and
+    this one holds one TID 1501 group per detection: the ellipse on its centre slice, its area INFERRED
+    FROM it (TID 300), the score, OHIF's Tracking Identifier and a Comment with the finding and its score (OHIF's
+    label). Each group keeps the tracking UID of the same finding in the full report (``report_sop_uid``)."""
+    if not source:
+        raise ValueError("no source images")
+    sop_classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in source}
+    groups: list[Group] = []
+    identities: list[ModelIdentity] = []
+    labels: list[str] = []
+    for result in detections:
+        algorithm = sr_algorithm_identification(result.identity, node)
+        for index, detection in enumerate(result.detections, start=1):
+            common = _detection_common(detection, index, result.identity, algorithm, report_sop_uid)
+            groups.append(_viewer_group(detection, volume_geometry, sop_classes, common))
+            labels.append(detection.label)
+        if result.detections:
+            identities.append(result.identity)
+    if not groups:
+        return None
+    first = source[0]
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer_context(node, identities),
+        procedure_reported=procedure_reported(str(getattr(first, "Modality", ""))),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    names = " ".join(dict.fromkeys(i.name for i in identities))
+    return hd.sr.ComprehensiveSR(
+        evidence=list(source),
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        previous_versions=list(predecessors) or None,
+        is_complete=True,
+        is_final=True,
+        is_verified=False,
+        series_description=f"AI findings {names}"[:64],
         coding_schemes=coding_scheme_identification(segment_coding(label) for label in labels),
         **equipment_kwargs(node),
     )

@@ -1,0 +1,172 @@
+"""Driver run inside a private network namespace: a study through the node into Orthanc (DICOMweb plugin), then
+OHIF Viewer in headless Chromium opens it, loads the node's SEG and SR, and says what it shows. Writes
+report.json and screenshots to OUT_DIR.
+
+    unshare -n bash -c 'ip link set lo up && python -m tests.acceptance.ohif_check OUT_DIR [STUDY_DIR]'
+
+STUDY_DIR: a folder of DICOM files of one study (any CT the node's chest route takes); without it, the
+README's demo phantom (seed 7, with a localizer) is generated. Nothing here depends on which models made
+the results: the SEG's segment labels and the SR's findings are read from the objects Orthanc holds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+
+from tests.browser import Browser
+from tests.ohif import OHIF_VERSION, ViewerServer, dicomweb_plugin_config
+from tests.orthanc import Orthanc
+from tests.peers import NodeProcess, free_port, running, storescu, wait_for, write_config
+
+MODELS = ("chest-ct-seg", "chest-ct-det", "chest-ct-cls")
+ERROR_BOUNDARY = "Something went wrong"
+
+
+def _study(study_dir: Path | None, out: Path) -> list[Path]:
+    if study_dir is not None:
+        return sorted(p for p in study_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    from ai_models.phantom import generate_phantom
+    from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets, write_datasets
+
+    # square pixels, as CT has (Cornerstone3D maps SR image coordinates with the two spacings swapped)
+    ph = generate_phantom(7, spacing=(1.5, 0.7, 0.7))
+    ids = StudyIds.new(7)
+    return write_datasets([*phantom_datasets(ph, ids), *localizer_datasets(ph, ids)], out / "study")
+
+
+def _results(pacs: Orthanc, study_uid: str, out: Path) -> dict[str, list[Path]]:
+    """The node's SEG and SR objects as Orthanc holds them, by modality."""
+    found: dict[str, list[Path]] = {}
+    for study in pacs.get("/studies?expand"):
+        if study["MainDicomTags"].get("StudyInstanceUID") != study_uid:
+            continue
+        for sid in study["Series"]:
+            series = pacs.get(f"/series/{sid}")
+            modality = series["MainDicomTags"]["Modality"]
+            if modality not in ("SEG", "SR", "KO"):
+                continue
+            for iid in series["Instances"]:
+                path = out / "results" / f"{modality}-{iid}.dcm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{pacs.http_port}/instances/{iid}/file", timeout=30
+                ) as rsp:
+                    path.write_bytes(rsp.read())
+                found.setdefault(modality, []).append(path)
+    return found
+
+
+def _expected(results: dict[str, list[Path]]) -> dict[str, Any]:
+    """What the viewer should list, read from the objects themselves: segment labels; the findings with
+    geometry (their finding type and certainty) of the SR that OHIF shows (the series' last instance)."""
+    segs = [hd.seg.segread(p) for p in results.get("SEG", [])]
+    labels = [s.get_segment_description(n).segment_label for s in segs for n in s.segment_numbers]
+    findings = []
+    for path in results.get("SR", []):
+        ds = pydicom.dcmread(path)
+        if not str(ds.SeriesDescription).startswith("AI findings"):
+            continue
+        report = hd.sr.srread(path)
+        for group in report.content.get_image_measurement_groups():
+            score = next((m.value for m in group.get_measurements() if m.name.value == "111012"), None)
+            findings.append(
+                {
+                    "sr": str(ds.SOPInstanceUID),
+                    "finding": group.finding_type.meaning,
+                    "certainty": None if score is None else float(score),
+                }
+            )
+    return {"segments": labels, "findings": findings}
+
+
+def _by_text(selector: str, text: str) -> str:
+    """JavaScript for the innermost element matching ``selector`` whose text contains ``text``."""
+    return (
+        f"Array.from(document.querySelectorAll({json.dumps(selector)}))"
+        f".filter(e => e.innerText.includes({json.dumps(text)})).pop()"
+    )
+
+
+THUMBNAILS = '[data-cy^="study-browser-thumbnail"]'
+PANELS = {"seg": "panelSegmentation-btn", "sr": "trackedMeasurements-btn"}
+
+
+def _open(browser: Browser, viewer: ViewerServer, study_uid: str, out: Path) -> dict[str, Any]:
+    """Open the study, then the SEG (answering OHIF's "open this Segmentation?" with Yes), then the findings SR
+    (and "track measurements?" Yes); the page's text and a screenshot after each step."""
+    browser.goto(viewer.url(f"/viewer?StudyInstanceUIDs={study_uid}"))
+    browser.wait_js(f"document.querySelectorAll('{THUMBNAILS}').length > 0", 120, "the study browser's thumbnails")
+    browser.settle(2)
+    browser.click(_by_text("button", "Skip all"))  # the first-visit tour
+    steps: dict[str, Any] = {}
+    for name, thumbnail, question in (
+        ("seg", "AI SEG", "open this Segmentation"),
+        ("sr", "AI findings", "tracking measurements"),
+    ):
+        browser.click(_by_text(THUMBNAILS, thumbnail), double=True)
+        browser.wait_js(
+            f"document.body.innerText.includes({json.dumps(question)}) || "
+            f"document.body.innerText.includes({json.dumps(ERROR_BOUNDARY)})",
+            60,
+            f"OHIF's {name} prompt",
+        )
+        browser.click(_by_text("button", "Yes"))
+        browser.settle(6)
+        # the right-hand panel that lists what was loaded: segments, or measurements
+        browser.click(f"document.querySelector('[data-cy=\"{PANELS[name]}\"]')")
+        browser.settle(3)
+        browser.screenshot(out / f"{name}.png")
+        steps[name] = browser.text()
+    return steps
+
+
+def main(out: Path, study_dir: Path | None) -> int:
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    paths = _study(study_dir, out)
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    pacs = Orthanc(out / "orthanc", extra=dicomweb_plugin_config()).start()
+    port = free_port()
+    cfg = write_config(
+        out / "config.toml",
+        port=port,
+        data_dir=out / "var",
+        route_models=MODELS,
+        destinations=[{"name": "orthanc", "port": pacs.dicom_port}],
+    )
+    node = NodeProcess(cfg, port, out / "node.log").start(timeout=180)
+    viewer = ViewerServer(pacs.http_port).start()
+    browser = Browser()
+    report: dict[str, Any] = {"ohif": OHIF_VERSION, "study_uid": study_uid}
+    with running(pacs, node, viewer, browser):
+        storescu(pacs.dicom_port, paths, called="PACS")  # the scanner archives the study at the PACS ...
+        storescu(port, paths)  # ... and sends it to the node
+        wait_for(lambda: "job_done" in node.log_text() or "job_failed" in node.log_text(), 600, "the node's job")
+        if "job_done" not in node.log_text():
+            raise AssertionError(f"the node's job failed:\n{node.log_text()[-3000:]}")
+        done = [ln for ln in node.log_text().splitlines() if "job_done" in ln][-1]
+        n_results = len(done.split("results=", 1)[1].split()[0].split(","))
+        wait_for(lambda: node.log_text().count("result_delivered") >= n_results, 120, "the results at Orthanc")
+        timings["results"] = round(time.monotonic() - t0, 1)
+        results = _results(pacs, study_uid, out)
+        report["expected"] = _expected(results)
+        browser.start()
+        t1 = time.monotonic()
+        report["study"] = _open(browser, viewer, study_uid, out)
+        timings["viewer"] = round(time.monotonic() - t1, 1)
+        report["console"] = [c for c in browser.console if not c.startswith(("log:", "debug:", "info:"))][-200:]
+    report["timings"] = timings
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
