@@ -101,6 +101,7 @@ class SenderSection:
 class ResultsSection:
     seg_series_number: int = 9001
     sr_series_number: int = 9000  # before the SEGs' 9001, 9002, ... (one per segmentation model)
+    findings_sr_series_number: int = 9100  # the findings SR for viewers, clear of the SEGs' numbers
     institution_name: str = ""
 
 
@@ -274,6 +275,20 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
     return cfg
 
 
+def _validate_series_numbers(cfg: Config) -> None:
+    """The SEGs take seg_series_number onwards, one per configured model at most: the SRs must not share."""
+    r = cfg.results
+    segs = range(r.seg_series_number, r.seg_series_number + max(1, len(cfg.models)))
+    if r.sr_series_number in segs:
+        raise ConfigError(
+            f"results.sr_series_number: {r.sr_series_number} is among the SEGs' {segs.start}-{segs.stop - 1}"
+        )
+    if r.findings_sr_series_number in segs or r.findings_sr_series_number == r.sr_series_number:
+        raise ConfigError(
+            f"results.findings_sr_series_number: {r.findings_sr_series_number} is the SR's or among the SEGs' numbers"
+        )
+
+
 def _unique(names: list[str], key: str) -> None:
     seen: set[str] = set()
     for i, n in enumerate(names):
@@ -315,6 +330,7 @@ def _check_database_url(url: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    _validate_series_numbers(cfg)
     n = cfg.node
     _check_ae(n.ae_title, "node.ae_title")
     _check_port(n.port, "node.port")

@@ -348,7 +348,7 @@ class Worker:
                                          findings_uid, job.generation)
         findings = t.measure("sr_encode", lambda: build_findings_sr(
             headers, volume, detections=dets, report_sop_uid=sop_uid, series_uid=findings_series,
-            sop_uid=findings_uid, series_number=rc.sr_series_number + 1, node=self.node, instance_number=number,
+            sop_uid=findings_uid, series_number=rc.findings_sr_series_number, node=self.node, instance_number=number,
             predecessors=[_reference(r) for r in superseded]))
         if findings is not None:  # recorded under the detection models that found them (the report has none)
             by = ",".join(dict.fromkeys(r.identity.name for r in dets if r.detections))
