@@ -34,10 +34,20 @@ def job_json(rt: Runtime, job: JobRecord) -> dict[str, Any]:
     out["models"], out["destinations"] = list(job.models), list(job.destinations)
     with contextlib.suppress(ValueError):  # else an older row's free text, kept as it is
         out["timings"] = json.loads(job.timings) if job.timings else {}
-    out["deliveries"] = [{"id": d.id, "kind": d.result.kind, "model": d.result.model, "destination": d.destination,
-                          "state": d.state, "attempts": d.attempts, "last_status": d.last_status, "error": d.error,
-                          "sop_instance_uid": d.result.sop_instance_uid}
-                         for d in rt.jobs.deliveries_of_job(job.id)]
+    out["deliveries"] = [
+        {
+            "id": d.id,
+            "kind": d.result.kind,
+            "model": d.result.model,
+            "destination": d.destination,
+            "state": d.state,
+            "attempts": d.attempts,
+            "last_status": d.last_status,
+            "error": d.error,
+            "sop_instance_uid": d.result.sop_instance_uid,
+        }
+        for d in rt.jobs.deliveries_of_job(job.id)
+    ]
     return out
 
 
@@ -50,16 +60,23 @@ def storage_status(cfg: Config, rt: Runtime) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if rt.files.root.is_dir():
         d = keeper.disk()
-        out["disk"] = {"used_percent": round(d.percent, 1), "free_mb": d.free >> 20, "total_mb": d.total >> 20,
-                       "high_watermark_percent": cfg.retention.high_watermark_percent,
-                       "low_watermark_percent": cfg.retention.low_watermark_percent, "floor_mb": cfg.node.min_free_mb}
+        out["disk"] = {
+            "used_percent": round(d.percent, 1),
+            "free_mb": d.free >> 20,
+            "total_mb": d.total >> 20,
+            "high_watermark_percent": cfg.retention.high_watermark_percent,
+            "low_watermark_percent": cfg.retention.low_watermark_percent,
+            "floor_mb": cfg.node.min_free_mb,
+        }
     else:
         out["disk"] = {"used_percent": "-", "free_mb": "-"}
     plan = keeper.plan()
-    out["eligible"] = {"studies": len({p.study_uid for p in plan if p.what != "history"}),
-                       "received_mb": round(sum(p.bytes for p in plan) / (1 << 20), 1),
-                       "result_files": sum(p.files for p in plan if p.what == "results"),
-                       "history": sum(p.what == "history" for p in plan)}
+    out["eligible"] = {
+        "studies": len({p.study_uid for p in plan if p.what != "history"}),
+        "received_mb": round(sum(p.bytes for p in plan) / (1 << 20), 1),
+        "result_files": sum(p.files for p in plan if p.what == "results"),
+        "history": sum(p.what == "history" for p in plan),
+    }
     return out
 
 
@@ -74,11 +91,17 @@ def job_action(cfg: Config, rt: Runtime, action: str, job_id: int, *, actor: str
         try:
             job: JobRecord = getattr(rt.jobs, f"{action}_job")(job_id)
         except JobStoreError as exc:
-            audit.record("admin_action", actor=actor, action=action, job_id=job_id, outcome="refused",
-                         reason=str(exc))
+            audit.record("admin_action", actor=actor, action=action, job_id=job_id, outcome="refused", reason=str(exc))
             raise
-        audit.record("admin_action", actor=actor, action=action, job_id=job_id, outcome="done",
-                     study_uid=job.study_uid, state=job.state)
+        audit.record(
+            "admin_action",
+            actor=actor,
+            action=action,
+            job_id=job_id,
+            outcome="done",
+            study_uid=job.study_uid,
+            state=job.state,
+        )
     finally:
         audit.close()
     return job
@@ -100,8 +123,9 @@ def echo_destination(cfg: Config, name: str, *, actor: str) -> EchoResult:
     peer = Sender(cfg, None, None, "echo").peer(name)  # type: ignore[arg-type]
     ok, detail = echo(peer)
     audit = AuditLog.from_config(cfg)
-    audit.record("admin_action", actor=actor, action="echo", destination=name, outcome="ok" if ok else "failed",
-                 detail=detail)
+    audit.record(
+        "admin_action", actor=actor, action="echo", destination=name, outcome="ok" if ok else "failed", detail=detail
+    )
     audit.close()
     return EchoResult(destination=name, ae_title=peer.ae_title, host=peer.host, port=peer.port, ok=ok, detail=detail)
 
@@ -121,7 +145,15 @@ def models(cfg: Config) -> list[dict[str, Any]]:
             out.append({"name": m.name, "error": str(exc)})
             continue
         point = m.operating_point if m.operating_point is not None else info.min_score
-        out.append({"name": m.name, "task": info.task, "version": info.version, "device": device,
-                    "min_score": None if point is None or info.task == "segmentation" else point,
-                    "labels": {str(k): v for k, v in sorted(info.labels.items())}, "error": None})
+        out.append(
+            {
+                "name": m.name,
+                "task": info.task,
+                "version": info.version,
+                "device": device,
+                "min_score": None if point is None or info.task == "segmentation" else point,
+                "labels": {str(k): v for k, v in sorted(info.labels.items())},
+                "error": None,
+            }
+        )
     return out

@@ -18,26 +18,41 @@ from prometheus_client import Counter, Gauge, Histogram
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
-INSTANCES_RECEIVED = Counter("dicom_node_instances_received", "C-STORE requests answered, by response status",
-                             ["status"])
+INSTANCES_RECEIVED = Counter(
+    "dicom_node_instances_received", "C-STORE requests answered, by response status", ["status"]
+)
 RECEIVED_BYTES = Counter("dicom_node_received_bytes", "Dataset bytes of C-STORE requests answered with success")
-CSTORE_SECONDS = Histogram("dicom_node_cstore_handling_seconds",
-                           "From a C-STORE's last dataset byte to its response: the node's own handling "
-                           "(checks, durable write, index)", buckets=_FAST)
-ASSOCIATIONS = Counter("dicom_node_associations", "Association requests, accepted or refused (with why)",
-                       ["outcome", "reason"])
-STAGE_SECONDS = Histogram("dicom_node_stage_seconds",
-                          "Job stage durations: load (reading the series), seg_encode, sr_encode, write",
-                          ["stage"], buckets=_SLOW)
-INFERENCE_SECONDS = Histogram("dicom_node_inference_seconds", "One model's inference on one series", ["model"],
-                              buckets=_SLOW)
-SEND_SECONDS = Histogram("dicom_node_send_seconds", "One association sending a batch of results", ["destination"],
-                         buckets=_SLOW)
-JOBS_FINISHED = Counter("dicom_node_job_attempts", "Job attempts ended: done, retry (scheduled again) or failed",
-                        ["outcome"])
-DELIVERIES = Counter("dicom_node_deliveries", "Result send attempts: done, retry (scheduled again) or failed",
-                     ["destination", "outcome"])
-RETRIES = Counter("dicom_node_retries", "Retries: job and delivery (automatic, after a failure), admin (retry "
-                  "asked by an admin)", ["kind"])
-MODEL_LOAD_SECONDS = Gauge("dicom_node_model_load_seconds", "How long loading each model took",
-                           ["model"], multiprocess_mode="mostrecent")
+CSTORE_SECONDS = Histogram(
+    "dicom_node_cstore_handling_seconds",
+    "From a C-STORE's last dataset byte to its response: the node's own handling (checks, durable write, index)",
+    buckets=_FAST,
+)
+ASSOCIATIONS = Counter(
+    "dicom_node_associations", "Association requests, accepted or refused (with why)", ["outcome", "reason"]
+)
+STAGE_SECONDS = Histogram(
+    "dicom_node_stage_seconds",
+    "Job stage durations: load (reading the series), seg_encode, sr_encode, write",
+    ["stage"],
+    buckets=_SLOW,
+)
+INFERENCE_SECONDS = Histogram(
+    "dicom_node_inference_seconds", "One model's inference on one series", ["model"], buckets=_SLOW
+)
+SEND_SECONDS = Histogram(
+    "dicom_node_send_seconds", "One association sending a batch of results", ["destination"], buckets=_SLOW
+)
+JOBS_FINISHED = Counter(
+    "dicom_node_job_attempts", "Job attempts ended: done, retry (scheduled again) or failed", ["outcome"]
+)
+DELIVERIES = Counter(
+    "dicom_node_deliveries", "Result send attempts: done, retry (scheduled again) or failed", ["destination", "outcome"]
+)
+RETRIES = Counter(
+    "dicom_node_retries",
+    "Retries: job and delivery (automatic, after a failure), admin (retry asked by an admin)",
+    ["kind"],
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "dicom_node_model_load_seconds", "How long loading each model took", ["model"], multiprocess_mode="mostrecent"
+)

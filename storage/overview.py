@@ -28,9 +28,16 @@ class QueueStats:
 
 
 def _info(r: StudyInfoRow) -> StudyInfo:
-    return StudyInfo(study_uid=r.study_uid, accession_number=r.accession_number, study_date=r.study_date,
-                     study_description=r.study_description, modalities=r.modalities, patient_name=r.patient_name,
-                     patient_id=r.patient_id, calling_ae=r.calling_ae)
+    return StudyInfo(
+        study_uid=r.study_uid,
+        accession_number=r.accession_number,
+        study_date=r.study_date,
+        study_description=r.study_description,
+        modalities=r.modalities,
+        patient_name=r.patient_name,
+        patient_id=r.patient_id,
+        calling_ae=r.calling_ae,
+    )
 
 
 class Overview:
@@ -51,11 +58,16 @@ class Overview:
     def studies(self, *, search: str = "", limit: int = 50) -> list[tuple[StudyRecord, StudyInfo | None]]:
         """Newest received first; ``search`` matches a study UID (prefix) or an accession number (exact)."""
         with self._tx() as s:
-            stmt = (select(StudyRow, StudyInfoRow).outerjoin(StudyInfoRow, StudyInfoRow.study_uid == StudyRow.study_uid)
-                    .order_by(StudyRow.last_received_at.desc()).limit(limit))
+            stmt = (
+                select(StudyRow, StudyInfoRow)
+                .outerjoin(StudyInfoRow, StudyInfoRow.study_uid == StudyRow.study_uid)
+                .order_by(StudyRow.last_received_at.desc())
+                .limit(limit)
+            )
             if search:
-                stmt = stmt.where(or_(StudyRow.study_uid.startswith(search, autoescape=True),
-                                      StudyInfoRow.accession_number == search))
+                stmt = stmt.where(
+                    or_(StudyRow.study_uid.startswith(search, autoescape=True), StudyInfoRow.accession_number == search)
+                )
             return [(_study(st), _info(i) if i is not None else None) for st, i in s.execute(stmt).all()]
 
     def study_info(self, study_uid: str) -> StudyInfo | None:
@@ -65,9 +77,16 @@ class Overview:
 
     def series_of_study(self, study_uid: str) -> list[SeriesCount]:
         with self._tx() as s:
-            rows = s.execute(select(InstanceRow.series_uid, func.min(InstanceRow.sop_class_uid), func.count(),
-                                    func.coalesce(func.sum(InstanceRow.size), 0))
-                             .where(InstanceRow.study_uid == study_uid).group_by(InstanceRow.series_uid)).all()
+            rows = s.execute(
+                select(
+                    InstanceRow.series_uid,
+                    func.min(InstanceRow.sop_class_uid),
+                    func.count(),
+                    func.coalesce(func.sum(InstanceRow.size), 0),
+                )
+                .where(InstanceRow.study_uid == study_uid)
+                .group_by(InstanceRow.series_uid)
+            ).all()
             return [SeriesCount(series_uid=u, sop_class_uid=c, instances=int(n), bytes=int(b)) for u, c, n, b in rows]
 
     def jobs_of_study(self, study_uid: str) -> list[int]:
@@ -77,12 +96,17 @@ class Overview:
     def unindexed(self, limit: int = 200) -> list[tuple[str, str, str]]:
         """Studies without header values yet: (study UID, one instance's path, its calling AE title)."""
         with self._tx() as s:
-            missing = (select(StudyRow.study_uid).outerjoin(StudyInfoRow, StudyInfoRow.study_uid == StudyRow.study_uid)
-                       .where(StudyInfoRow.study_uid.is_(None), StudyRow.instance_count > 0).limit(limit))
+            missing = (
+                select(StudyRow.study_uid)
+                .outerjoin(StudyInfoRow, StudyInfoRow.study_uid == StudyRow.study_uid)
+                .where(StudyInfoRow.study_uid.is_(None), StudyRow.instance_count > 0)
+                .limit(limit)
+            )
             out = []
             for uid in s.scalars(missing).all():
-                inst = s.execute(select(InstanceRow.path, InstanceRow.calling_ae)
-                                 .where(InstanceRow.study_uid == uid).limit(1)).first()
+                inst = s.execute(
+                    select(InstanceRow.path, InstanceRow.calling_ae).where(InstanceRow.study_uid == uid).limit(1)
+                ).first()
                 out.append((uid, inst[0] if inst else "", inst[1] if inst else ""))
             return out
 
@@ -97,6 +121,7 @@ class Overview:
         now = time.time() if now is None else now
         hour = now - 3600
         with self._tx() as s:
+
             def n(stmt) -> int:  # type: ignore[no-untyped-def]
                 return int(s.scalar(stmt) or 0)
 
@@ -104,17 +129,22 @@ class Overview:
             return QueueStats(
                 queued=n(jobs.where(JobRow.state == "queued")),
                 running=n(jobs.where(JobRow.state == "running")),
-                oldest_queued_at=float(s.scalar(select(func.min(JobRow.created_at))
-                                                .where(JobRow.state == "queued")) or 0.0),
+                oldest_queued_at=float(
+                    s.scalar(select(func.min(JobRow.created_at)).where(JobRow.state == "queued")) or 0.0
+                ),
                 done_last_hour=n(jobs.where(JobRow.state == "done", JobRow.updated_at >= hour)),
                 failed_last_hour=n(jobs.where(JobRow.state == "failed", JobRow.updated_at >= hour)),
-                received_last_hour=n(select(func.count()).select_from(InstanceRow)
-                                     .where(InstanceRow.received_at >= hour)),
+                received_last_hour=n(
+                    select(func.count()).select_from(InstanceRow).where(InstanceRow.received_at >= hour)
+                ),
             )
 
     def failed_deliveries(self) -> dict[str, int]:
         """Deliveries that failed for good, by destination."""
         with self._tx() as s:
-            rows = s.execute(select(DeliveryRow.destination, func.count()).where(DeliveryRow.state == "failed")
-                             .group_by(DeliveryRow.destination)).all()
+            rows = s.execute(
+                select(DeliveryRow.destination, func.count())
+                .where(DeliveryRow.state == "failed")
+                .group_by(DeliveryRow.destination)
+            ).all()
             return {d: int(c) for d, c in rows}

@@ -49,23 +49,35 @@ def study_json(ctx: WebContext, study_uid: str, *, detail: bool) -> dict[str, An
     if st is None:
         return None
     info = ctx.overview.study_info(study_uid)
-    out: dict[str, Any] = {"study_uid": st.study_uid, "state": st.state, "generation": st.generation,
-                           "instances": st.instance_count, "first_received_at": st.first_received_at,
-                           "last_received_at": st.last_received_at}
+    out: dict[str, Any] = {
+        "study_uid": st.study_uid,
+        "state": st.state,
+        "generation": st.generation,
+        "instances": st.instance_count,
+        "first_received_at": st.first_received_at,
+        "last_received_at": st.last_received_at,
+    }
     out.update(info_json(ctx, info))
     if detail:
         out["series"] = [s.__dict__ for s in ctx.overview.series_of_study(study_uid)]
-        out["jobs"] = [admin.job_json(ctx.rt, j) for j in (ctx.rt.jobs.get_job(i) for i in
-                                                          ctx.overview.jobs_of_study(study_uid)) if j]
+        out["jobs"] = [
+            admin.job_json(ctx.rt, j)
+            for j in (ctx.rt.jobs.get_job(i) for i in ctx.overview.jobs_of_study(study_uid))
+            if j
+        ]
     return out
 
 
 def info_json(ctx: WebContext, info: Any) -> dict[str, Any]:
     if info is None:
         return {"accession_number": None}
-    out = {"accession_number": info.accession_number, "study_date": info.study_date,
-           "study_description": info.study_description, "modalities": info.modalities,
-           "calling_ae": info.calling_ae}
+    out = {
+        "accession_number": info.accession_number,
+        "study_date": info.study_date,
+        "study_description": info.study_description,
+        "modalities": info.modalities,
+        "calling_ae": info.calling_ae,
+    }
     if ctx.cfg.http.show_patient_details:
         out |= {"patient_name": info.patient_name, "patient_id": info.patient_id}
     return out
@@ -110,9 +122,18 @@ def routes(ctx: WebContext) -> list[Route]:
         return JSONResponse({"message": admin.job_action_message(action, j), "job": admin.job_json(ctx.rt, j)})
 
     def destinations(_request: Request) -> JSONResponse:
-        return JSONResponse([{"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
-                              "calling_ae_title": d.calling_ae_title or ctx.cfg.node.ae_title}
-                             for d in ctx.cfg.destinations])
+        return JSONResponse(
+            [
+                {
+                    "name": d.name,
+                    "ae_title": d.ae_title,
+                    "host": d.host,
+                    "port": d.port,
+                    "calling_ae_title": d.calling_ae_title or ctx.cfg.node.ae_title,
+                }
+                for d in ctx.cfg.destinations
+            ]
+        )
 
     async def echo(request: Request) -> JSONResponse:
         if not await csrf_ok(request, ctx):
@@ -120,8 +141,9 @@ def routes(ctx: WebContext) -> list[Route]:
         from starlette.concurrency import run_in_threadpool
 
         try:
-            r = await run_in_threadpool(admin.echo_destination, ctx.cfg, request.path_params["name"],
-                                        actor=actor(request, "api"))
+            r = await run_in_threadpool(
+                admin.echo_destination, ctx.cfg, request.path_params["name"], actor=actor(request, "api")
+            )
         except KeyError:
             return JSONResponse({"error": "no such destination"}, status_code=404)
         return JSONResponse(r.__dict__, status_code=200 if r.ok else 502)

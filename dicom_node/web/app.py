@@ -54,13 +54,20 @@ class WebContext:
         usage = shutil.disk_usage(self.rt.files.root)
         floor = self.cfg.node.min_free_mb << 20
         checks = {
-            "listeners": {"ok": state["listeners_alive"] >= state["listeners_expected"] > 0,
-                          "alive": state["listeners_alive"], "expected": state["listeners_expected"],
-                          "pids": state.get("listener_pids", [])},
+            "listeners": {
+                "ok": state["listeners_alive"] >= state["listeners_expected"] > 0,
+                "alive": state["listeners_alive"],
+                "expected": state["listeners_expected"],
+                "pids": state.get("listener_pids", []),
+            },
             "loops": {"ok": all(state["loops"].values()), **state["loops"]},
             "database": {"ok": db_ok, "dialect": self.rt.jobs.engine.dialect.name, "error": db_error or None},
-            "disk": {"ok": usage.free >= floor, "free_bytes": usage.free, "total_bytes": usage.total,
-                     "floor_bytes": floor},
+            "disk": {
+                "ok": usage.free >= floor,
+                "free_bytes": usage.free,
+                "total_bytes": usage.total,
+                "floor_bytes": floor,
+            },
         }
         return {"ok": all(c["ok"] for c in checks.values()), **checks}
 
@@ -99,8 +106,11 @@ class TokenGate:
 
 def _refusal(request: Request) -> Response:
     if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
-        return JSONResponse({"error": "the node's HTTP token is required (Authorization: Bearer <token>)"},
-                            status_code=401, headers={"WWW-Authenticate": 'Bearer realm="dicom-node"'})
+        return JSONResponse(
+            {"error": "the node's HTTP token is required (Authorization: Bearer <token>)"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="dicom-node"'},
+        )
     return pages.login_page(request, status_code=401, message="Log in with the node's token to see this page.")
 
 

@@ -19,8 +19,9 @@ STUDY_STATES = ("receiving", "complete")
 
 
 class NodeCollector(Collector):
-    def __init__(self, jobs: JobStore, overview: Overview, data_root: Any,
-                 node_state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, jobs: JobStore, overview: Overview, data_root: Any, node_state: Callable[[], dict[str, Any]]
+    ) -> None:
         """``node_state``: the running node's own view ({"associations_open": n, "listeners_alive": n})."""
         self.jobs = jobs
         self.overview = overview
@@ -29,9 +30,11 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.jobs.counts()
-        for name, states, doc in (("studies", STUDY_STATES, "Studies by state"),
-                                  ("jobs", JOB_STATES, "Jobs by state"),
-                                  ("deliveries_current", DELIVERY_STATES, "Deliveries by state")):
+        for name, states, doc in (
+            ("studies", STUDY_STATES, "Studies by state"),
+            ("jobs", JOB_STATES, "Jobs by state"),
+            ("deliveries_current", DELIVERY_STATES, "Deliveries by state"),
+        ):
             key = "deliveries" if name == "deliveries_current" else name
             g = GaugeMetricFamily(f"dicom_node_{name}", doc, labels=["state"])
             for state in sorted(set(states) | set(counts[key])):
@@ -40,16 +43,21 @@ class NodeCollector(Collector):
         q = self.overview.queue()
         yield GaugeMetricFamily("dicom_node_queue_depth", "Jobs queued (waiting for the worker)", value=q.queued)
         age = time.time() - q.oldest_queued_at if q.oldest_queued_at else 0.0
-        yield GaugeMetricFamily("dicom_node_oldest_queued_job_age_seconds", "Age of the oldest queued job; 0: none",
-                                value=max(0.0, age))
+        yield GaugeMetricFamily(
+            "dicom_node_oldest_queued_job_age_seconds", "Age of the oldest queued job; 0: none", value=max(0.0, age)
+        )
         usage = shutil.disk_usage(self.data_root)
         yield GaugeMetricFamily("dicom_node_disk_free_bytes", "Free space on the data volume", value=usage.free)
         yield GaugeMetricFamily("dicom_node_disk_total_bytes", "Size of the data volume", value=usage.total)
         state = self.node_state()
-        yield GaugeMetricFamily("dicom_node_associations_open", "DICOM associations open now, node-wide",
-                                value=state.get("associations_open", 0))
-        yield GaugeMetricFamily("dicom_node_listener_processes_alive", "Listener processes running",
-                                value=state.get("listeners_alive", 0))
+        yield GaugeMetricFamily(
+            "dicom_node_associations_open",
+            "DICOM associations open now, node-wide",
+            value=state.get("associations_open", 0),
+        )
+        yield GaugeMetricFamily(
+            "dicom_node_listener_processes_alive", "Listener processes running", value=state.get("listeners_alive", 0)
+        )
         yield from _gpu_memory()
 
 
@@ -59,8 +67,9 @@ def _gpu_memory() -> Iterator[GaugeMetricFamily]:
     if torch is None or not torch.cuda.is_available():
         return
     alloc = GaugeMetricFamily("dicom_node_gpu_memory_allocated_bytes", "GPU memory in tensors", labels=["device"])
-    reserved = GaugeMetricFamily("dicom_node_gpu_memory_reserved_bytes", "GPU memory held by torch's allocator",
-                                 labels=["device"])
+    reserved = GaugeMetricFamily(
+        "dicom_node_gpu_memory_reserved_bytes", "GPU memory held by torch's allocator", labels=["device"]
+    )
     for i in range(torch.cuda.device_count()):
         alloc.add_metric([f"cuda:{i}"], torch.cuda.memory_allocated(i))
         reserved.add_metric([f"cuda:{i}"], torch.cuda.memory_reserved(i))

@@ -65,12 +65,18 @@ def render(series_paths: list[Path], segs: list[tuple[str, Path]]) -> Picture:
         seg = hd.seg.segread(path)
         numbers = list(seg.segment_numbers)
         arr = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False,
-            skip_overlap_checks=True, ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+            source_sop_instance_uids=uids,
+            segment_numbers=numbers,
+            combine_segments=False,
+            skip_overlap_checks=True,
+            ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True,
+        )
         for i, n in enumerate(numbers):
             masks.append(np.asarray(arr[..., i]) > 0)
-            segments.append(Segment(seg.get_segment_description(n).segment_label, model,
-                                    PALETTE[len(segments) % len(PALETTE)]))
+            segments.append(
+                Segment(seg.get_segment_description(n).segment_label, model, PALETTE[len(segments) % len(PALETTE)])
+            )
     gray = _window(volume.array)
     z_mm = volume.spacing[0]
     picks: list[tuple[str, int]] = []
@@ -88,8 +94,7 @@ def render(series_paths: list[Path], segs: list[tuple[str, Path]]) -> Picture:
             z0, z1 = box[0].start, box[0].stop  # the slices the region spans
             lesions.append((float(size), s.label, (z0 + z1 - 1) // 2, (z1 - z0) * z_mm))
     for size, label, z, extent in sorted(lesions, reverse=True)[:MAX_LESIONS]:
-        picks.append((f"{label}: centre slice {z + 1} of {len(uids)} ({int(size)} voxels, {extent:.0f} mm in z)",
-                      z))
+        picks.append((f"{label}: centre slice {z + 1} of {len(uids)} ({int(size)} voxels, {extent:.0f} mm in z)", z))
     if not picks and masks:
         area = np.sum([m.sum(axis=(1, 2)) for m in masks], axis=0)
         picks.append((f"largest segmented slice ({int(np.argmax(area)) + 1})", int(np.argmax(area))))

@@ -46,8 +46,9 @@ TEMPLATES.env.filters["ago"] = _ago
 
 def login_page(request: Request, *, status_code: int = 200, message: str = "") -> Response:
     nxt = request.url.path if request.url.path not in ("/login", "/logout") else "/"
-    return TEMPLATES.TemplateResponse(request, "login.html", {"message": message, "next": nxt, "page": "login"},
-                                      status_code=status_code)
+    return TEMPLATES.TemplateResponse(
+        request, "login.html", {"message": message, "next": nxt, "page": "login"}, status_code=status_code
+    )
 
 
 class Pictures:
@@ -76,8 +77,10 @@ class Pictures:
         if not instances:
             return "retention has removed the source images"
         try:
-            pic = overlay.render([ctx.rt.files.absolute(i.path) for i in instances],
-                                 [(r.model, ctx.rt.files.absolute(r.path)) for r in segs])
+            pic = overlay.render(
+                [ctx.rt.files.absolute(i.path) for i in instances],
+                [(r.model, ctx.rt.files.absolute(r.path)) for r in segs],
+            )
         except (OSError, ValueError) as exc:  # files gone meanwhile, or a series the reader refuses now
             log.warning("picture_failed", extra={"fields": {"job_id": job_id, "error": str(exc)[:300]}})
             return f"cannot draw the picture: {exc}"
@@ -90,8 +93,12 @@ class Pictures:
 
 def _page(request: Request, ctx: WebContext, name: str, **context: Any) -> Response:
     cookie = request.cookies.get(SESSION_COOKIE, "")
-    context |= {"csrf": ctx.auth.csrf_for(cookie) if cookie else "", "node": ctx.cfg.node,
-                "msg": request.query_params.get("msg", ""), "show_patient": ctx.cfg.http.show_patient_details}
+    context |= {
+        "csrf": ctx.auth.csrf_for(cookie) if cookie else "",
+        "node": ctx.cfg.node,
+        "msg": request.query_params.get("msg", ""),
+        "show_patient": ctx.cfg.http.show_patient_details,
+    }
     return TEMPLATES.TemplateResponse(request, name, context)
 
 
@@ -114,8 +121,15 @@ def routes(ctx: WebContext) -> list[Route]:
             return login_page(request, status_code=401, message="That is not the node's token.")
         ctx.audit.record("admin_action", actor=who, action="login", outcome="done")
         response = RedirectResponse(_safe_next(str(form.get("next", "/"))), status_code=303)
-        response.set_cookie(SESSION_COOKIE, ctx.auth.new_session(), max_age=SESSION_SECONDS, httponly=True,
-                            samesite="strict", secure=bool(ctx.cfg.http.tls_cert_file), path="/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            ctx.auth.new_session(),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=bool(ctx.cfg.http.tls_cert_file),
+            path="/",
+        )
         return response
 
     async def logout(request: Request) -> Response:
@@ -129,10 +143,19 @@ def routes(ctx: WebContext) -> list[Route]:
         counts = ctx.rt.jobs.counts()
         q = ctx.overview.queue()
         failures = ctx.rt.jobs.list_jobs(state="failed", limit=10, or_failed_deliveries=True)
-        return _page(request, ctx, "overview.html", page="overview", counts=counts, queue=q,
-                     oldest=_ago(q.oldest_queued_at) if q.oldest_queued_at else "-",
-                     failures=[admin.job_json(ctx.rt, j) for j in failures], health=ctx.health(),
-                     storage=admin.storage_status(ctx.cfg, ctx.rt), recent=ctx.rt.jobs.list_jobs(limit=10))
+        return _page(
+            request,
+            ctx,
+            "overview.html",
+            page="overview",
+            counts=counts,
+            queue=q,
+            oldest=_ago(q.oldest_queued_at) if q.oldest_queued_at else "-",
+            failures=[admin.job_json(ctx.rt, j) for j in failures],
+            health=ctx.health(),
+            storage=admin.storage_status(ctx.cfg, ctx.rt),
+            recent=ctx.rt.jobs.list_jobs(limit=10),
+        )
 
     def studies_page(request: Request) -> Response:
         index_new_studies(ctx)
@@ -156,9 +179,16 @@ def routes(ctx: WebContext) -> list[Route]:
             view["findings"] = overlay.sr_findings(ctx.rt.files.absolute(sr.path)) if sr else []
             view["picture"] = pictures.get(ctx, j.id) if j.state == "done" else None
             views.append(view)
-        return _page(request, ctx, "study.html", page="studies", study=st,
-                     info=info_json(ctx, ctx.overview.study_info(uid)),
-                     series=ctx.overview.series_of_study(uid), jobs=views)
+        return _page(
+            request,
+            ctx,
+            "study.html",
+            page="studies",
+            study=st,
+            info=info_json(ctx, ctx.overview.study_info(uid)),
+            series=ctx.overview.series_of_study(uid),
+            jobs=views,
+        )
 
     def picture_png(request: Request) -> Response:
         pic = pictures.get(ctx, request.path_params["id"])

@@ -28,8 +28,14 @@ STOP_SECONDS = 5.0
 class WebServer:
     def __init__(self, cfg: Config, rt: Runtime, audit: AuditLog, node_state: Callable[[], dict[str, Any]]) -> None:
         self.cfg = cfg
-        self.ctx = WebContext(cfg=cfg, rt=rt, overview=Overview(rt.jobs.engine), auth=Auth(load_token(cfg)),
-                              audit=audit, node_state=node_state)
+        self.ctx = WebContext(
+            cfg=cfg,
+            rt=rt,
+            overview=Overview(rt.jobs.engine),
+            auth=Auth(load_token(cfg)),
+            audit=audit,
+            node_state=node_state,
+        )
         self.sock: socket.socket | None = None
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
@@ -54,9 +60,14 @@ class WebServer:
         self.sock = sock
         tls = bool(h.tls_cert_file)
         config = uvicorn.Config(
-            build_app(self.ctx), log_config=None, access_log=False, lifespan="off", server_header=False,
+            build_app(self.ctx),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
             ssl_certfile=str(resolve_path(self.cfg.base_dir, h.tls_cert_file)) if tls else None,
-            ssl_keyfile=str(resolve_path(self.cfg.base_dir, h.tls_key_file)) if tls else None)
+            ssl_keyfile=str(resolve_path(self.cfg.base_dir, h.tls_key_file)) if tls else None,
+        )
         config.load()
         if config.ssl is not None:
             v = ssl.TLSVersion

@@ -30,10 +30,16 @@ def read_info(study_uid: str, path: str, calling_ae: str, ctx: WebContext) -> St
     def text(keyword: str, size: int) -> str:
         return str(ds.get(keyword, "") or "")[:size]
 
-    return StudyInfo(study_uid=study_uid, accession_number=text("AccessionNumber", 64),
-                     study_date=text("StudyDate", 16), study_description=text("StudyDescription", 128),
-                     modalities=text("Modality", 64), patient_name=text("PatientName", 128),
-                     patient_id=text("PatientID", 64), calling_ae=calling_ae)
+    return StudyInfo(
+        study_uid=study_uid,
+        accession_number=text("AccessionNumber", 64),
+        study_date=text("StudyDate", 16),
+        study_description=text("StudyDescription", 128),
+        modalities=text("Modality", 64),
+        patient_name=text("PatientName", 128),
+        patient_id=text("PatientID", 64),
+        calling_ae=calling_ae,
+    )
 
 
 def index_new_studies(ctx: WebContext) -> int:
