@@ -21,6 +21,7 @@ from ai_models.volume import read_series
 
 PALETTE = ((0, 200, 83), (41, 121, 255), (255, 23, 68), (255, 214, 0), (213, 0, 249), (0, 229, 255))
 MAX_LESIONS = 6
+MIN_LESION_VOXELS = 10  # smaller specks of a segment are not shown as lesions of their own
 WINDOW = (-600.0, 1500.0)  # lung window: level, width (HU)
 FILL_ALPHA = 0.35
 
@@ -91,6 +92,8 @@ def render(series_paths: list[Path], segs: list[tuple[str, Path]]) -> Picture:
         labelled, n = ndimage.label(m)
         sizes = ndimage.sum_labels(m, labelled, range(1, n + 1))
         for size, box in zip(sizes, ndimage.find_objects(labelled), strict=True):
+            if size < MIN_LESION_VOXELS:
+                continue
             z0, z1 = box[0].start, box[0].stop  # the slices the region spans
             lesions.append((float(size), s.label, (z0 + z1 - 1) // 2, (z1 - z0) * z_mm))
     for size, label, z, extent in sorted(lesions, reverse=True)[:MAX_LESIONS]:
@@ -143,7 +146,7 @@ def sr_findings(path: Path) -> list[Finding]:
                 mv = child.MeasuredValueSequence[0]
                 unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
                 details.append(f"{name}: {float(mv.NumericValue):.4g} {'' if unit == '1' else unit}".rstrip())
-            elif kind == "CODE" and name not in ("Finding Category", "Finding Site"):
+            elif kind == "CODE" and name not in ("Finding Category", "Finding Site", "Algorithm Family"):
                 details.append(f"{name}: {_code(child)}")
             elif name == "Finding Site" and kind == "CODE":
                 details.append(f"site: {_code(child)}")

@@ -69,15 +69,16 @@ def _study(tmp: Path, name: str, seed: int, nodules: int) -> tuple[StudyIds, lis
     ids = StudyIds.new(f"opview-{name}-{seed}")
     datasets = phantom_datasets(ph, ids)
     for ds in datasets:
-        ds.PatientID = f"OV-{name.upper()}"
+        ds.PatientID = f"ZZ{name.upper()}PID"
         ds.AccessionNumber = f"ACC-OV-{name.upper()}"
     return StudyIds(
-        **{**ids.__dict__, "patient_id": f"OV-{name.upper()}", "accession": f"ACC-OV-{name.upper()}"}
+        **{**ids.__dict__, "patient_id": f"ZZ{name.upper()}PID", "accession": f"ACC-OV-{name.upper()}"}
     ), write_datasets(datasets, tmp / name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """A node per test: tests/conftest.py ends every peer process after each test."""
     tmp = tmp_path_factory.mktemp("operator_view")
     pacs = StoreSCP(tmp / "pacs").start()
     port, http_port = free_port(), free_port()
@@ -96,8 +97,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         )
     )
     routes = (
-        '[[routes]]\nname = "chest"\nmatch = { PatientID = "OV-GOOD" }\nmodels = ["chest-ct-seg", "chest-ct-det"]\n'
-        'send_to = ["pacs"]\n[[routes]]\nname = "broken"\nmatch = { PatientID = "OV-BAD" }\n'
+        '[[routes]]\nname = "chest"\nmatch = { PatientID = "ZZGOODPID" }\nmodels = ["chest-ct-seg", "chest-ct-det"]\n'
+        'send_to = ["pacs"]\n[[routes]]\nname = "broken"\nmatch = { PatientID = "ZZBADPID" }\n'
         'models = ["fault-seg"]\nsend_to = ["pacs"]\n'
     )
     audit = tmp / "audit.jsonl"
@@ -238,7 +239,7 @@ def test_rest_api_metrics_and_audit(running: Running) -> None:
     )
     assert any(a["event"] == "admin_action" and a["action"] == "cancel" and a["outcome"] == "refused" for a in records)
     text = r.audit.read_text()
-    for private in ("OV-GOOD", "OV-BAD", str(r.good.patient_name)):
+    for private in ("ZZGOODPID", "ZZBADPID", str(r.good.patient_name)):
         assert private not in text
 
 
@@ -280,6 +281,7 @@ def _shot(driver, name: str) -> Path:  # type: ignore[no-untyped-def]
 )
 def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
 
     r = running
     driver = _browser(tmp_path / "chromium-profile")
@@ -301,8 +303,9 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         driver.get(r.base + "/studies")
         driver.find_element(By.ID, "q").send_keys("ACC-OV-GOOD")
         driver.find_element(By.ID, "search").click()
+        WebDriverWait(driver, 10).until(lambda d: "q=ACC-OV-GOOD" in d.current_url)
         rows = driver.find_elements(By.CSS_SELECTOR, "#studies tr")[1:]
-        assert len(rows) == 1 and r.good.study_uid in rows[0].text and "OV-GOOD" not in driver.page_source
+        assert len(rows) == 1 and r.good.study_uid in rows[0].text and "ZZGOODPID" not in driver.page_source
         _shot(driver, "studies")
         rows[0].find_element(By.CSS_SELECTOR, "a.uid").click()
         imgs = driver.find_elements(By.CSS_SELECTOR, "img.overlay")
@@ -313,7 +316,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
             driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 128 for i in imgs
         )
         assert len(driver.find_elements(By.CSS_SELECTOR, "table.findings tr")) > 1
-        assert str(r.good.patient_name) not in driver.page_source and "OV-GOOD" not in driver.page_source
+        assert str(r.good.patient_name) not in driver.page_source and "ZZGOODPID" not in driver.page_source
         _shot(driver, "study")
         cookies = {c["name"]: c["value"] for c in driver.get_cookies()}
         colours = set()
