@@ -146,9 +146,9 @@ def sr_findings(path: Path) -> list[Finding]:
                 mv = child.MeasuredValueSequence[0]
                 unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
                 details.append(f"{name}: {float(mv.NumericValue):.4g} {'' if unit == '1' else unit}".rstrip())
-            elif kind == "CODE" and name not in ("Finding Category", "Finding Site", "Algorithm Family"):
+            elif kind == "CODE" and name.lower() not in ("finding category", "finding site", "algorithm family"):
                 details.append(f"{name}: {_code(child)}")
-            elif name == "Finding Site" and kind == "CODE":
+            elif name.lower() == "finding site" and kind == "CODE":
                 details.append(f"site: {_code(child)}")
         rows.append(Finding(group=group, finding=finding, details=tuple(details)))
     return rows
