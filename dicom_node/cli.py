@@ -28,7 +28,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(cfg.logging.level, cfg.logging.format)
     from dicom_node.metrics_setup import prepare_multiprocess
 
-    prepare_multiprocess(cfg.data_dir)  # before the service imports prometheus_client (see dicom_node/metrics.py)
+    try:  # before the service imports prometheus_client (see dicom_node/metrics.py)
+        prepare_multiprocess(cfg.data_dir)
+    except OSError as exc:
+        raise ConfigError(f"node.data_dir: cannot use {cfg.data_dir}: {exc.strerror or exc}") from exc
     from dicom_node.service import serve
 
     return serve(cfg)
