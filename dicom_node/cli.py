@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from dicom_node import admin
+from dicom_node.audit import cli_actor
 from dicom_node.config import Config, ConfigError, load_config
 from dicom_node.logs import configure_logging
-
-if TYPE_CHECKING:
-    from dicom_node.runtime import Runtime
-    from storage.records import JobRecord
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -30,6 +26,12 @@ def _ts(t: float) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     configure_logging(cfg.logging.level, cfg.logging.format)
+    from dicom_node.metrics_setup import prepare_multiprocess
+
+    try:  # before the service imports prometheus_client (see dicom_node/metrics.py)
+        prepare_multiprocess(cfg.data_dir)
+    except OSError as exc:
+        raise ConfigError(f"node.data_dir: cannot use {cfg.data_dir}: {exc.strerror or exc}") from exc
     from dicom_node.service import serve
 
     return serve(cfg)
@@ -68,9 +70,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rt = open_runtime(cfg, create=False)
     counts = rt.jobs.counts()
     jobs = rt.jobs.list_jobs(limit=args.limit)
-    storage = _storage_status(cfg, rt)
+    storage = admin.storage_status(cfg, rt)
     if args.json:
-        print(json.dumps({"counts": counts, "storage": storage, "jobs": [_job_json(rt, j) for j in jobs]},
+        print(json.dumps({"counts": counts, "storage": storage, "jobs": [admin.job_json(rt, j) for j in jobs]},
                          default=str))
         return 0
     print(f"instances: {counts['instances']['total']}")
@@ -85,28 +87,6 @@ def cmd_status(args: argparse.Namespace) -> int:
           + ("" if r.enabled else " (retention.enabled = false: only `dicom-node purge` deletes)"))
     _print_jobs(rt, jobs)
     return 0
-
-
-def _storage_status(cfg: Config, rt: Runtime) -> dict[str, object]:
-    """Disk use against the watermarks, and what the retention rules would purge now."""
-    from dicom_node.housekeeping import Housekeeper
-    from storage.retention import RetentionStore
-
-    keeper = Housekeeper(cfg, rt.files, RetentionStore(rt.jobs.engine, rt.files))
-    out: dict[str, object] = {}
-    if rt.files.root.is_dir():
-        d = keeper.disk()
-        out["disk"] = {"used_percent": round(d.percent, 1), "free_mb": d.free >> 20, "total_mb": d.total >> 20,
-                       "high_watermark_percent": cfg.retention.high_watermark_percent,
-                       "low_watermark_percent": cfg.retention.low_watermark_percent, "floor_mb": cfg.node.min_free_mb}
-    else:
-        out["disk"] = {"used_percent": "-", "free_mb": "-"}
-    plan = keeper.plan()
-    out["eligible"] = {"studies": len({p.study_uid for p in plan if p.what != "history"}),
-                       "received_mb": round(sum(p.bytes for p in plan) / (1 << 20), 1),
-                       "result_files": sum(p.files for p in plan if p.what == "results"),
-                       "history": sum(p.what == "history" for p in plan)}
-    return out
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -159,18 +139,6 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_json(rt: Runtime, job: JobRecord) -> dict[str, object]:
-    """A job for `status --json`: its fields, its timings as an object, and its deliveries."""
-    out: dict[str, object] = dict(job.__dict__)
-    with contextlib.suppress(ValueError):  # else an older row's free text, kept as it is
-        out["timings"] = json.loads(job.timings) if job.timings else {}
-    out["deliveries"] = [{"kind": d.result.kind, "model": d.result.model, "destination": d.destination,
-                          "state": d.state, "attempts": d.attempts, "last_status": d.last_status, "error": d.error,
-                          "sop_instance_uid": d.result.sop_instance_uid}
-                         for d in rt.jobs.deliveries_of_job(job.id)]
-    return out
-
-
 def _print_jobs(rt: object, jobs: Sequence[object]) -> None:
     if not jobs:
         print("no jobs")
@@ -206,14 +174,11 @@ def _job_action(args: argparse.Namespace, action: str) -> int:
     from storage.jobstore import JobStoreError
 
     try:
-        job = getattr(open_runtime(cfg, create=False).jobs, f"{action}_job")(args.job)
+        job = admin.job_action(cfg, open_runtime(cfg, create=False), action, args.job, actor=cli_actor())
     except JobStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if action == "cancel":
-        print(f"job {job.id} cancelled")
-    else:
-        print(f"job {job.id} queued again" if job.state == "queued" else f"job {job.id}: results queued for re-sending")
+    print(admin.job_action_message(action, job))
     return 0
 
 
@@ -227,19 +192,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from dicom_node.scu import echo
-
-    names = [d.name for d in cfg.destinations]
-    if args.destination not in names:
-        print(f"error: unknown destination {args.destination!r} (configured: {', '.join(names) or 'none'})",
-              file=sys.stderr)
+    try:
+        r = admin.echo_destination(cfg, args.destination, actor=cli_actor())
+    except KeyError:
+        names = ", ".join(d.name for d in cfg.destinations) or "none"
+        print(f"error: unknown destination {args.destination!r} (configured: {names})", file=sys.stderr)
         return 2
-    from dicom_node.sender import Sender
-
-    peer = Sender(cfg, None, None, "echo").peer(args.destination)  # type: ignore[arg-type]
-    ok, detail = echo(peer)
-    print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: {'OK' if ok else 'FAILED'} ({detail})")
-    return 0 if ok else 1
+    print(f"C-ECHO {r.ae_title}@{r.host}:{r.port}: {'OK' if r.ok else 'FAILED'} ({r.detail})")
+    return 0 if r.ok else 1
 
 
 def _model_problem(cfg: Config, name: str) -> str | None:
@@ -259,24 +219,16 @@ def _model_problem(cfg: Config, name: str) -> str | None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from ai_models.bundle import read_metadata
-    from ai_models.device import resolve_device
-    from ai_models.types import ModelError
-
     print(f"{'name':<20} {'task':<15} {'version':<10} {'device':<8} {'min score':<10} labels")
     failed = 0
-    for m in cfg.models:
-        try:
-            info = read_metadata(cfg.bundle_path(m.name))
-            device = resolve_device(m.device or cfg.worker.device)
-        except ModelError as exc:
-            print(f"{m.name:<20} error: {exc}")
+    for m in admin.models(cfg):
+        if m["error"]:
+            print(f"{m['name']:<20} error: {m['error']}")
             failed += 1
             continue
-        labels = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
-        point = m.operating_point if m.operating_point is not None else info.min_score
-        shown = "" if point is None or info.task == "segmentation" else f"{point:g}"
-        print(f"{m.name:<20} {info.task:<15} {info.version:<10} {device:<8} {shown:<10} {labels}")
+        labels = ", ".join(f"{k}={v}" for k, v in m["labels"].items())
+        shown = "" if m["min_score"] is None else f"{m['min_score']:g}"
+        print(f"{m['name']:<20} {m['task']:<15} {m['version']:<10} {m['device']:<8} {shown:<10} {labels}")
     return 2 if failed else 0
 
 

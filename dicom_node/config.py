@@ -122,6 +122,34 @@ class RetentionSection:
 
 
 @dataclass(frozen=True)
+class HttpSection:
+    """The operator's web dashboard, REST API and Prometheus metrics (dicom_node/web/), in the node process."""
+
+    enabled: bool = True  # on 127.0.0.1 by default, and nothing but /healthz and /metrics without the token
+    bind: str = "127.0.0.1"
+    port: int = 11180
+    # The token every page and API call needs: the environment variable token_env when set, else token_file;
+    # an empty token_file is <data_dir>/http-token, made with a random token (mode 0600) at first start.
+    token_file: str = ""
+    token_env: str = "DICOM_NODE_HTTP_TOKEN"
+    metrics_require_token: bool = False  # true: /healthz and /metrics need the token too (Bearer)
+    show_patient_details: bool = False  # true: patient names and IDs on the dashboard and in the API
+    tls_cert_file: str = ""  # PEM certificate (chain): HTTPS only; same rules as security.tls_*
+    tls_key_file: str = ""
+    tls_min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    """The audit trail: JSON Lines, one record per association, result sent and admin action (no patient
+    names or IDs), rotated by size."""
+
+    path: str = ""  # empty: <data_dir>/audit.jsonl
+    max_bytes: int = 10_485_760
+    backups: int = 5  # rotated files kept: audit.jsonl.1 (newest) .. .N
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: str = "INFO"
     format: str = "logfmt"  # logfmt | json
@@ -168,6 +196,8 @@ class Config:
     sender: SenderSection = SenderSection()
     results: ResultsSection = ResultsSection()
     retention: RetentionSection = RetentionSection()
+    http: HttpSection = HttpSection()
+    audit: AuditSection = AuditSection()
     logging: LoggingSection = LoggingSection()
     destinations: tuple[Destination, ...] = ()
     models: tuple[ModelSpec, ...] = ()
@@ -183,6 +213,15 @@ class Config:
         if self.node.database_url:
             return self.node.database_url
         return f"sqlite:///{self.data_dir / 'node.db'}"
+
+    @property
+    def audit_path(self) -> Path:
+        return resolve_path(self.base_dir, self.audit.path) if self.audit.path else self.data_dir / "audit.jsonl"
+
+    @property
+    def http_token_path(self) -> Path:
+        h = self.http
+        return resolve_path(self.base_dir, h.token_file) if h.token_file else self.data_dir / "http-token"
 
     def destination(self, name: str) -> Destination:
         return next(d for d in self.destinations if d.name == name)
@@ -358,6 +397,11 @@ def _validate(cfg: Config) -> None:
     if cfg.sender.max_attempts < 1:
         raise ConfigError("sender.max_attempts: must be at least 1")
     _validate_retention(cfg.retention)
+    _validate_http(cfg)
+    if cfg.audit.max_bytes < 4096:
+        raise ConfigError("audit.max_bytes: must be at least 4096")
+    if not 0 <= cfg.audit.backups <= 1000:
+        raise ConfigError("audit.backups: expected 0 to 1000")
     if cfg.logging.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
     if cfg.logging.format not in {"logfmt", "json"}:
@@ -407,6 +451,36 @@ def _validate_retention(r: RetentionSection) -> None:
         raise ConfigError("retention.interval_seconds: must be positive")
 
 
+def _validate_http(cfg: Config) -> None:
+    h = cfg.http
+    _check_port(h.port, "http.port")
+    try:
+        ipaddress.ip_address(h.bind)
+    except ValueError as exc:
+        raise ConfigError(f"http.bind: not an IP address: {h.bind!r}") from exc
+    if h.enabled and h.port == cfg.node.port and h.port:
+        raise ConfigError(f"http.port: {h.port} is node.port")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", h.token_env):
+        raise ConfigError(f"http.token_env: not an environment variable name: {h.token_env!r}")
+    _check_tls_files(cfg, "http", h.tls_cert_file, h.tls_key_file, "", h.tls_min_version)
+
+
+def _check_tls_files(cfg: Config, section: str, cert: str, key: str, ca: str, min_version: str) -> None:
+    """The TLS rules shared by the DICOM port and the HTTP server: a version we allow, a key with a
+    certificate, and files that exist."""
+    if min_version not in TLS_VERSIONS:
+        raise ConfigError(f"{section}.tls_min_version: expected \"1.2\" or \"1.3\", got {min_version!r}")
+    if not cert:
+        if key:
+            raise ConfigError(f"{section}.tls_key_file: set without {section}.tls_cert_file")
+        return
+    if not key:
+        raise ConfigError(f"{section}.tls_key_file: required with {section}.tls_cert_file")
+    for k, v in (("tls_cert_file", cert), ("tls_key_file", key), ("tls_ca_file", ca)):
+        if v and not resolve_path(cfg.base_dir, v).is_file():
+            raise ConfigError(f"{section}.{k}: file not found: {resolve_path(cfg.base_dir, v)}")
+
+
 def _validate_security(cfg: Config) -> None:
     s = cfg.security
     listed = set(s.allowed_calling_ae_titles)
@@ -423,21 +497,13 @@ def _validate_security(cfg: Config) -> None:
                 ipaddress.ip_network(h.strip(), strict=False)
             except ValueError as exc:
                 raise ConfigError(f"{key}[{i}]: not an IP address or CIDR block: {h!r}") from exc
-    if s.tls_min_version not in TLS_VERSIONS:
-        raise ConfigError(f"security.tls_min_version: expected \"1.2\" or \"1.3\", got {s.tls_min_version!r}")
     if not s.tls_cert_file:
-        for k in ("tls_key_file", "tls_ca_file", "tls_require_client_cert"):
+        for k in ("tls_ca_file", "tls_require_client_cert"):
             if getattr(s, k):
                 raise ConfigError(f"security.{k}: set without security.tls_cert_file")
-        return
-    if not s.tls_key_file:
-        raise ConfigError("security.tls_key_file: required with security.tls_cert_file")
-    if s.tls_require_client_cert and not s.tls_ca_file:
+    elif s.tls_require_client_cert and not s.tls_ca_file:
         raise ConfigError("security.tls_ca_file: required with security.tls_require_client_cert")
-    for k in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
-        v = getattr(s, k)
-        if v and not resolve_path(cfg.base_dir, v).is_file():
-            raise ConfigError(f"security.{k}: file not found: {resolve_path(cfg.base_dir, v)}")
+    _check_tls_files(cfg, "security", s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_min_version)
 
 
 def load_config(path: str | Path) -> Config:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 
 from ai_models.bundle import LoadedModel, load_model
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.logs import log_event
 
@@ -25,9 +27,11 @@ class ModelCache:
             if model is None:
                 spec = self.cfg.model(name)
                 device = spec.device or self.cfg.worker.device
+                started = time.perf_counter()
                 model = load_model(
                     self.cfg.bundle_path(name), name=name, device=device, min_score=spec.operating_point
                 )
+                metrics.MODEL_LOAD_SECONDS.labels(name).set(time.perf_counter() - started)
                 ident = model.identity
                 log_event(log, "model_loaded", model=name, version=ident.version, task=ident.task,
                           device=ident.device, bundle_sha256=ident.bundle_hash[:12],

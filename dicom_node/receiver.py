@@ -40,10 +40,12 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import negotiate_as_acceptor
 
+from dicom_node import metrics
 from dicom_node import upper_layer as ul
 from dicom_node.association_rq import APPLICATION_CONTEXT
 from dicom_node.association_rq import accept as accept_plain_request
 from dicom_node.association_rq import parse as parse_plain_request
+from dicom_node.audit import AuditLog
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.handlers import (
     CANNOT_UNDERSTAND,
@@ -123,9 +125,12 @@ class ReceiveServer:
         guard: ListenerGuard | None = None,
         sock: socket.socket | None = None,
         counts: SharedCounts | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         """``sock``: an already listening socket (one shared by several listener processes), else one is
-        bound to ``address``. ``counts``: the node-wide association counts when there are such processes."""
+        bound to ``address``. ``counts``: the node-wide association counts when there are such processes.
+        ``audit``: where each association's record goes (one line when it ends)."""
+        self.audit = audit
         self.ae = ae
         self.guard = guard or ListenerGuard.from_ae(
             ae,
@@ -376,6 +381,13 @@ class _Association:
         self.deadline = time.monotonic() + server.limits.acse_timeout
         self.deadline_name = "acse_timeout"
         self.cut_because: str | None = None
+        # for the audit record written when the association ends
+        self.called_ae = ""
+        self.refused: str | None = None
+        self.ended = "connection closed"
+        self.instances = 0
+        self.bytes = 0
+        self.started = time.monotonic()
 
     def cut(self, why: str) -> None:
         """End the connection from another thread: its reads see the end of the stream (the socket is shut
@@ -406,6 +418,7 @@ class _Association:
             self.conn.settimeout(self.server.limits.network_timeout)
             self._receive(stream)
         except ul.PeerClosed:
+            self.ended = self.cut_because or self.ended
             if self.cut_because is not None:
                 log_event(
                     log,
@@ -430,12 +443,14 @@ class _Association:
                     reason="connection closed",
                 )
         except ul.ProtocolError as exc:
+            self.ended = str(exc)
             log_event(
                 log, "association_aborted", logging.WARNING, calling_ae=self.calling_ae, peer=self.peer, reason=str(exc)
             )
             with contextlib.suppress(OSError):
                 self.send(ul.abort(0x02, 0x00))
         except OSError as exc:  # reset, timeout, shutdown
+            self.ended = self.cut_because or str(exc) or type(exc).__name__
             log_event(
                 log,
                 "association_aborted",
@@ -446,12 +461,33 @@ class _Association:
             )
         finally:
             stream.close()
+            self._audit()
+
+    def _audit(self) -> None:
+        """One record per association request (accepted or refused), none for a bare connection."""
+        if self.server.audit is None or not (self.contexts or self.refused):
+            return
+        self.server.audit.record(
+            "association",
+            calling_ae=self.calling_ae,
+            called_ae=self.called_ae,
+            peer=self.peer,
+            outcome="refused" if self.refused else "accepted",
+            reason=self.refused,
+            ended=None if self.refused else self.ended,
+            instances=self.instances,
+            bytes=self.bytes,
+            seconds=round(time.monotonic() - self.started, 3),
+            pid=os.getpid(),
+        )
 
     def _refuse(self, reject: tuple[int, int, int], why: str, called: str) -> bool:
         rj = A_ASSOCIATE()
         rj.result, rj.result_source, rj.diagnostic = reject
         out = AssociateRjPDU()
         out.from_primitive(rj)
+        self.refused = why
+        metrics.ASSOCIATIONS.labels("refused", why).inc()
         log_event(
             log,
             "association_rejected",
@@ -470,6 +506,7 @@ class _Association:
         calling, called = ae_title(raw[26:42]), ae_title(raw[10:26])
         self.calling_ae = calling or raw[26:42].decode("ascii", errors="replace").strip(" ")
         called_text = called or raw[10:26].decode("ascii", errors="replace").strip(" ")
+        self.called_ae = called_text
         if not int.from_bytes(raw[6:8], "big") & 1:  # PS3.8 9.3.2: bit 0 is version 1, the one we support
             return self._refuse(
                 (REJECTED_PERMANENT, SOURCE_ACSE_PROVIDER, REASON_PROTOCOL_VERSION),
@@ -521,6 +558,7 @@ class _Association:
             self.server.remember_accept(raw, cached)
         self.contexts = dict(cached.contexts)
         self.send(cached.accept_pdu)
+        metrics.ASSOCIATIONS.labels("accepted", "").inc()
         log_event(
             log,
             "association_accepted",
@@ -561,6 +599,7 @@ class _Association:
                 ul.read_exact(stream, body)
                 self.deadline, self.deadline_name = message_deadline, "dimse_timeout"
                 if pdu_type == ul.A_RELEASE_RQ:
+                    self.ended = "released"
                     self._drop_spare()  # before answering: once released the peer may look at the store
                     self.send(ul.release_rp())
                     return
@@ -573,6 +612,7 @@ class _Association:
                         peer=self.peer,
                         reason="peer aborted",
                     )
+                    self.ended = "peer aborted"
                     return
                 if pdu_type != ul.P_DATA_TF:
                     raise ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
@@ -659,9 +699,17 @@ class _Association:
         elif not isinstance(data, IncomingInstance):
             status, comment = CANNOT_UNDERSTAND, "C-STORE without a dataset"
         else:
+            handling = time.perf_counter()
             status, comment = self._store(data)
+            if status == SUCCESS:
+                self.instances += 1
+                self.bytes += data.size
+                metrics.RECEIVED_BYTES.inc(data.size)
         self.send(ul.p_data_command(ctx, ul.encode_response(field, msg_id, status, sop_class, sop, comment)))
         if field == ul.C_STORE_RQ:
+            if isinstance(data, IncomingInstance):
+                metrics.CSTORE_SECONDS.observe(time.perf_counter() - handling)
+            metrics.INSTANCES_RECEIVED.labels(f"0x{status:04X}").inc()
             self._prepare_spare()
 
     def _store(self, incoming: IncomingInstance) -> tuple[int, str]:

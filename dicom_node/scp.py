@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.handlers import StoreSettings
@@ -127,6 +128,7 @@ def start_listener(
         guard=ListenerGuard.from_config(cfg),
         sock=sock,
         counts=counts,
+        audit=AuditLog.from_config(cfg),
     ).start()
     log_event(
         log,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
+from dicom_node import metrics
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.logs import log_event
 from dicom_node.scu import Outcome, Peer, send_files
@@ -25,7 +27,9 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 class Sender:
-    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore, owner: str) -> None:
+    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore, owner: str,
+                 audit: AuditLog | None = None) -> None:
+        self.audit = audit  # one record per result sent (done, retry or failed)
         self.cfg = cfg
         self.files = files
         self.jobs = jobs
@@ -53,12 +57,14 @@ class Sender:
                 self._record(d, Outcome.PERMANENT, "", f"destination {dest!r} is no longer configured")
             return True
         paths = [self.files.absolute(d.result.path) for d in batch]
+        started = time.perf_counter()
         try:
             results = send_files(peer, paths)
         except (OSError, ValueError) as exc:
             for d in batch:
                 self._record(d, Outcome.RETRYABLE, "", f"{type(exc).__name__}: {exc}")
             return True
+        metrics.SEND_SECONDS.labels(dest).observe(time.perf_counter() - started)
         for d, r in zip(batch, results, strict=True):
             self._record(d, r.outcome, r.status, r.detail)
         return True
@@ -69,13 +75,20 @@ class Sender:
                       kind=d.result.kind, sop_instance_uid=d.result.sop_instance_uid, attempt=d.attempts,
                       status=status or None, detail=detail or None)
         if outcome in (Outcome.SUCCESS, Outcome.WARNING):
+            state = "done"
             self.jobs.delivery_outcome(d.id, self.owner, state="done", status=status, error=detail)
             log_event(log, "result_delivered", **fields)
         elif outcome is Outcome.RETRYABLE and d.attempts < s.max_attempts:
+            state = "retry"
             wait = backoff(d.attempts, s.backoff_seconds, s.backoff_max_seconds)
             self.jobs.delivery_outcome(d.id, self.owner, state="pending", status=status, error=detail,
                                        not_before=time.time() + wait)
             log_event(log, "delivery_retry_scheduled", logging.WARNING, retry_in_s=round(wait, 1), **fields)
+            metrics.RETRIES.labels("delivery").inc()
         else:
+            state = "failed"
             self.jobs.delivery_outcome(d.id, self.owner, state="failed", status=status, error=detail)
             log_event(log, "delivery_failed", logging.ERROR, outcome=outcome.value, **fields)
+        metrics.DELIVERIES.labels(d.destination, state).inc()
+        if self.audit is not None:
+            self.audit.record("result_sent", outcome=state, **fields, model=d.result.model or None)

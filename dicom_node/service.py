@@ -16,11 +16,13 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pynetdicom import AE
 
 from dicom_node import __version__
 from dicom_node.assembly import Assembler
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config, ConfigError
 from dicom_node.housekeeping import Housekeeper
 from dicom_node.listener_pool import ListenerPool, listener_count
@@ -33,6 +35,9 @@ from dicom_node.scp import start_listener
 from dicom_node.sender import Sender
 from dicom_node.worker import Worker
 from storage.retention import RetentionStore
+
+if TYPE_CHECKING:
+    from dicom_node.web.server import WebServer
 
 log = logging.getLogger("dicom_node.service")
 SHUTDOWN_GRACE_SECONDS = 20.0
@@ -91,13 +96,15 @@ class Node:
         self.models = ModelCache(cfg)
         self.assembler = Assembler(cfg, self.rt.files, self.rt.jobs)
         self.worker = Worker(cfg, self.rt.files, self.rt.jobs, self.models, node_identity(cfg), self.owner)
-        self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner)
+        self.audit = AuditLog.from_config(cfg)
+        self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner, audit=self.audit)
         self.housekeeper = Housekeeper(cfg, self.rt.files, RetentionStore(self.rt.jobs.engine, self.rt.files))
         self.server: ReceiveServer | None = None
         self.ae: AE | None = None
         self.pool: ListenerPool | None = None
         self.threads: list[threading.Thread] = []
         self.wakes: list[threading.Event] = []
+        self.web: WebServer | None = None
 
     def start(self) -> None:
         removed = self.rt.files.clean_temp_files()
@@ -107,6 +114,10 @@ class Node:
         if jobs or deliveries:
             log_event(log, "leases_recovered", jobs=jobs, deliveries=deliveries)
         self.housekeeper.start_up()
+        if self.cfg.http.enabled:  # first: a busy HTTP port or a missing token stops the start before anything runs
+            from dicom_node.web.server import WebServer
+
+            self.web = WebServer(self.cfg, self.rt, self.audit, self.web_state).start()
         processes = listener_count(self.cfg)
         try:
             if processes > 1:
@@ -133,8 +144,21 @@ class Node:
         log_event(log, "node_started", owner=self.owner, database=self.rt.jobs.engine.dialect.name,
                   models=",".join(m.name for m in c.models), routes=",".join(r.name for r in c.routes))
 
+    def web_state(self) -> dict[str, object]:
+        """What the web server reports of the running node: listener processes, loops, open associations."""
+        if self.pool is not None:
+            pids = [p.pid for p in self.pool.procs if p is not None and p.poll() is None]
+            expected, assocs = self.pool.n, self.pool.counts.total() if self.pool.counts else 0
+        else:
+            pids = [os.getpid()] if self.server is not None else []
+            expected, assocs = 1, self.server.active_associations() if self.server else 0
+        return {"listeners_alive": len(pids), "listeners_expected": expected, "listener_pids": pids,
+                "associations_open": assocs, "loops": {t.name: t.is_alive() for t in self.threads}}
+
     def shutdown(self) -> None:
         log_event(log, "node_stopping")
+        if self.web is not None:
+            self.web.stop()
         if self.pool is not None:
             self.pool.shutdown()
         if self.server is not None:

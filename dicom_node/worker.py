@@ -39,6 +39,7 @@ from ai_models.types import (
     Volume,
 )
 from ai_models.volume import read_series
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
@@ -197,6 +198,10 @@ class Worker:
         if lost.is_set() or not self.jobs.finish_job(job.id, self.owner, results, json.dumps(timings.stages)):
             self._log_lost(job, "lease lost before its results were recorded")
             return
+        metrics.JOBS_FINISHED.labels("done").inc()
+        for stage in ("load", "seg_encode", "sr_encode", "write"):
+            if stage in timings.stages:
+                metrics.STAGE_SECONDS.labels(stage).observe(timings.stages[stage])
         log_event(log, "job_done", study_uid=job.study_uid, job_id=job.id,
                   results=",".join(r.kind for r in results), **{f"t_{k}": v for k, v in timings.stages.items()})
 
@@ -220,6 +225,10 @@ class Worker:
         max_attempts = job.attempts if permanent else self.cfg.worker.max_attempts
         state = self.jobs.fail_job(job.id, self.owner, error, max_attempts=max_attempts,
                                    backoff_seconds=self.cfg.worker.retry_backoff_seconds)
+        if state in ("failed", "queued"):
+            metrics.JOBS_FINISHED.labels("failed" if state == "failed" else "retry").inc()
+        if state == "queued":
+            metrics.RETRIES.labels("job").inc()
         log_event(log, "job_failed" if state == "failed" else "job_retry_scheduled", logging.ERROR,
                   study_uid=job.study_uid, job_id=job.id, attempt=job.attempts, state=state, error=error[:500])
 
@@ -252,7 +261,9 @@ class Worker:
             if lost.is_set():
                 raise LeaseLostError("lease lost before inference")
             model = t.measure("model_load", lambda name=name: self.models.get(name))
+            started = time.perf_counter()
             model_results.append(t.measure("inference", lambda m=model: self._infer(m, volume, t)))
+            metrics.INFERENCE_SECONDS.labels(name).observe(time.perf_counter() - started)
         if lost.is_set():
             raise LeaseLostError("lease lost after inference")
         self._check_current(job)

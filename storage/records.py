@@ -102,3 +102,25 @@ class DeliveryRecord:
     last_status: str
     error: str
     result: ResultRecord
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """Header values of a study for the operator's view (patient fields shown only where configured)."""
+
+    study_uid: str
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modalities: str = ""
+    patient_name: str = ""
+    patient_id: str = ""
+    calling_ae: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesCount:
+    series_uid: str
+    sop_class_uid: str
+    instances: int
+    bytes: int

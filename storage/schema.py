@@ -115,3 +115,18 @@ class PurgeFileRow(Base):
     path: Mapped[str] = mapped_column(Text)
     inode: Mapped[int] = mapped_column(BigInteger, default=0)  # the file's, when purged: a file stored since differs
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class StudyInfoRow(Base):
+    """What the operator's view shows and searches a study by, read once from one of its instances' headers
+    (storage/overview.py); rows of studies that are gone are pruned there too."""
+
+    __tablename__ = "study_info"
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_date: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(128), default="")
+    modalities: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(128), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")

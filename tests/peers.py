@@ -140,8 +140,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def write_config(path: Path, *, port: int, data_dir: Path, destinations: Sequence[dict[str, Any]],
                  stable_seconds: float = 1.0, extra: str = "", models: str | None = None,
                  routes: str | None = None, route_models: Sequence[str] = ("chest-ct-seg",), node_extra: str = "",
-                 log_level: str = "INFO") -> Path:
-    """A node config on loopback; ``node_extra``: more [node] keys (TOML lines); ``extra``: more sections."""
+                 log_level: str = "INFO", http: str = "enabled = false") -> Path:
+    """A node config on loopback; ``node_extra``: more [node] keys (TOML lines); ``extra``: more sections;
+    ``http``: the [http] keys (off unless a test asks: nodes of parallel tests would share its port)."""
     dest = "\n".join(
         f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d.get("ae_title", "PACS")}"\n'
         f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in destinations)
@@ -180,6 +181,9 @@ backoff_max_seconds = 2
 acse_timeout = 5
 dimse_timeout = 20
 network_timeout = 10
+
+[http]
+{http}
 
 [logging]
 level = "{log_level}"

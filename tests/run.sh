@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium; do
+for pkg in dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 command -v npm >/dev/null || need+=(npm)  # any npm will do (Debian's, or one that came with nodejs)

@@ -90,6 +90,9 @@ acse_timeout = 5
 dimse_timeout = 10
 network_timeout = 10
 
+[http]
+enabled = false
+
 [[destinations]]
 name = "pacs"
 ae_title = "PACS"

@@ -27,7 +27,7 @@ def test_shipped_config_shows_every_key_with_its_default() -> None:
     without it (security.allowed_hosts, a table of the admin's own titles, is shown commented out)."""
     shipped = tomllib.loads((REPO / "config.toml").read_text())
     cfg = load_config(REPO / "config.toml")
-    for section in ("node", "security", "completion", "worker", "sender", "results", "logging"):
+    for section in ("node", "security", "completion", "worker", "sender", "results", "http", "audit", "logging"):
         schema = type(getattr(cfg, section))
         keys = {f.name for f in dataclasses.fields(schema)} - ({"allowed_hosts"} if section == "security" else set())
         assert set(shipped[section]) == keys, section
