@@ -130,7 +130,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
                 len(g) == 1
                 and g[0]["state"] == "done"
                 and all(d["state"] == "done" for d in g[0]["deliveries"])
-                and len(g[0]["deliveries"]) == 2
+                and len(g[0]["deliveries"]) == 3  # SEG, the full SR, the findings SR for viewers
                 and len(b) == 1
                 and b[0]["state"] == "failed"
             )
@@ -179,6 +179,7 @@ def test_rest_api_metrics_and_audit(running: Running) -> None:
     assert sorted((d["kind"], d["state"], d["last_status"]) for d in job["deliveries"]) == [
         ("seg", "done", "0x0000"),
         ("sr", "done", "0x0000"),
+        ("sr", "done", "0x0000"),  # the full report and the findings SR for viewers
     ]
     (failed,) = r.get("/api/jobs", params={"state": "failed"}).json()
     assert failed["study_uid"] == r.bad.study_uid and failed["attempts"] == 3 and "failed on purpose" in failed["error"]
@@ -217,7 +218,7 @@ def test_rest_api_metrics_and_audit(running: Running) -> None:
     assert m[("dicom_node_jobs", (("state", "done"),))] == 1 and m[("dicom_node_jobs", (("state", "failed"),))] == 1
     assert m[("dicom_node_studies", (("state", "complete"),))] == 2
     assert m[("dicom_node_queue_depth", ())] == 0 and m[("dicom_node_oldest_queued_job_age_seconds", ())] == 0
-    assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "done")))] == 2
+    assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "done")))] == 3
     assert m[("dicom_node_job_attempts_total", (("outcome", "retry"),))] == 2
     assert m[("dicom_node_job_attempts_total", (("outcome", "failed"),))] == 1
     assert m[("dicom_node_retries_total", (("kind", "job"),))] == 2
@@ -233,7 +234,7 @@ def test_rest_api_metrics_and_audit(running: Running) -> None:
     assert all(a["ended"] == "released" for a in assocs if a["outcome"] == "accepted")
     assert [a["reason"] for a in assocs if a["outcome"] == "refused"] == ["called_ae_not_recognised"]
     sent = [a for a in records if a["event"] == "result_sent"]
-    assert sorted((a["kind"], a["outcome"]) for a in sent) == [("seg", "done"), ("sr", "done")]
+    assert sorted((a["kind"], a["outcome"]) for a in sent) == [("seg", "done"), ("sr", "done"), ("sr", "done")]
     assert any(
         a["event"] == "admin_action" and a["action"] == "echo" and a["actor"] == "api@127.0.0.1" for a in records
     )

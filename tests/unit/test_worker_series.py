@@ -78,11 +78,15 @@ def test_a_frame_of_reference_per_slice_gives_results_in_one_frame(
         f"4 FrameOfReferenceUIDs in one series of regular geometry: read as one volume in {frames[0]}"
     )
     results = rt.jobs.results_of_job(job.id)
-    assert sorted(r.kind for r in results) == ["seg", "sr"]
+    assert sorted(r.kind for r in results) == ["seg", "sr", "sr"]  # the full report and the findings SR for viewers
+    in_frame = 0
     for r in results:
         data = rt.files.absolute(r.path).read_bytes()
-        # the first slice's frame of reference (the first along the normal) and no other slice's
-        assert frames[0].encode() in data and not any(f.encode() in data for f in frames[1:]), r.kind
+        # the first slice's frame of reference (the first along the normal) and no other slice's; the findings
+        # SR for viewers places its ellipses on images and names no frame at all
+        assert not any(f.encode() in data for f in frames[1:]), r.kind
+        in_frame += frames[0].encode() in data
         assert dciodvfy_errors(rt.files.absolute(r.path)) == [], r.kind
+    assert in_frame == 2  # the SEG and the full report
     seg = pydicom.dcmread(rt.files.absolute(next(r.path for r in results if r.kind == "seg")))
     assert seg.FrameOfReferenceUID == frames[0]
