@@ -148,13 +148,15 @@ def _print_jobs(rt: object, jobs: Sequence[object]) -> None:
         dels = rt.jobs.deliveries_of_job(j.id)  # type: ignore[attr-defined]
         done = sum(d.state == "done" for d in dels)
         failed = sum(d.state == "failed" for d in dels)
-        dtxt = f"{done}/{len(dels)} sent" + (f", {failed} failed" if failed else "") if dels else "-"
+        refused = sum(d.state == "refused" for d in dels)  # rejection notes a destination would not take
+        dtxt = (f"{done}/{len(dels)} sent" + (f", {failed} failed" if failed else "")
+                + (f", {refused} refused" if refused else "")) if dels else "-"
         print(f"{j.id:>5}  {j.state:<9} {j.attempts:>3}  {_ts(j.updated_at):<19}  {j.route[:12]:<12} "
               f"{dtxt:<16} {j.study_uid}")
         if j.error:
             print(f"{'':>7}error: {j.error[:300]}")
         for d in dels:
-            if d.state == "failed" or (d.state == "pending" and d.error):
+            if d.state in ("failed", "refused") or (d.state == "pending" and d.error):
                 print(f"{'':>7}{d.result.kind} -> {d.destination}: {d.state} {d.last_status} {d.error[:200]}")
 
 

@@ -102,6 +102,7 @@ class ResultsSection:
     seg_series_number: int = 9001
     sr_series_number: int = 9000  # before the SEGs' 9001, 9002, ... (one per segmentation model)
     findings_sr_series_number: int = 9100  # the findings SR for viewers, clear of the SEGs' numbers
+    rejection_series_number: int = 9200  # IOCM rejection notes retiring a re-run's superseded results
     institution_name: str = ""
 
 
@@ -315,7 +316,8 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
 
 
 def _validate_series_numbers(cfg: Config) -> None:
-    """The SEGs take seg_series_number onwards, one per configured model at most: the SRs must not share."""
+    """The SEGs take seg_series_number onwards, one per configured model at most: the SRs and the rejection notes
+    must not share."""
     r = cfg.results
     segs = range(r.seg_series_number, r.seg_series_number + max(1, len(cfg.models)))
     if r.sr_series_number in segs:
@@ -325,6 +327,11 @@ def _validate_series_numbers(cfg: Config) -> None:
     if r.findings_sr_series_number in segs or r.findings_sr_series_number == r.sr_series_number:
         raise ConfigError(
             f"results.findings_sr_series_number: {r.findings_sr_series_number} is the SR's or among the SEGs' numbers"
+        )
+    if r.rejection_series_number in segs or r.rejection_series_number in (r.sr_series_number,
+                                                                         r.findings_sr_series_number):
+        raise ConfigError(
+            f"results.rejection_series_number: {r.rejection_series_number} is an SR's or among the SEGs' numbers"
         )
 
 

@@ -152,6 +152,11 @@ def send_files(peer: Peer, paths: Sequence[Path]) -> list[SendResult]:
     if not contexts:
         return [SendResult(p, Outcome.PERMANENT, "", unreadable[p]) for p in paths]
     assoc, connected = _associate(ae, peer)
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # the peer answered, and accepts none of these SOP classes: asking again will not change that
+        refused = ", ".join(sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
+        why = f"no presentation context accepted (SOP classes {refused}): the peer does not store them"
+        return [SendResult(p, Outcome.PERMANENT, "", unreadable.get(p, why)) for p in paths]
     if not assoc.is_established:
         why = _association_failure(assoc, connected.is_set())
         return [SendResult(p, Outcome.RETRYABLE, "", why) for p in paths]

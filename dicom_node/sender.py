@@ -3,6 +3,10 @@
 A delivery is done only on a success or warning status from the peer. A down or busy peer (no association,
 abort, timeout, 0xA7xx) is retried with exponential backoff up to ``sender.max_attempts``; a refusal that
 retrying cannot fix (0xA9xx, 0xCxxx) fails the delivery at once with its status. Nothing is re-inferred.
+
+An IOCM rejection note is optional for the destination: one it refuses (no presentation context for Key Object
+Selection, a failure status) or never takes after the retries is logged (``rejection_note_not_accepted``) and
+recorded as "refused", which is not a failed result: the results it follows were delivered.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dicom_node.config import Config
 from dicom_node.logs import log_event
 from dicom_node.scu import Outcome, Peer, send_files
 from storage.files import FileStore
-from storage.jobstore import JobStore
+from storage.jobstore import REJECTION_KIND, JobStore
 from storage.records import DeliveryRecord
 
 log = logging.getLogger("dicom_node.sender")
@@ -85,6 +89,11 @@ class Sender:
                                        not_before=time.time() + wait)
             log_event(log, "delivery_retry_scheduled", logging.WARNING, retry_in_s=round(wait, 1), **fields)
             metrics.RETRIES.labels("delivery").inc()
+        elif d.result.kind == REJECTION_KIND:
+            state = "refused"
+            self.jobs.delivery_outcome(d.id, self.owner, state="refused", status=status, error=detail)
+            log_event(log, "rejection_note_not_accepted", logging.WARNING, outcome=outcome.value,
+                      note="the destination keeps showing the superseded results next to the new ones", **fields)
         else:
             state = "failed"
             self.jobs.delivery_outcome(d.id, self.owner, state="failed", status=status, error=detail)

@@ -44,6 +44,7 @@ from dicom_node.config import Config
 from dicom_node.logs import log_event
 from dicom_node.models import ModelCache
 from dicom_node.results.equipment import NodeIdentity
+from dicom_node.results.rejection import build_rejection_note
 from dicom_node.results.seg import EmptySegmentationError, build_seg
 from dicom_node.results.sr import build_findings_sr, build_sr
 from dicom_node.results.uids import derive_uid
@@ -128,6 +129,8 @@ def _read_back(data: bytes, kind: str, sop_uid: str) -> None:
         raise ModelError(f"{kind} read back with SOP Instance UID {ds.SOPInstanceUID}, expected {sop_uid}")
     if kind == "seg":
         hd.seg.Segmentation.from_dataset(ds, copy=False)
+    elif kind == "rejection":
+        hd.ko.KeyObjectSelectionDocument.from_dataset(ds)
     elif ds.SOPClassUID == ComprehensiveSRStorage:  # the findings SR
         hd.sr.ComprehensiveSR.from_dataset(ds, copy=False)
     else:
@@ -364,7 +367,31 @@ class Worker:
         if findings is not None:  # recorded under the detection models that found them (the report has none)
             by = ",".join(dict.fromkeys(r.identity.name for r in dets if r.detections))
             out.append(t.measure("write", lambda: self._write(findings, "sr", by)))
+        note = self._rejection_note(job, headers[0], earlier, out)
+        if note is not None:  # last: its deliveries wait until the replacements are delivered (JobStore)
+            out.append(t.measure("write", lambda: self._write(note, "rejection", "")))
         return out
+
+    def _rejection_note(self, job: JobRecord, header: Dataset, earlier: list[ResultRecord],
+                        made: list[NewResult]) -> Dataset | None:
+        """The IOCM rejection note retiring what this re-run replaces at the PACS: the earlier run's SEGs and
+        findings SR (viewers list every SEG and SR of a study; a SEG cannot name a predecessor). The full SR
+        stays: its successor names it in Predecessor Documents, the versioning IHE AI Results consumers read.
+        An earlier object this run made again (same UID) is current, not rejected. None on a first run."""
+        current = {r.sop_instance_uid for r in made}
+        rejected = [e for e in earlier if e.sop_instance_uid not in current and (
+            e.kind == "seg" or (e.kind == "sr" and e.sop_class_uid == ComprehensiveSRStorage))]
+        if not rejected:
+            return None
+        uids = sorted(e.sop_instance_uid for e in rejected)
+        log_event(log, "rejection_note_built", study_uid=job.study_uid, job_id=job.id, rejected=",".join(uids))
+        return build_rejection_note(
+            header, [_reference(e) for e in rejected],
+            series_uid=derive_uid("rejection-series", job.study_uid, job.route),
+            sop_uid=derive_uid("rejection", job.study_uid, job.route, *uids),
+            series_number=self.cfg.results.rejection_series_number, instance_number=job.generation + 1, node=self.node,
+            reason=f"Superseded by the AI results of job {job.id} (a re-run of route {job.route} after late "
+                   f"arrivals)")
 
 
 def _succession(earlier: list[ResultRecord], uid: str, generation: int) -> tuple[int, list[ResultRecord]]:

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage.batching import reopens
 from storage.records import (
@@ -33,7 +33,9 @@ from storage.records import (
 from storage.schema import Base, DeliveryRow, InstanceRow, JobRow, ResultRow, StudyPurgeRow, StudyRow
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-DELIVERY_STATES = ("pending", "sending", "done", "failed")
+# "refused": a rejection note the destination would not take (it does not do IOCM); not a failed result
+DELIVERY_STATES = ("pending", "sending", "done", "failed", "refused")
+REJECTION_KIND = "rejection"
 
 
 class JobStoreError(Exception):
@@ -360,7 +362,7 @@ class JobStore:
                                         f"and route, after late arrivals); retry that one if it needs it")
                 row.state, row.attempts, row.not_before, row.error = "queued", 0, 0.0, ""
             elif row.state == "done":
-                resend = DeliveryRow.state.in_(("failed", "done"))
+                resend = DeliveryRow.state.in_(("failed", "done", "refused"))
             else:
                 raise JobStoreError(f"job {job_id} is {row.state}; only failed, cancelled or done jobs can be retried")
             s.execute(update(DeliveryRow).where(DeliveryRow.job_id == job_id, resend)
@@ -438,10 +440,16 @@ class JobStore:
 
     def claim_deliveries(self, owner: str, lease_seconds: float, *, limit: int = 32,
                          now: float | None = None) -> list[DeliveryRecord]:
-        """Take due deliveries for one destination (one association sends them all)."""
+        """Take due deliveries for one destination (one association sends them all). A rejection note is due
+        only once every other result of its job has been delivered there: the PACS must hold the replacements
+        before it hides what they replace."""
         now = time.time() if now is None else now
-        due = ((DeliveryRow.state == "pending") & (DeliveryRow.not_before <= now)) | (
-            (DeliveryRow.state == "sending") & (DeliveryRow.lease_expires_at < now))
+        other = aliased(DeliveryRow)
+        waiting = DeliveryRow.result_id.in_(select(ResultRow.id).where(ResultRow.kind == REJECTION_KIND)) & exists(
+            select(other.id).where(other.job_id == DeliveryRow.job_id, other.destination == DeliveryRow.destination,
+                                   other.id != DeliveryRow.id, other.state != "done"))
+        due = (((DeliveryRow.state == "pending") & (DeliveryRow.not_before <= now)) | (
+            (DeliveryRow.state == "sending") & (DeliveryRow.lease_expires_at < now))) & ~waiting
         with self._tx() as s:
             first = s.scalars(self._locked(
                 select(DeliveryRow).where(due).order_by(DeliveryRow.not_before, DeliveryRow.id).limit(1))).first()
@@ -463,8 +471,10 @@ class JobStore:
 
     def delivery_outcome(self, delivery_id: int, owner: str, *, state: str, status: str = "", error: str = "",
                          not_before: float = 0.0) -> bool:
-        """Record a send attempt: state "done", "pending" (retry at not_before) or "failed"."""
-        if state not in ("done", "pending", "failed"):
+        """Record a send attempt: state "done", "pending" (retry at not_before), "failed", or "refused" (a
+        rejection note the destination would not take). A result that failed there fails its job's rejection
+        note there too, unsent (it must not hide what was not replaced); retrying the job sends both again."""
+        if state not in ("done", "pending", "failed", "refused"):
             raise JobStoreError(f"bad delivery state {state!r}")
         with self._tx() as s:
             r = s.get(DeliveryRow, delivery_id, with_for_update=True)
@@ -472,6 +482,13 @@ class JobStore:
                 return False
             r.state, r.last_status, r.error, r.not_before = state, status, error[:2000], not_before
             r.lease_owner, r.lease_expires_at, r.updated_at = "", 0.0, time.time()
+            if state == "failed":
+                s.execute(update(DeliveryRow).where(
+                    DeliveryRow.job_id == r.job_id, DeliveryRow.destination == r.destination,
+                    DeliveryRow.state == "pending", DeliveryRow.id != r.id,
+                    DeliveryRow.result_id.in_(select(ResultRow.id).where(ResultRow.kind == REJECTION_KIND)),
+                ).values(state="failed", error="not sent: a result it follows was not delivered",
+                         updated_at=time.time()))
             return True
 
     def release_deliveries(self, owner: str) -> int:

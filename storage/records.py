@@ -69,7 +69,7 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class NewResult:
-    kind: str  # seg | sr
+    kind: str  # seg | sr | rejection (an IOCM rejection note retiring an earlier run's results)
     model: str
     study_uid: str
     series_uid: str

@@ -82,7 +82,7 @@ class DeliveryRow(Base):
     result_id: Mapped[int] = mapped_column(Integer, ForeignKey("results.id"), index=True)
     job_id: Mapped[int] = mapped_column(Integer, index=True)
     destination: Mapped[str] = mapped_column(String(128))
-    state: Mapped[str] = mapped_column(String(16))  # pending | sending | done | failed
+    state: Mapped[str] = mapped_column(String(16))  # pending | sending | done | failed | refused
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)
     lease_owner: Mapped[str] = mapped_column(String(128), default="")

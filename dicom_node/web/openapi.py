@@ -207,10 +207,10 @@ SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "properties": {
                     "id": _INT,
-                    "kind": {"enum": ["seg", "sr"]},
+                    "kind": {"enum": ["seg", "sr", "rejection"]},
                     "model": _STR,
                     "destination": _STR,
-                    "state": {"enum": ["pending", "sending", "done", "failed"]},
+                    "state": {"enum": ["pending", "sending", "done", "failed", "refused"]},
                     "attempts": _INT,
                     "last_status": _STR,
                     "error": _STR,

@@ -1,5 +1,5 @@
 """Study completion and routing over real stored files: one job per route and generation, late arrivals re-run,
-and the re-run's SR supersedes the first one's."""
+the re-run's SR supersedes the first one's, and an IOCM rejection note retires the first run's SEG at the PACS."""
 
 from __future__ import annotations
 
@@ -19,19 +19,20 @@ from dicom_node.config import Config, parse_config
 from dicom_node.models import ModelCache
 from dicom_node.runtime import Runtime, open_runtime
 from dicom_node.scp import start_listener
+from dicom_node.sender import Sender
 from dicom_node.service import node_identity
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets
 from dicom_node.worker import Worker
 from storage.records import NewInstance
-from tests.peers import PHANTOM_SEG_BUNDLE, free_port
+from tests.peers import PHANTOM_SEG_BUNDLE, StoreSCP, free_port, running
 from tests.unit.results_helpers import dciodvfy_errors
 
 
-def _config(tmp_path: Path) -> Config:
+def _config(tmp_path: Path, pacs_port: int = 4242) -> Config:
     return parse_config({
         "node": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0, "port": free_port(), "bind": "127.0.0.1"},
         "completion": {"stable_seconds": 0.5},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         "models": [{"name": "seg", "bundle": str(PHANTOM_SEG_BUNDLE)}],
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["seg"], "send_to": ["pacs"]},
                    {"name": "mr", "match": {"Modality": "MR"}, "models": ["seg"], "send_to": ["pacs"]}],
@@ -58,10 +59,10 @@ def _listening(cfg: Config, rt: Runtime) -> Iterator[Callable[[Sequence[Dataset]
         ae.shutdown()
 
 
-def _node_parts(tmp_path: Path, name: str, *, seed: int) -> tuple[Config, Runtime, StudyIds, list[Dataset],
-                                                                  Assembler, Worker]:
+def _node_parts(tmp_path: Path, name: str, *, seed: int, pacs_port: int = 4242) -> tuple[
+        Config, Runtime, StudyIds, list[Dataset], Assembler, Worker]:
     """A node's store, assembler and worker (the shipped segmentation model) and a small axial phantom series."""
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, pacs_port)
     rt = open_runtime(cfg)
     ids = StudyIds.new(name)
     axial = phantom_datasets(generate_phantom(seed, shape=(16, 48, 48), n_nodules=0), ids)
@@ -121,7 +122,7 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
             second = run_and_read_sr()
             # the PACS forwards the node's own results back (a common auto-forward rule): stored, no re-run
             results = [dcmread(rt.files.absolute(r.path)) for r in rt.jobs.results_of_job(rt.jobs.list_jobs()[0].id)]
-            assert sorted(r.Modality for r in results) == ["SEG", "SR"]
+            assert sorted(r.Modality for r in results) == ["KO", "SEG", "SR"]  # the KO: the rejection note
             store(results)
             assert asm.run_once(now=time.time() + 1) == 0
             study = rt.jobs.get_study(ids.study_uid)
@@ -186,3 +187,53 @@ def test_a_run_superseded_before_it_starts_is_dropped_not_delivered(tmp_path: Pa
     assert rt.jobs.results_of_job(first.id) == [] and second.state == "done"
     events = [r.getMessage() for r in caplog.records if r.name == "dicom_node.worker"]
     assert events.count("job_superseded") == 1 and events.count("job_done") == 1
+
+
+def test_a_rerun_retires_the_superseded_seg_at_the_pacs_with_a_rejection_note(tmp_path: Path) -> None:
+    """After a re-run the PACS holds two SEGs of the study and viewers list both; the re-run also sends an IOCM
+    rejection note ("Rejected for Quality Reasons") naming the first SEG, and only once the PACS (a real DCMTK
+    storescp) has confirmed the new SEG and SR, so the study never shows no current result."""
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    cfg, rt, ids, axial, asm, worker = _node_parts(tmp_path, "rejection", seed=8, pacs_port=pacs.port)
+    try:
+        with _listening(cfg, rt) as store:
+            store(axial[:-1])
+            assert asm.run_once(now=time.time() + 1) == 1 and worker.run_once()
+            first_job = rt.jobs.list_jobs(limit=1)[0]
+            assert [r.kind for r in rt.jobs.results_of_job(first_job.id)] == ["seg", "sr"]  # a first run rejects none
+            store(axial[-1:])
+            assert asm.run_once(now=time.time() + 1) == 1 and worker.run_once()
+    finally:
+        worker.close()
+    second_job = rt.jobs.list_jobs(limit=1)[0]
+    assert second_job.state == "done" and second_job.generation == 1, second_job.error
+    (old_seg,) = [r for r in rt.jobs.results_of_job(first_job.id) if r.kind == "seg"]
+    results = {r.kind: r for r in rt.jobs.results_of_job(second_job.id)}
+    assert sorted(results) == ["rejection", "seg", "sr"]
+    note_path = rt.files.absolute(results["rejection"].path)
+    note = dcmread(note_path)
+    assert dciodvfy_errors(note_path) == []
+    ko = hd.ko.KeyObjectSelectionDocument.from_dataset(note)
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+    assert (note.StudyInstanceUID, note.SeriesNumber, note.InstanceNumber) == (ids.study_uid, 9200, 2)
+    (evidence,) = note.CurrentRequestedProcedureEvidenceSequence
+    rejected = {(s.SeriesInstanceUID, r.ReferencedSOPInstanceUID) for s in evidence.ReferencedSeriesSequence
+                for r in s.ReferencedSOPSequence}
+    assert rejected == {(old_seg.series_uid, old_seg.sop_instance_uid)}  # the first SEG only: not the new one
+    assert ko.resolve_reference(old_seg.sop_instance_uid)[1] == old_seg.series_uid
+    assert results["seg"].sop_instance_uid != old_seg.sop_instance_uid
+
+    sender = Sender(cfg, rt.files, rt.jobs, "sender-test")
+    with running(pacs):
+        assert sender.run_once()  # both runs' SEG and SR; the note waits for the PACS to confirm them
+        states = {d.result.kind: d.state for d in rt.jobs.deliveries_of_job(second_job.id)}
+        assert states == {"seg": "done", "sr": "done", "rejection": "pending"}
+        received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in pacs.files()}
+        assert results["seg"].sop_instance_uid in received and note.SOPInstanceUID not in received
+        assert sender.run_once()  # now the note
+        assert not sender.run_once()
+        at_pacs = {str(d.SOPInstanceUID): d for d in (dcmread(p) for p in pacs.files())}
+    assert all(d.state == "done" for d in rt.jobs.deliveries_of_job(second_job.id))
+    assert at_pacs[note.SOPInstanceUID].SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    assert at_pacs[note.SOPInstanceUID].ConceptNameCodeSequence[0].CodeValue == "113001"

@@ -22,6 +22,7 @@ from ai_models.types import SegmentationResult
 from dicom_node.cli import main as cli_main
 from dicom_node.config import Config, load_config
 from dicom_node.results import build_seg, build_sr, derive_uid
+from dicom_node.results.rejection import build_rejection_note
 from dicom_node.runtime import Runtime, open_runtime
 from dicom_node.sender import Sender
 from storage.records import DeliveryRecord, NewJob, NewResult
@@ -40,6 +41,11 @@ class Results:
     sr_uid: str
     study_uid: str
     series_uid: str
+    note: bytes  # an IOCM rejection note retiring an earlier run's SEG, as a re-run's last result
+    note_uid: str
+
+
+KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,14 @@ def results() -> Results:
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
 
+    earlier = pydicom.Dataset()
+    earlier.StudyInstanceUID, earlier.SeriesInstanceUID = seg.StudyInstanceUID, seg.SeriesInstanceUID
+    earlier.SOPClassUID, earlier.SOPInstanceUID = SEG_CLASS, derive_uid("t-earlier-seg", series)
+    note = build_rejection_note(source[0], [earlier], series_uid=derive_uid("t-ko-series", series),
+                                sop_uid=derive_uid("t-ko", series), series_number=9200, instance_number=2,
+                                node=NODE, reason="superseded")
     return Results(encode(seg), encode(sr), str(seg.SOPInstanceUID), str(sr.SOPInstanceUID),
-                   str(source[0].StudyInstanceUID), series)
+                   str(source[0].StudyInstanceUID), series, encode(note), str(note.SOPInstanceUID))
 
 
 @dataclass
@@ -115,14 +127,15 @@ port = {port}
 def make_setup(tmp_path: Path, results: Results) -> Iterator[Callable[..., Setup]]:
     opened: list[Runtime] = []
 
-    def make(**kwargs: object) -> Setup:
+    def make(*, note: bool = False, **kwargs: object) -> Setup:
+        """``note``: the job is a re-run, its results followed by a rejection note."""
         path = _config(tmp_path, **kwargs)  # type: ignore[arg-type]
         cfg = load_config(path)
         rt = open_runtime(cfg)
         opened.append(rt)
         new_results = []
-        for kind, data, uid, cls in (("seg", results.seg, results.seg_uid, SEG_CLASS),
-                                     ("sr", results.sr, results.sr_uid, SR_CLASS)):
+        made = [("seg", results.seg, results.seg_uid, SEG_CLASS), ("sr", results.sr, results.sr_uid, SR_CLASS)]
+        for kind, data, uid, cls in made + ([("rejection", results.note, results.note_uid, KO_CLASS)] * note):
             p = rt.files.result_path(results.study_uid, uid)
             rt.files.write_atomic(p, data)
             new_results.append(NewResult(kind=kind, model="chest-ct-seg" if kind == "seg" else "",
@@ -337,3 +350,58 @@ def test_seg_refused_sr_still_delivered_and_status_says_so(make_setup, refusal: 
         s.send_until(_all("done"), 20, "the failed SEG re-sent after `dicom-node retry`")
         assert sorted(fixed.stored()) == sorted([s.results.seg_uid, s.results.sr_uid])
     _job_untouched(s)
+
+
+@pytest.mark.parametrize("refusal", ["no KOS context", "failure status"])
+def test_a_rejection_note_the_pacs_refuses_is_logged_not_a_failed_result(
+        make_setup, refusal: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PACS without IOCM (Key Object Selection not among its contexts, or refused with a failure status) gets
+    the results, logs why the superseded ones stay visible, and neither retries the note nor lists the job
+    among the failures: nothing the radiologist needs is missing."""
+    caplog.set_level(logging.INFO)
+    if refusal == "no KOS context":
+        scp = FaultSCP(refuse_classes=[KO_CLASS]).start()
+    else:
+        scp = FaultSCP(statuses={KO_CLASS: [0xA900], "*": [0x0000]}).start()
+    s = make_setup(port=scp.port, note=True)
+    with running(scp):
+        assert s.sender.run_once() is True  # SEG and SR: the note waits for them
+        assert _states(s.deliveries()) == {"seg": "done", "sr": "done", "rejection": "pending"}
+        assert s.sender.run_once() is True  # the note, refused
+        assert s.sender.run_once() is False  # and not retried
+        stored = scp.stored()
+    assert sorted(stored) == sorted([s.results.seg_uid, s.results.sr_uid])
+    note = s.deliveries()["rejection"]
+    assert (note.state, note.attempts) == ("refused", 1)
+    if refusal == "failure status":
+        assert note.last_status == "0xA900", note
+    else:
+        assert "no presentation context accepted" in note.error and KO_CLASS in note.error, note
+    (logged,) = _events(caplog, "rejection_note_not_accepted")
+    assert (logged["destination"], logged["study_uid"], logged["job_id"]) == ("pacs", s.results.study_uid, s.job_id)
+    assert _events(caplog, "delivery_failed") == []
+    capsys.readouterr()
+    assert cli_main(["--config", str(s.config_path), "jobs", "--state", "failed"]) == 0
+    assert capsys.readouterr().out.strip() == "no jobs"
+    assert cli_main(["--config", str(s.config_path), "jobs"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^\s*{s.job_id}\s+done\b.*2/3 sent, 1 refused", out, re.M), out
+    assert re.search(r"^\s+rejection -> pacs: refused", out, re.M), out
+
+
+def test_a_rejection_note_is_not_sent_when_the_replacement_was_not_delivered(make_setup) -> None:
+    """The PACS refused the new SEG: hiding the old one would leave it no segmentation at all. The note fails
+    unsent with the SEG, and the job is among the failures; retrying it sends the SEG, then the note."""
+    scp = FaultSCP(statuses={SEG_CLASS: [0xA900, 0x0000], "*": [0x0000]}).start()
+    s = make_setup(port=scp.port, note=True)
+    with running(scp):
+        assert s.sender.run_once() is True
+        assert s.sender.run_once() is False
+        ds = s.deliveries()
+        assert _states(ds) == {"seg": "failed", "sr": "done", "rejection": "failed"}
+        assert "not sent" in ds["rejection"].error and ds["rejection"].attempts == 0
+        assert s.results.note_uid not in scp.stored()
+        assert [j.id for j in s.rt.jobs.list_jobs(state="failed", or_failed_deliveries=True)] == [s.job_id]
+        s.rt.jobs.retry_job(s.job_id)
+        s.send_until(lambda d: all(x.state == "done" for x in d.values()), 20, "SEG, SR and note delivered")
+        assert scp.stored()[-1] == s.results.note_uid  # last: after the SEG it follows

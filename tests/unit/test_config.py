@@ -72,6 +72,8 @@ def test_empty_config_is_valid() -> None:
                   "min_score": 1.5}]}, "models[0].min_score: must be between 0 and 1, or -1"),
     ({"results": {"sr_series_number": 9001}}, "results.sr_series_number: 9001 is among the SEGs' 9001-9001"),
     ({"results": {"findings_sr_series_number": 9000}}, "results.findings_sr_series_number: 9000 is the SR's"),
+    ({"results": {"rejection_series_number": 9100}}, "results.rejection_series_number: 9100 is an SR's"),
+    ({"results": {"rejection_series_number": 9001}}, "results.rejection_series_number: 9001 is an SR's or among"),
     ({"node": {"database_url": "mysql://u@h/db"}}, "node.database_url: expected sqlite:///PATH or postgresql"),
     ({"node": {"database_url": "postgresql+pg8000://u@h/db"}}, "node.database_url: the postgresql.pg8000 driver"),
     ({"node": {"database_url": "not a url"}}, "node.database_url: not a database URL"),
