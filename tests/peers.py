@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -260,3 +262,17 @@ def running(*things: Any) -> Iterator[None]:
         for t in reversed(things):
             with contextlib.suppress(Exception):
                 t.stop()
+
+
+def shipped_models_and_route() -> tuple[str, str]:
+    """The shipped config.toml's [[models]] (bundle paths made absolute) and its route, as TOML."""
+    cfg = tomllib.loads((REPO / "config.toml").read_text())
+    models = "".join(
+        f'[[models]]\nname = "{m["name"]}"\nbundle = "{REPO / m["bundle"]}"\nmin_score = {m.get("min_score", -1.0)}\n'
+        for m in cfg["models"]
+    )
+    (route,) = cfg["routes"]
+    match = ", ".join(f"{k} = {json.dumps(v)}" for k, v in route["match"].items())
+    names = ", ".join(f'"{m}"' for m in route["models"])
+    route_toml = f'[[routes]]\nname = "{route["name"]}"\nmatch = {{ {match} }}\nmodels = [{names}]\n'
+    return models, route_toml + 'send_to = ["pacs"]\n'

@@ -4,9 +4,10 @@ report.json and screenshots to OUT_DIR.
 
     unshare -n bash -c 'ip link set lo up && python -m tests.acceptance.ohif_check OUT_DIR [STUDY_DIR]'
 
-STUDY_DIR: a folder of DICOM files of one study (any CT the node's chest route takes); without it, the
-README's demo phantom (seed 7, with a localizer) is generated. Nothing here depends on which models made
-the results: the SEG's segment labels and the SR's findings are read from the objects Orthanc holds.
+STUDY_DIR: a folder of DICOM files of one study (any CT the node's chest route takes; JPEG 2000 is proposed);
+without it, the committed real chest CT (tests/data/lidc_idri_0314) through the shipped config's models and
+route. What the viewer must show is read from the objects Orthanc holds (SEG segment labels, the SR's
+findings), not from the models.
 """
 
 from __future__ import annotations
@@ -24,22 +25,14 @@ import pydicom
 from tests.browser import Browser
 from tests.ohif import OHIF_VERSION, ViewerServer, dicomweb_plugin_config
 from tests.orthanc import Orthanc
-from tests.peers import NodeProcess, free_port, running, storescu, wait_for, write_config
+from tests.peers import NodeProcess, free_port, running, shipped_models_and_route, storescu, wait_for, write_config
 
-MODELS = ("chest-ct-seg", "chest-ct-det", "chest-ct-cls")
+REAL_CT = Path(__file__).resolve().parents[1] / "data" / "lidc_idri_0314"
 ERROR_BOUNDARY = "Something went wrong"
 
 
-def _study(study_dir: Path | None, out: Path) -> list[Path]:
-    if study_dir is not None:
-        return sorted(p for p in study_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    from ai_models.phantom import generate_phantom
-    from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets, write_datasets
-
-    # square pixels, as CT has (Cornerstone3D maps SR image coordinates with the two spacings swapped)
-    ph = generate_phantom(7, spacing=(1.5, 0.7, 0.7))
-    ids = StudyIds.new(7)
-    return write_datasets([*phantom_datasets(ph, ids), *localizer_datasets(ph, ids)], out / "study")
+def _study(study_dir: Path) -> list[Path]:
+    return sorted(p for p in study_dir.rglob("*.dcm") if p.is_file() and not p.name.startswith("."))
 
 
 def _results(pacs: Orthanc, study_uid: str, out: Path) -> dict[str, list[Path]]:
@@ -67,8 +60,10 @@ def _results(pacs: Orthanc, study_uid: str, out: Path) -> dict[str, list[Path]]:
 def _expected(results: dict[str, list[Path]]) -> dict[str, Any]:
     """What the viewer should list, read from the objects themselves: segment labels; the findings with
     geometry (their finding type and certainty) of the SR that OHIF shows (the series' last instance)."""
-    segs = [hd.seg.segread(p) for p in results.get("SEG", [])]
-    labels = [s.get_segment_description(n).segment_label for s in segs for n in s.segment_numbers]
+    segs = sorted((hd.seg.segread(p) for p in results.get("SEG", [])), key=lambda s: int(s.SeriesNumber))
+    labels = {
+        str(s.SeriesDescription): [s.get_segment_description(n).segment_label for n in s.segment_numbers] for s in segs
+    }
     findings = []
     for path in results.get("SR", []):
         ds = pydicom.dcmread(path)
@@ -99,18 +94,17 @@ THUMBNAILS = '[data-cy^="study-browser-thumbnail"]'
 PANELS = {"seg": "panelSegmentation-btn", "sr": "trackedMeasurements-btn"}
 
 
-def _open(browser: Browser, viewer: ViewerServer, study_uid: str, out: Path) -> dict[str, Any]:
-    """Open the study, then the SEG (answering OHIF's "open this Segmentation?" with Yes), then the findings SR
-    (and "track measurements?" Yes); the page's text and a screenshot after each step."""
+def _open(browser: Browser, viewer: ViewerServer, study_uid: str, out: Path, segs: list[str]) -> dict[str, Any]:
+    """Open the study, then each SEG in turn (series descriptions ``segs``; answering OHIF's "open this
+    Segmentation?" with Yes), then the findings SR (and "track measurements?" Yes); the page's text and a
+    screenshot after each step (seg-1.png, seg-2.png ..., sr.png)."""
     browser.goto(viewer.url(f"/viewer?StudyInstanceUIDs={study_uid}"))
     browser.wait_js(f"document.querySelectorAll('{THUMBNAILS}').length > 0", 120, "the study browser's thumbnails")
     browser.settle(2)
     browser.click(_by_text("button", "Skip all"))  # the first-visit tour
     steps: dict[str, Any] = {}
-    for name, thumbnail, question in (
-        ("seg", "AI SEG", "open this Segmentation"),
-        ("sr", "AI findings", "tracking measurements"),
-    ):
+    seg_steps = [(f"seg-{i}", desc, "open this Segmentation", "seg") for i, desc in enumerate(segs, 1)]
+    for name, thumbnail, question, panel in (*seg_steps, ("sr", "AI findings", "tracking measurements", "sr")):
         browser.click(_by_text(THUMBNAILS, thumbnail), double=True)
         browser.wait_js(
             f"document.body.innerText.includes({json.dumps(question)}) || "
@@ -121,25 +115,27 @@ def _open(browser: Browser, viewer: ViewerServer, study_uid: str, out: Path) -> 
         browser.click(_by_text("button", "Yes"))
         browser.settle(6)
         # the right-hand panel that lists what was loaded: segments, or measurements
-        browser.click(f"document.querySelector('[data-cy=\"{PANELS[name]}\"]')")
+        browser.click(f"document.querySelector('[data-cy=\"{PANELS[panel]}\"]')")
         browser.settle(3)
         browser.screenshot(out / f"{name}.png")
         steps[name] = browser.text()
     return steps
 
 
-def main(out: Path, study_dir: Path | None) -> int:
+def main(out: Path, study_dir: Path) -> int:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    paths = _study(study_dir, out)
+    paths = _study(study_dir)
     study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
     pacs = Orthanc(out / "orthanc", extra=dicomweb_plugin_config()).start()
     port = free_port()
+    models, route = shipped_models_and_route()
     cfg = write_config(
         out / "config.toml",
         port=port,
         data_dir=out / "var",
-        route_models=MODELS,
+        models=models,
+        routes=route.replace('send_to = ["pacs"]', 'send_to = ["orthanc"]'),
         destinations=[{"name": "orthanc", "port": pacs.dicom_port}],
     )
     node = NodeProcess(cfg, port, out / "node.log").start(timeout=180)
@@ -147,8 +143,9 @@ def main(out: Path, study_dir: Path | None) -> int:
     browser = Browser()
     report: dict[str, Any] = {"ohif": OHIF_VERSION, "study_uid": study_uid}
     with running(pacs, node, viewer, browser):
-        storescu(pacs.dicom_port, paths, called="PACS")  # the scanner archives the study at the PACS ...
-        storescu(port, paths)  # ... and sends it to the node
+        # the scanner archives the study at the PACS and sends it to the node (-xv: JPEG 2000, as stored)
+        storescu(pacs.dicom_port, paths, called="PACS", flags=("-xv",))
+        storescu(port, paths, flags=("-xv",))
         wait_for(lambda: "job_done" in node.log_text() or "job_failed" in node.log_text(), 600, "the node's job")
         if "job_done" not in node.log_text():
             raise AssertionError(f"the node's job failed:\n{node.log_text()[-3000:]}")
@@ -160,7 +157,7 @@ def main(out: Path, study_dir: Path | None) -> int:
         report["expected"] = _expected(results)
         browser.start()
         t1 = time.monotonic()
-        report["study"] = _open(browser, viewer, study_uid, out)
+        report["study"] = _open(browser, viewer, study_uid, out, list(report["expected"]["segments"]))
         timings["viewer"] = round(time.monotonic() - t1, 1)
         report["console"] = [c for c in browser.console if not c.startswith(("log:", "debug:", "info:"))][-200:]
     report["timings"] = timings
@@ -169,4 +166,4 @@ def main(out: Path, study_dir: Path | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else REAL_CT))

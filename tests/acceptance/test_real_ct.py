@@ -10,7 +10,6 @@ nothing else reported, both lungs segmented on the correct sides.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import highdicom as hd
@@ -27,6 +26,7 @@ from tests.peers import (
     dciodvfy_errors,
     free_port,
     running,
+    shipped_models_and_route,
     storescu,
     wait_for,
     write_config,
@@ -36,20 +36,6 @@ LIDC = REPO / "tests" / "data" / "lidc_idri_0314"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 pytestmark = pytest.mark.slow
-
-
-def _shipped_models_and_route() -> tuple[str, str]:
-    """The shipped config.toml's [[models]] (bundle paths made absolute) and its route, as TOML."""
-    cfg = tomllib.loads((REPO / "config.toml").read_text())
-    models = "".join(
-        f'[[models]]\nname = "{m["name"]}"\nbundle = "{REPO / m["bundle"]}"\nmin_score = {m.get("min_score", -1.0)}\n'
-        for m in cfg["models"]
-    )
-    (route,) = cfg["routes"]
-    match = ", ".join(f"{k} = {json.dumps(v)}" for k, v in route["match"].items())
-    names = ", ".join(f'"{m}"' for m in route["models"])
-    route_toml = f'[[routes]]\nname = "{route["name"]}"\nmatch = {{ {match} }}\nmodels = [{names}]\n'
-    return models, route_toml + 'send_to = ["pacs"]\n'
 
 
 def _segment_mask(seg: hd.seg.Segmentation, sop_uids: list[str], label: str) -> np.ndarray:
@@ -75,7 +61,7 @@ def test_real_chest_ct_gives_lungs_and_the_readers_nodule(tmp_path: Path) -> Non
 
     pacs = StoreSCP(tmp_path / "pacs").start()
     port = free_port()
-    models, route = _shipped_models_and_route()
+    models, route = shipped_models_and_route()
     cfg = write_config(
         tmp_path / "config.toml",
         port=port,
