@@ -361,3 +361,40 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
     finally:
         driver.quit()
         shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def test_https_with_the_dicom_tls_rules(tmp_path: Path) -> None:
+    """http.tls_cert_file set: the API answers over HTTPS only (TLS 1.2 or newer, the certificate verified
+    against its CA); a plain-HTTP client gets no answer, and the token is still required."""
+    import ssl
+
+    from tests.integration.tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    port, http_port = free_port(), free_port()
+    token = secrets.token_hex(16)
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    http = (
+        f'port = {http_port}\ntoken_file = "{tmp_path / "token"}"\n'
+        f'tls_cert_file = "{pki.server_cert}"\ntls_key_file = "{pki.server_key}"\n'
+    )
+    cfg = write_config(
+        tmp_path / "config.toml", port=port, data_dir=tmp_path / "var", destinations=[], models="", routes="", http=http
+    )
+    node = NodeProcess(cfg, port, tmp_path / "node.log").start()
+    try:
+        base = f"https://127.0.0.1:{http_port}"
+        verify = ssl.create_default_context(cafile=str(pki.ca_cert))
+        wait_for(lambda: httpx.get(base + "/healthz", verify=verify, timeout=5).status_code == 200, 30, "HTTPS")
+        assert httpx.get(base + "/api/jobs", verify=verify, timeout=5).status_code == 401
+        ok = httpx.get(base + "/api/jobs", verify=verify, timeout=5, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
+        old = ssl.create_default_context(cafile=str(pki.ca_cert))
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(base + "/healthz", verify=old, timeout=5)
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):
+            httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5)
+    finally:
+        node.stop()
