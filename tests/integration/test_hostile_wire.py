@@ -10,7 +10,6 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,53 +18,11 @@ from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
 from dicom_node import upper_layer as ul
-from dicom_node.config import parse_config
-from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
 from dicom_node.security import connection_cap
-from tests.peers import free_port
 from tests.raw_peer import CT, EXPLICIT, IMPLICIT, RawPeer, associate_rq, c_store_rq, p_data, rss_bytes
 
 VERIFICATION = "1.2.840.10008.1.1"
 SOP = "1.2.826.0.1.3680043.10.99.7.1"
-
-
-class Listener:
-    def __init__(self, tmp_path: Path, security: dict[str, Any] | None = None, **node: Any) -> None:
-        self.port = free_port()
-        self.cfg = parse_config(
-            {
-                "node": {
-                    "port": self.port,
-                    "bind": "127.0.0.1",
-                    "data_dir": str(tmp_path / "var"),
-                    "min_free_mb": 0,
-                    **node,
-                },
-                "security": security or {},
-            },
-            tmp_path,
-        )
-        self.rt = open_runtime(self.cfg)
-        self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.ae.shutdown()
-
-
-@pytest.fixture()
-def make_listener(tmp_path: Path) -> Iterator[Any]:
-    started: list[Listener] = []
-
-    def make(security: dict[str, Any] | None = None, **node: Any) -> Listener:
-        lis = Listener(tmp_path, security, **node)
-        started.append(lis)
-        return lis
-
-    yield make
-    for lis in started:
-        lis.stop()
 
 
 def _associate(port: int, calling: str = "SCANNER") -> Any:

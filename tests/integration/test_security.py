@@ -7,7 +7,6 @@ import socket
 import ssl
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,51 +17,14 @@ from pynetdicom import AE
 
 from ai_models.phantom import generate_phantom
 from dicom_node.config import ConfigError, parse_config
-from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
 from dicom_node.security import AccessPolicy
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
+from tests.integration.listeners import listener_config
 from tests.integration.tls_certs import Pki, make_pki
-from tests.peers import DCMTK_ENV, ECHOSCU, free_port, storescu, wait_for
+from tests.peers import DCMTK_ENV, ECHOSCU, storescu, wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-def _config(tmp_path: Path, port: int, security: dict[str, Any] | None = None, **node: Any) -> Any:
-    return parse_config(
-        {
-            "node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"), "min_free_mb": 0, **node},
-            "security": security or {},
-        },
-        tmp_path,
-    )
-
-
-class Listener:
-    def __init__(self, tmp_path: Path, security: dict[str, Any] | None = None, **node: Any) -> None:
-        self.port = free_port()
-        self.cfg = _config(tmp_path, self.port, security, **node)
-        self.rt = open_runtime(self.cfg)
-        self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.ae.shutdown()
-
-
-@pytest.fixture()
-def make_listener(tmp_path: Path) -> Iterator[Any]:
-    started: list[Listener] = []
-
-    def make(security: dict[str, Any] | None = None, **node: Any) -> Listener:
-        lis = Listener(tmp_path, security, **node)
-        started.append(lis)
-        return lis
-
-    yield make
-    for lis in started:
-        lis.stop()
 
 
 def _associate(port: int, calling: str = "SCANNER", called: str = "DICOM_NODE") -> Any:
@@ -103,7 +65,7 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]
 )
 def test_bad_security_config_names_the_key(tmp_path: Path, security: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        _config(tmp_path, 11112, security)
+        listener_config(tmp_path, 11112, security)
     assert str(err.value).startswith(key + ":") or str(err.value).startswith(key + "[")
 
 
@@ -111,7 +73,8 @@ def test_tls_with_client_certs_requires_a_ca(tmp_path: Path) -> None:
     (tmp_path / "c.pem").write_text("x")
     (tmp_path / "k.pem").write_text("x")
     with pytest.raises(ConfigError, match=r"^security\.tls_ca_file"):
-        _config(tmp_path, 11112, {"tls_cert_file": "c.pem", "tls_key_file": "k.pem", "tls_require_client_cert": True})
+        tls = {"tls_cert_file": "c.pem", "tls_key_file": "k.pem", "tls_require_client_cert": True}
+        listener_config(tmp_path, 11112, tls)
 
 
 def test_policy_decisions() -> None:
