@@ -22,7 +22,8 @@ import websocket
 from tests.peers import track, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
+# headless Chromium as root on a machine with no network but loopback (every browser test starts with these)
+HEADLESS_FLAGS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -31,6 +32,9 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+)
+FLAGS = [
+    *HEADLESS_FLAGS,
     "--disable-default-apps",
     "--disable-extensions",
     "--no-default-browser-check",

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ai_models.phantom import generate_phantom
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from dicom_node.web.overlay import PALETTE
+from tests.browser import CHROMIUM, HEADLESS_FLAGS
 from tests.fault_models import write_fault_bundle
 from tests.peers import (
     BUNDLES,
@@ -38,7 +39,7 @@ from tests.peers import (
 )
 
 ARTIFACTS = REPO / "test-artifacts" / "operator_view"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @dataclass
@@ -251,14 +252,7 @@ def _browser(tmp: Path):  # type: ignore[no-untyped-def]
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *HEADLESS_FLAGS,
         "--disable-dev-shm-usage",
         f"--user-data-dir={tmp}",
         "--window-size=1400,1800",
@@ -291,12 +285,12 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         driver.get(r.base + "/studies")
         assert driver.title.startswith("Log in") and r.good.study_uid not in driver.page_source
         driver.find_element(By.ID, "token").send_keys("not-the-token-at-all")
-        driver.find_element(By.ID, "login").click()
-        assert "not the node's token" in driver.page_source
+        driver.find_element(By.ID, "login").click()  # the answer is a new page: wait for it, not for the click
+        WebDriverWait(driver, 15).until(lambda d: "not the node's token" in d.page_source)
         _shot(driver, "login")
         driver.find_element(By.ID, "token").send_keys(r.token)
         driver.find_element(By.ID, "login").click()
-        assert driver.find_element(By.TAG_NAME, "h1").text == "Overview"
+        WebDriverWait(driver, 15).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
         assert driver.find_element(By.ID, "health").text.splitlines()[1] == "OK"
         assert r.bad.study_uid in driver.find_element(By.ID, "failures").text
         _shot(driver, "overview")
@@ -309,6 +303,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         assert len(rows) == 1 and r.good.study_uid in rows[0].text and "ZZGOODPID" not in driver.page_source
         _shot(driver, "studies")
         rows[0].find_element(By.CSS_SELECTOR, "a.uid").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.overlay"))
         imgs = driver.find_elements(By.CSS_SELECTOR, "img.overlay")
         captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, ".slices figcaption")]
         assert len(imgs) >= 2 and captions[0].startswith("largest lung slice"), captions
@@ -342,7 +337,8 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         driver.get(f"{r.base}/studies/{r.bad.study_uid}")
         assert "failed on purpose" in driver.find_element(By.ID, f"job-{failed['id']}").text
         driver.find_element(By.ID, f"retry-{failed['id']}").click()
-        assert f"job {failed['id']} queued again" in driver.find_element(By.ID, "flash").text
+        flash = f"job {failed['id']} queued again"
+        WebDriverWait(driver, 15).until(lambda d: flash in d.find_element(By.ID, "flash").text)
         _shot(driver, "study_after_retry")
         after = r.job(failed["id"])
         assert after["state"] in ("queued", "running", "done") and after["error"] == ""
