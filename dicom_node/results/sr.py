@@ -23,7 +23,7 @@ a re-run writes a new one). Evidence: the source images and every SEG the SR ref
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -404,21 +404,9 @@ def build_sr(
         title=codes.cid7021.ImagingMeasurementReport,
     )
     evidence = [*source, *(seg for _, seg in segmentations if seg is not None)]
-    names = " ".join(dict.fromkeys(i.name for i in identities))
+    document = _document_kwargs(series_uid, series_number, sop_uid, instance_number, predecessors, node, labels)
     return hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        previous_versions=list(predecessors) or None,
-        is_complete=True,
-        is_final=True,
-        is_verified=False,
-        series_description=f"AI SR {names}"[:64],
-        coding_schemes=coding_scheme_identification(segment_coding(label) for label in labels),
-        **equipment_kwargs(node),
+        evidence=evidence, content=report, series_description=f"AI SR {_names(identities)}"[:64], **document
     )
 
 
@@ -466,19 +454,36 @@ def build_findings_sr(
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
-    names = " ".join(dict.fromkeys(i.name for i in identities))
+    document = _document_kwargs(series_uid, series_number, sop_uid, instance_number, predecessors, node, labels)
     return hd.sr.ComprehensiveSR(
-        evidence=list(source),
-        content=report,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        previous_versions=list(predecessors) or None,
-        is_complete=True,
-        is_final=True,
-        is_verified=False,
-        series_description=f"AI findings {names}"[:64],
-        coding_schemes=coding_scheme_identification(segment_coding(label) for label in labels),
-        **equipment_kwargs(node),
+        evidence=list(source), content=report, series_description=f"AI findings {_names(identities)}"[:64], **document
     )
+
+
+def _names(identities: Sequence[ModelIdentity]) -> str:
+    return " ".join(dict.fromkeys(i.name for i in identities))
+
+
+def _document_kwargs(
+    series_uid: str,
+    series_number: int,
+    sop_uid: str,
+    instance_number: int,
+    predecessors: Sequence[pydicom.Dataset],
+    node: NodeIdentity,
+    labels: Iterable[str],
+) -> dict[str, Any]:
+    """What the full report and the findings SR share as documents: identity, succession, flags (complete,
+    FINAL, UNVERIFIED), coding schemes and equipment."""
+    return {
+        "series_instance_uid": series_uid,
+        "series_number": series_number,
+        "sop_instance_uid": sop_uid,
+        "instance_number": instance_number,
+        "previous_versions": list(predecessors) or None,
+        "is_complete": True,
+        "is_final": True,
+        "is_verified": False,
+        "coding_schemes": coding_scheme_identification(segment_coding(label) for label in labels),
+        **equipment_kwargs(node),
+    }
