@@ -10,7 +10,7 @@ with a sigmoid. H and W must be multiples of 4.
 Kernel orientation: the weights were trained under Keras 1's Theano backend, whose ``conv3d`` calls
 ``theano.tensor.nnet.conv3d`` without ``filter_flip``, i.e. with Theano's default ``filter_flip=True``: a
 true convolution (the kernel is flipped along its three spatial axes before sliding). PyTorch's ``Conv3d``
-is a cross-correlation, so the converter (``ai_models.convert_dsb2017``) flips every kernel along z, y and x;
+is a cross-correlation, so the converter (``ai_models.convert.dsb2017``) flips every kernel along z, y and x;
 ``KERAS_LAYERS`` gives the Keras layer each PyTorch convolution takes its arrays from.
 """
 

@@ -57,7 +57,7 @@ def test_bundles_ship_identical_weights() -> None:
     importlib.util.find_spec("h5py") is None or not H5.is_file(), reason="needs h5py and ../shared/realdata"
 )
 def test_conversion_from_hdf5_gives_the_shipped_weights_and_reference() -> None:
-    from ai_models.convert_dsb2017 import keras_forward_numpy, read_keras_convolutions, reference_input, to_state_dict
+    from ai_models.convert.dsb2017 import keras_forward_numpy, read_keras_convolutions, reference_input, to_state_dict
 
     layers = read_keras_convolutions(H5)
     converted = to_state_dict(layers)

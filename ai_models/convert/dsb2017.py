@@ -1,6 +1,6 @@
 """Convert the DSB 2017 nodule identifier's Keras 1 HDF5 weights into the shipped PyTorch state_dict.
 
-    python -m ai_models.convert_dsb2017 WEIGHTS.h5 [--bundles DIR ...] [--reference FILE.npz]
+    python -m ai_models.convert.dsb2017 WEIGHTS.h5 [--bundles DIR ...] [--reference FILE.npz]
 
 Reads the HDF5 once (h5py, from the optional ``convert`` extra; never needed at run time), flips every
 kernel along z, y and x (Keras 1 / Theano ``conv3d`` is a true convolution, PyTorch's a cross-correlation:
@@ -22,11 +22,11 @@ import torch
 
 from ai_models.nodule_net import KERAS_LAYERS, SLAB
 
-HERE = Path(__file__).resolve().parent
+AI_MODELS = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLES = tuple(
-    HERE / "bundles" / n for n in ("dsb2017_nodule_det", "dsb2017_nodule_seg", "dsb2017_nodule_cls")
+    AI_MODELS / "bundles" / n for n in ("dsb2017_nodule_det", "dsb2017_nodule_seg", "dsb2017_nodule_cls")
 )
-DEFAULT_REFERENCE = HERE.parent / "tests" / "unit" / "data" / "dsb2017_reference.npz"
+DEFAULT_REFERENCE = AI_MODELS.parent / "tests" / "unit" / "data" / "dsb2017_reference.npz"
 REFERENCE_SHAPE = (1, 1, SLAB, 24, 28)  # N, C, z, y, x: H and W multiples of 4, not square (catches a y/x swap)
 
 
