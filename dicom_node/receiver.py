@@ -81,6 +81,9 @@ UNRECOGNISED_OPERATION = 0x0211
 _NEVER = float("inf")
 
 
+ARTIM_SECONDS = 2.0  # how long a refused peer gets to read the rejection and close (PS3.8 ARTIM timer)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_pdu_size: int
@@ -498,7 +501,18 @@ class _Association:
             reason=why,
         )
         self.send(out.encode())
+        self._await_peer_close()
         return False
+
+    def _await_peer_close(self) -> None:
+        """After A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, state Sta13, bounded by the
+        ARTIM timer): wait for that, a little, instead of closing first. Closing at once can reach the peer
+        before it has read the rejection (pynetdicom then reports an abort, not a rejection)."""
+        with contextlib.suppress(OSError):
+            self.conn.settimeout(min(ARTIM_SECONDS, self.server.limits.acse_timeout))
+            for _ in range(16):  # at most 1 MiB more from a peer that keeps talking
+                if not self.conn.recv(1 << 16):
+                    return
 
     def _check_request(self, raw: bytes) -> bool:
         """Refuse (A-ASSOCIATE-RJ) from the request's fixed header alone: protocol version, AE titles, who
