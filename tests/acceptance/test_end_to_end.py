@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom import uid as pduid
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ComprehensiveSRStorage
 
 from ai_models.phantom import Phantom, generate_phantom
@@ -50,7 +51,10 @@ def _study(tmp: Path, name: str, seed: int, *, nodules: int, ts: str = pduid.Exp
 def _results_by_study(pacs: StoreSCP) -> dict[str, dict[str, Path]]:
     out: dict[str, dict[str, Path]] = {}
     for p in pacs.files():
-        ds = dcmread(p, stop_before_pixels=True)
+        try:
+            ds = dcmread(p, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, OSError):  # storescp still writing it: the next poll reads it
+            continue
         kind = {SEG_CLASS: "seg", SR_CLASS: "sr", ComprehensiveSRStorage: "findings"}.get(str(ds.SOPClassUID),
                                                                                          str(ds.SOPClassUID))
         out.setdefault(str(ds.StudyInstanceUID), {})[kind] = p
