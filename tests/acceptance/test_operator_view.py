@@ -275,8 +275,13 @@ def _shot(driver, name: str) -> Path:  # type: ignore[no-untyped-def]
     reason="Debian chromium and chromium-driver (tests/run.sh installs them)",
 )
 def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait
+
+    def wait(seconds: float) -> WebDriverWait:  # the old page's elements go stale while the next one loads
+        reloading = (NoSuchElementException, StaleElementReferenceException)
+        return WebDriverWait(driver, seconds, ignored_exceptions=reloading)
 
     r = running
     driver = _browser(tmp_path / "chromium-profile")
@@ -286,11 +291,11 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         assert driver.title.startswith("Log in") and r.good.study_uid not in driver.page_source
         driver.find_element(By.ID, "token").send_keys("not-the-token-at-all")
         driver.find_element(By.ID, "login").click()  # the answer is a new page: wait for it, not for the click
-        WebDriverWait(driver, 15).until(lambda d: "not the node's token" in d.page_source)
+        wait(15).until(lambda d: "not the node's token" in d.page_source)
         _shot(driver, "login")
         driver.find_element(By.ID, "token").send_keys(r.token)
         driver.find_element(By.ID, "login").click()
-        WebDriverWait(driver, 15).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
+        wait(15).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
         assert driver.find_element(By.ID, "health").text.splitlines()[1] == "OK"
         assert r.bad.study_uid in driver.find_element(By.ID, "failures").text
         _shot(driver, "overview")
@@ -303,7 +308,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         assert len(rows) == 1 and r.good.study_uid in rows[0].text and "ZZGOODPID" not in driver.page_source
         _shot(driver, "studies")
         rows[0].find_element(By.CSS_SELECTOR, "a.uid").click()
-        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.overlay"))
+        wait(30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.overlay"))
         imgs = driver.find_elements(By.CSS_SELECTOR, "img.overlay")
         captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, ".slices figcaption")]
         assert len(imgs) >= 2 and captions[0].startswith("largest lung slice"), captions
@@ -338,7 +343,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         assert "failed on purpose" in driver.find_element(By.ID, f"job-{failed['id']}").text
         driver.find_element(By.ID, f"retry-{failed['id']}").click()
         flash = f"job {failed['id']} queued again"
-        WebDriverWait(driver, 15).until(lambda d: flash in d.find_element(By.ID, "flash").text)
+        wait(15).until(lambda d: flash in d.find_element(By.ID, "flash").text)
         _shot(driver, "study_after_retry")
         after = r.job(failed["id"])
         assert after["state"] in ("queued", "running", "done") and after["error"] == ""
