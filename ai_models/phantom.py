@@ -149,9 +149,7 @@ def _place_nodules(
             break
         if not done:
             if strict:
-                raise ValueError(
-                    f"cannot fit {n_nodules} nodules of radius >= {min_radius} mm in this phantom's lungs"
-                )
+                raise ValueError(f"cannot fit {n_nodules} nodules of radius >= {min_radius} mm in this phantom's lungs")
             break
     return placed
 

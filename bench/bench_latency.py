@@ -151,8 +151,9 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def in_process_split(models: list[tuple[str, Path, float | None]], paths: list[Path], monai_reference: bool,
-                     device: str) -> dict[str, float]:
+def in_process_split(
+    models: list[tuple[str, Path, float | None]], paths: list[Path], monai_reference: bool, device: str
+) -> dict[str, float]:
     """The worker's load / inference / encode stages, taken apart in this process (same code, warm)."""
     import highdicom as hd
     import numpy as np
@@ -210,8 +211,12 @@ def in_process_split(models: list[tuple[str, Path, float | None]], paths: list[P
     for i, result in enumerate(r for r in results if isinstance(r, SegmentationResult)):
         name = result.identity.name
         try:
-            out[f"encode: {name} SEG build"], seg = timed(lambda r=result, i=i: build_seg(
-                headers, r, series_uid=f"2.25.1{i}", sop_uid=f"2.25.2{i}", series_number=900 + i, node=node), 3)
+            out[f"encode: {name} SEG build"], seg = timed(
+                lambda r=result, i=i: build_seg(
+                    headers, r, series_uid=f"2.25.1{i}", sop_uid=f"2.25.2{i}", series_number=900 + i, node=node
+                ),
+                3,
+            )
         except EmptySegmentationError:
             print(f"# {name}: empty segmentation, no SEG (as the worker does)")
             reported.append((result, None))
@@ -219,17 +224,28 @@ def in_process_split(models: list[tuple[str, Path, float | None]], paths: list[P
         reported.append((result, seg))
         out[f"encode: {name} SEG write to bytes"], seg_bytes = timed(lambda seg=seg: to_bytes(seg), 3)
         out[f"encode: {name} SEG read-back (dcmread + from_dataset)"], _ = timed(
-            lambda b=seg_bytes: hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(b)), copy=False), 3)
+            lambda b=seg_bytes: hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(b)), copy=False), 3
+        )
         out[f"({name}: SEG frames)"] = float(seg.NumberOfFrames)
         out[f"({name}: SEG MiB)"] = len(seg_bytes) / 2**20
-    out["encode: SR build"], sr = timed(lambda: build_sr(
-        headers, volume, segmentations=reported,
-        detections=[r for r in results if isinstance(r, DetectionResult)],
-        classifications=[r for r in results if isinstance(r, ClassificationResult)],
-        series_uid="2.25.3", sop_uid="2.25.4", series_number=901, node=node), 3)
+    out["encode: SR build"], sr = timed(
+        lambda: build_sr(
+            headers,
+            volume,
+            segmentations=reported,
+            detections=[r for r in results if isinstance(r, DetectionResult)],
+            classifications=[r for r in results if isinstance(r, ClassificationResult)],
+            series_uid="2.25.3",
+            sop_uid="2.25.4",
+            series_number=901,
+            node=node,
+        ),
+        3,
+    )
     out["encode: SR write to bytes"], sr_bytes = timed(lambda: to_bytes(sr), 3)
     out["encode: SR read-back (dcmread + from_dataset)"], _ = timed(
-        lambda: hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(BytesIO(sr_bytes)), copy=False), 3)
+        lambda: hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(BytesIO(sr_bytes)), copy=False), 3
+    )
     return out
 
 
@@ -240,11 +256,18 @@ def main() -> None:
     parser.add_argument("--stable-seconds", type=float, default=1.0, help="the node's completion wait")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the results")
     parser.add_argument("--no-split", action="store_true", help="skip the in-process split of the stages")
-    parser.add_argument("--monai-reference", action="store_true",
-                        help="in the split, also run the bundle's own MONAI path and compare label maps (~30 s)")
+    parser.add_argument(
+        "--monai-reference",
+        action="store_true",
+        help="in the split, also run the bundle's own MONAI path and compare label maps (~30 s)",
+    )
     parser.add_argument("--device", default="cpu", help="the models' device: cpu, cuda, cuda:N (default cpu)")
-    parser.add_argument("--models", choices=("shipped", "phantom-seg"), default="shipped",
-                        help="shipped: config.toml's route models (default); phantom-seg: the chest_ct_seg fixture")
+    parser.add_argument(
+        "--models",
+        choices=("shipped", "phantom-seg"),
+        default="shipped",
+        help="shipped: config.toml's route models (default); phantom-seg: the chest_ct_seg fixture",
+    )
     args = parser.parse_args()
 
     study = cached_ct_study(f"ct-{args.slices}x{args.size}", args.slices, args.size, seed=11)  # as bench_receive
@@ -262,9 +285,14 @@ def main() -> None:
         pacs = StoreSCPPeer(work, fork=False).start()
         port = free_port()
         cfg = write_config(
-            work / "config.toml", port=port, data_dir=work / "var", stable_seconds=args.stable_seconds,
-            destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}], extra='format = "json"',
-            models=models_toml(models, args.device), route_models=[name for name, _, _ in models],
+            work / "config.toml",
+            port=port,
+            data_dir=work / "var",
+            stable_seconds=args.stable_seconds,
+            destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "port": pacs.port}],
+            extra='format = "json"',
+            models=models_toml(models, args.device),
+            route_models=[name for name, _, _ in models],
         )
         node = NodeProcess(cfg, port, work / "node.log").start()
         try:
@@ -280,17 +308,21 @@ def main() -> None:
         timings = job_timings(work / "var", int(done["job_id"]))
         ends = [float(e["ts"]) for e in evs if e.get("event") == "result_delivered"]
         received = pacs.count()
-        split = {} if args.no_split else in_process_split(models, list(study.paths), args.monai_reference,
-                                                         args.device)
+        split = {} if args.no_split else in_process_split(models, list(study.paths), args.monai_reference, args.device)
 
     complete, started, finished = (float(first[k]["ts"]) for k in ("study_complete", "job_started", "job_done"))
-    stages = [("load", "load (read_series: headers + pixels)"), ("model_load", "model load (cached: warm node)"),
-              ("inference_pre", "inference: pre-processing"), ("inference_forward", "inference: forward pass*"),
-              ("inference_window", "inference: sliding window around it"),
-              ("inference_post", "inference: post-processing + inversion"),
-              ("inference_rest", "inference: worker around it"),
-              ("seg_encode", "SEG build"), ("sr_encode", "SR build"),
-              ("write", "write SEG+SR (serialise, read back, store+fsync)")]
+    stages = [
+        ("load", "load (read_series: headers + pixels)"),
+        ("model_load", "model load (cached: warm node)"),
+        ("inference_pre", "inference: pre-processing"),
+        ("inference_forward", "inference: forward pass*"),
+        ("inference_window", "inference: sliding window around it"),
+        ("inference_post", "inference: post-processing + inversion"),
+        ("inference_rest", "inference: worker around it"),
+        ("seg_encode", "SEG build"),
+        ("sr_encode", "SR build"),
+        ("write", "write SEG+SR (serialise, read back, store+fsync)"),
+    ]
     # the runner's stages inside "inference"; what the worker spent around the model call stays there
     timings["inference_rest"] = timings["inference"] - sum(v for k, v in timings.items() if k.startswith("inference_"))
     stages = [(key, label) for key, label in stages if key in timings]
@@ -304,8 +336,10 @@ def main() -> None:
         (f"sending (sender woken by the worker + {len(ends)} C-STOREs)", max(ends) - finished),
     ]
     total = max(ends) - acked
-    print(f"End-to-end, {args.slices}x{args.size}x{args.size} CT via storescu -> dicom-node serve -> storescp; "
-          f"{weights}; device {args.device} (inference stages summed over the models)")
+    print(
+        f"End-to-end, {args.slices}x{args.size}x{args.size} CT via storescu -> dicom-node serve -> storescp; "
+        f"{weights}; device {args.device} (inference stages summed over the models)"
+    )
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} CPUs)")
     print(f"{'stage':56s} {'seconds':>8s}")
     for label, secs in rows:

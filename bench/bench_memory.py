@@ -70,8 +70,10 @@ def main() -> int:
     study = cached_multiframe_study(f"mf-{args.instances}x{args.frames}", args.instances, args.frames, 512)
     gib = study.bytes / (1 << 30)
     largest = max(p.stat().st_size for p in study.paths) / (1 << 20)
-    print(f"# memory while receiving {len(study.paths)} instances, {gib:.2f} GiB (largest {largest:.0f} MiB); "
-          f"load={os.getloadavg()[0]:.1f}")
+    print(
+        f"# memory while receiving {len(study.paths)} instances, {gib:.2f} GiB (largest {largest:.0f} MiB); "
+        f"load={os.getloadavg()[0]:.1f}"
+    )
     header = f"{'assoc':>5} {'idle RSS MiB':>13} {'peak RSS MiB':>13} {'VmHWM MiB':>10} {'MB/s':>7} {'stored':>7}"
     print(header)
     print("-" * len(header))
@@ -90,8 +92,11 @@ def main() -> int:
                 stored = node.count()
             finally:
                 node.stop()
-        print(f"{n:>5} {idle / 1024:>13.0f} {sampler.peak_kib / 1024:>13.0f} {hwm / 1024:>10.0f} "
-              f"{study.bytes / elapsed / 1e6:>7.0f} {stored:>7}", flush=True)
+        print(
+            f"{n:>5} {idle / 1024:>13.0f} {sampler.peak_kib / 1024:>13.0f} {hwm / 1024:>10.0f} "
+            f"{study.bytes / elapsed / 1e6:>7.0f} {stored:>7}",
+            flush=True,
+        )
         if stored != len(study.paths):
             raise RuntimeError(f"the node stored {stored} of {len(study.paths)} instances")
     return 0

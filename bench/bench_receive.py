@@ -107,6 +107,8 @@ def _postgres_server():  # type: ignore[no-untyped-def]
     server = PostgresServer().start()
     atexit.register(server.stop)
     return server
+
+
 INDEX_PAGE = 4096
 
 
@@ -168,10 +170,23 @@ def measure_without_flushes(study: Study, associations: int) -> tuple[float, Cpu
     from dicom_node.runtime import open_runtime
     from dicom_node.scp import start_listener
 
-    with (workdir("bench-noflush-", keep_until_exit=KEEP_FILES) as work, mock.patch("os.fsync"),
-          mock.patch("storage.files._fsync_dir")):
-        cfg = parse_config({"node": {"port": 0, "bind": "127.0.0.1", "data_dir": str(work / "var"), "min_free_mb": 0,
-                                     "sqlite_synchronous": "OFF"}}, work)
+    with (
+        workdir("bench-noflush-", keep_until_exit=KEEP_FILES) as work,
+        mock.patch("os.fsync"),
+        mock.patch("storage.files._fsync_dir"),
+    ):
+        cfg = parse_config(
+            {
+                "node": {
+                    "port": 0,
+                    "bind": "127.0.0.1",
+                    "data_dir": str(work / "var"),
+                    "min_free_mb": 0,
+                    "sqlite_synchronous": "OFF",
+                }
+            },
+            work,
+        )
         rt = open_runtime(cfg)
         ae, server = start_listener(cfg, rt.files, rt.jobs)
         try:
@@ -195,12 +210,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
     ap.add_argument("--no-orthanc", action="store_true")
     ap.add_argument("--flush-diagnostic", action="store_true", help="add rows for the node without flushes")
-    ap.add_argument("--single-process-row", action="store_true",
-                    help="add the node with node.listener_processes = 1")
-    ap.add_argument("--postgres-row", action="store_true",
-                    help="add the node with its job store on PostgreSQL (a throwaway local server, Unix socket)")
-    ap.add_argument("--native-ceiling", action="store_true",
-                    help="add bench/durable_ceiling.c: a minimal durable receiver in C, as a bound")
+    ap.add_argument("--single-process-row", action="store_true", help="add the node with node.listener_processes = 1")
+    ap.add_argument(
+        "--postgres-row",
+        action="store_true",
+        help="add the node with its job store on PostgreSQL (a throwaway local server, Unix socket)",
+    )
+    ap.add_argument(
+        "--native-ceiling",
+        action="store_true",
+        help="add bench/durable_ceiling.c: a minimal durable receiver in C, as a bound",
+    )
     args = ap.parse_args()
     want_orthanc = not args.no_orthanc and Path(ORTHANC).exists()
     if want_orthanc:
@@ -216,20 +236,35 @@ def main() -> int:
     durable_storescp = fsync_shim() is not None
     ceiling = args.native_ceiling and durable_ceiling() is not None
     # storescp, the node and the floor, then the optional rows
-    receivers = (3 + durable_storescp + bool(want_orthanc) + args.single_process_row + args.flush_diagnostic
-                 + ceiling + args.postgres_row)
+    receivers = (
+        3
+        + durable_storescp
+        + bool(want_orthanc)
+        + args.single_process_row
+        + args.flush_diagnostic
+        + ceiling
+        + args.postgres_row
+    )
     postgres = _postgres_server() if args.postgres_row else None
     needed = 2 * args.repeats * receivers * (big.bytes + small.bytes)  # 1 and 4 associations per study
     global KEEP_FILES
     KEEP_FILES = shutil.disk_usage(BENCH_TMP).free > needed + (2 << 30)
     if not KEEP_FILES:
-        print(f"# {BENCH_TMP} has less than {needed / 2**30:.1f} GiB + 2 GiB free: each receiver's files are "
-              "removed right after its run, which on ext4 without a journal slows the next one", flush=True)
-    print(f"# receive benchmark  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
-          f"fsync={flush_latency_ms():.2f} ms  fs={describe_file_system()}  "
-          f"netns={'private' if in_private_netns() else 'host'}", flush=True)
-    header = (f"{'study':<24} {'assoc':>5} {'receiver':<22} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
-              f"{'fsync ms':>8} {'busy %':>6} {'rcv CPU ms':>10}")
+        print(
+            f"# {BENCH_TMP} has less than {needed / 2**30:.1f} GiB + 2 GiB free: each receiver's files are "
+            "removed right after its run, which on ext4 without a journal slows the next one",
+            flush=True,
+        )
+    print(
+        f"# receive benchmark  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}  "
+        f"fsync={flush_latency_ms():.2f} ms  fs={describe_file_system()}  "
+        f"netns={'private' if in_private_netns() else 'host'}",
+        flush=True,
+    )
+    header = (
+        f"{'study':<24} {'assoc':>5} {'receiver':<22} {'inst/s':>8} {'MB/s':>7} {'node/peer':>10} "
+        f"{'fsync ms':>8} {'busy %':>6} {'rcv CPU ms':>10}"
+    )
     print(header)
     print("-" * len(header))
     started = time.monotonic()
@@ -267,19 +302,28 @@ def main() -> int:
                 ratio = f"{node / rate:>9.2f}x" if name not in ("dicom-node", NO_FLUSH, SINGLE, POSTGRES) else ""
                 busy = statistics.median(c.busy_percent() for c in cpus[name])
                 rcv_ms = statistics.median(c.receiver_ms(len(study.paths)) for c in cpus[name])
-                print(f"{label:<24} {n:>5} {name:<22} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
-                      f"{statistics.median(flush):>8.2f} {busy:>6.0f} {rcv_ms:>10.3f}", flush=True)
+                print(
+                    f"{label:<24} {n:>5} {name:<22} {rate:>8.0f} {rate * per_mb:>7.1f} {ratio:>10} "
+                    f"{statistics.median(flush):>8.2f} {busy:>6.0f} {rcv_ms:>10.3f}",
+                    flush=True,
+                )
             if CEILING in median:  # what a durable receiver in C reaches against the storescp goals
                 plain = next(rate for name, rate in median.items() if name.startswith("storescp") and "+" not in name)
                 print(f"{label:<24} {n:>5} {'  ceiling / storescp':<22} {median[CEILING] / plain:>26.2f}x")
     print(f"# {time.monotonic() - started:.0f} s, load={os.getloadavg()[0]:.1f}, fsync={flush_latency_ms():.2f} ms")
-    print(f"# \u2020 {FLOOR[:-1]}: the file-system steps alone, no network, no parsing, no database (see "
-          "measure_flush_floor); node/peer on its row is the node's rate against it.")
-    print(f"# busy %: the machine's CPU use while sending, out of {100 * (os.cpu_count() or 1)}; rcv CPU ms: CPU time "
-          "per instance of everything but the senders (the receiver, and the kernel's work for it).")
+    print(
+        f"# \u2020 {FLOOR[:-1]}: the file-system steps alone, no network, no parsing, no database (see "
+        "measure_flush_floor); node/peer on its row is the node's rate against it."
+    )
+    print(
+        f"# busy %: the machine's CPU use while sending, out of {100 * (os.cpu_count() or 1)}; rcv CPU ms: CPU time "
+        "per instance of everything but the senders (the receiver, and the kernel's work for it)."
+    )
     if ceiling:
-        print(f"# {CEILING}: bench/durable_ceiling.c, the node's durability rule kept with the least work C allows "
-              "and no checks at all: a bound for a native receive path, not a receiver to deploy.")
+        print(
+            f"# {CEILING}: bench/durable_ceiling.c, the node's durability rule kept with the least work C allows "
+            "and no checks at all: a bound for a native receive path, not a receiver to deploy."
+        )
     if args.flush_diagnostic:
         print("# * diagnostic only: listener in-process with fsync a no-op and SQLite synchronous=OFF (not durable)")
     return 0

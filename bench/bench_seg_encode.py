@@ -150,26 +150,46 @@ def _write_nrrd(mask: np.ndarray, source: list[pydicom.Dataset], path: Path) -> 
 
 def _dcmqi_metadata(descriptions: list[hd.seg.SegmentDescription]) -> dict[str, object]:
     def code(seq: pydicom.Sequence) -> dict[str, str]:
-        return {"CodeValue": seq[0].CodeValue, "CodingSchemeDesignator": seq[0].CodingSchemeDesignator,
-                "CodeMeaning": seq[0].CodeMeaning}
+        return {
+            "CodeValue": seq[0].CodeValue,
+            "CodingSchemeDesignator": seq[0].CodingSchemeDesignator,
+            "CodeMeaning": seq[0].CodeMeaning,
+        }
 
     return {
-        "ContentCreatorName": "dicom-node^AI", "SeriesDescription": "bench", "SeriesNumber": "900",
-        "InstanceNumber": "1", "ContentLabel": "BENCH", "ContentDescription": "bench",
-        "ClinicalTrialSeriesID": "", "ClinicalTrialTimePointID": "", "ClinicalTrialCoordinatingCenterName": "",
-        "segmentAttributes": [[
-            {"labelID": int(d.SegmentNumber), "SegmentDescription": str(d.SegmentLabel),
-             "SegmentLabel": str(d.SegmentLabel), "SegmentAlgorithmType": "AUTOMATIC",
-             "SegmentAlgorithmName": "bench-seg",
-             "SegmentedPropertyCategoryCodeSequence": code(d.SegmentedPropertyCategoryCodeSequence),
-             "SegmentedPropertyTypeCodeSequence": code(d.SegmentedPropertyTypeCodeSequence)}
-            for d in descriptions
-        ]],
+        "ContentCreatorName": "dicom-node^AI",
+        "SeriesDescription": "bench",
+        "SeriesNumber": "900",
+        "InstanceNumber": "1",
+        "ContentLabel": "BENCH",
+        "ContentDescription": "bench",
+        "ClinicalTrialSeriesID": "",
+        "ClinicalTrialTimePointID": "",
+        "ClinicalTrialCoordinatingCenterName": "",
+        "segmentAttributes": [
+            [
+                {
+                    "labelID": int(d.SegmentNumber),
+                    "SegmentDescription": str(d.SegmentLabel),
+                    "SegmentLabel": str(d.SegmentLabel),
+                    "SegmentAlgorithmType": "AUTOMATIC",
+                    "SegmentAlgorithmName": "bench-seg",
+                    "SegmentedPropertyCategoryCodeSequence": code(d.SegmentedPropertyCategoryCodeSequence),
+                    "SegmentedPropertyTypeCodeSequence": code(d.SegmentedPropertyTypeCodeSequence),
+                }
+                for d in descriptions
+            ]
+        ],
     }
 
 
-def run_dcmqi(exe: str, mask: np.ndarray, source: list[pydicom.Dataset],
-              descriptions: list[hd.seg.SegmentDescription], repeats: int) -> tuple[float, float, int, int] | str:
+def run_dcmqi(
+    exe: str,
+    mask: np.ndarray,
+    source: list[pydicom.Dataset],
+    descriptions: list[hd.seg.SegmentDescription],
+    repeats: int,
+) -> tuple[float, float, int, int] | str:
     """(median wall s, max peak RSS MiB, frames, empty frames) of itkimage2segimage, or why it could not run."""
     with tempfile.TemporaryDirectory(prefix="bench-dcmqi-") as tmp:
         work = Path(tmp)
@@ -182,8 +202,17 @@ def run_dcmqi(exe: str, mask: np.ndarray, source: list[pydicom.Dataset],
             full.save_as(work / "ct" / f"{k:04d}.dcm", enforce_file_format=True)
         _write_nrrd(mask, source, work / "labels.nrrd")
         (work / "meta.json").write_text(json.dumps(_dcmqi_metadata(descriptions)))
-        cmd = [exe, "--inputImageList", str(work / "labels.nrrd"), "--inputDICOMDirectory", str(work / "ct"),
-               "--outputDICOM", str(work / "seg.dcm"), "--inputMetadata", str(work / "meta.json")]
+        cmd = [
+            exe,
+            "--inputImageList",
+            str(work / "labels.nrrd"),
+            "--inputDICOMDirectory",
+            str(work / "ct"),
+            "--outputDICOM",
+            str(work / "seg.dcm"),
+            "--inputMetadata",
+            str(work / "meta.json"),
+        ]
         times, peaks = [], []
         for _ in range(repeats + 1):  # the first run warms the page cache
             start = time.perf_counter()
@@ -225,9 +254,16 @@ def main() -> None:
 
     def peer_one_hot() -> object:
         return hd.seg.Segmentation(
-            source_images=source, pixel_array=one_hot, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid="2.25.2", series_number=900,
-            sop_instance_uid="2.25.1", instance_number=1, omit_empty_frames=True, **equipment_kwargs(node),
+            source_images=source,
+            pixel_array=one_hot,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid="2.25.2",
+            series_number=900,
+            sop_instance_uid="2.25.1",
+            instance_number=1,
+            omit_empty_frames=True,
+            **equipment_kwargs(node),
         )
 
     def floor_pack() -> object:
@@ -241,8 +277,10 @@ def main() -> None:
     rows = [
         ("node build_seg (seg_fast)", *measure(lambda: build_seg(source, result, **uids), _to_bytes, args.repeats)),
         ("highdicom, one-hot input", *measure(peer_one_hot, _to_bytes, args.repeats)),
-        ("highdicom, uint8 label map", *measure(lambda: build_seg_highdicom(source, result, **uids), _to_bytes,
-                                                args.repeats)),
+        (
+            "highdicom, uint8 label map",
+            *measure(lambda: build_seg_highdicom(source, result, **uids), _to_bytes, args.repeats),
+        ),
     ]
     exe = None if args.no_dcmqi else _dcmqi_exe()
     dcmqi_note = "dcmqi: not run (--no-dcmqi)" if args.no_dcmqi else "dcmqi: itkimage2segimage not installed"
@@ -253,17 +291,23 @@ def main() -> None:
         else:
             seconds, peak, dcmqi_frames, empty = got
             rows.append(("dcmqi itkimage2segimage (process)*", float("nan"), seconds, peak))
-            dcmqi_note = (f"* whole process incl. reading its inputs; peak is absolute RSS; {dcmqi_frames} frames, "
-                          f"{empty} of them empty (dcmqi omits only slices outside each segment's extent)")
+            dcmqi_note = (
+                f"* whole process incl. reading its inputs; peak is absolute RSS; {dcmqi_frames} frames, "
+                f"{empty} of them empty (dcmqi omits only slices outside each segment's extent)"
+            )
     rows.append(("floor: packbits + write", *measure(floor_pack, floor_write, args.repeats)))
 
     ours = rows[0]
-    print(f"SEG encode, {args.slices}x{args.size}x{args.size}, 2 segments, {len(frames)} non-empty frames, "
-          f"median of {args.repeats} (warm process)")
+    print(
+        f"SEG encode, {args.slices}x{args.size}x{args.size}, 2 segments, {len(frames)} non-empty frames, "
+        f"median of {args.repeats} (warm process)"
+    )
     print(f"{'variant':38s} {'build s':>8s} {'+write s':>9s} {'x node':>7s} {'peak MiB':>9s} {'x node':>7s}")
     for name, built, total, peak in rows:
-        print(f"{name:38s} {built:8.3f} {total:9.3f} {total / ours[2]:7.1f} {peak:9.0f} "
-              f"{peak / ours[3] if ours[3] > 0 else float('nan'):7.1f}")
+        print(
+            f"{name:38s} {built:8.3f} {total:9.3f} {total / ours[2]:7.1f} {peak:9.0f} "
+            f"{peak / ours[3] if ours[3] > 0 else float('nan'):7.1f}"
+        )
     print(dcmqi_note)
 
 

@@ -69,14 +69,20 @@ def cached_ct_study(name: str, slices: int, size: int, seed: int) -> Study:
 
         shutil.rmtree(out, ignore_errors=True)
         ph = generate_phantom(seed, shape=(slices, size, size), n_nodules=2)
-        ids = StudyIds(study_uid=f"1.2.826.0.1.3680043.10.1234.88.{seed}", patient_id=f"BENCH{seed}",
-                       accession=f"ACC{seed}")  # short UIDs: generated ones plus suffixes would pass 64 chars
+        ids = StudyIds(
+            study_uid=f"1.2.826.0.1.3680043.10.1234.88.{seed}", patient_id=f"BENCH{seed}", accession=f"ACC{seed}"
+        )  # short UIDs: generated ones plus suffixes would pass 64 chars
         batch = 100  # keep at most this many datasets in memory
         for start in range(0, slices, batch):
-            part = ph.__class__(hu=ph.hu[start:start + batch], labels=ph.labels[start:start + batch],
-                                spacing=ph.spacing, nodules=ph.nodules)
-            dss = phantom_datasets(part, ids, series_uid=_series_uid(ids.study_uid), origin=(-200.0, -200.0,
-                                                                                        start * ph.spacing[0]))
+            part = ph.__class__(
+                hu=ph.hu[start : start + batch],
+                labels=ph.labels[start : start + batch],
+                spacing=ph.spacing,
+                nodules=ph.nodules,
+            )
+            dss = phantom_datasets(
+                part, ids, series_uid=_series_uid(ids.study_uid), origin=(-200.0, -200.0, start * ph.spacing[0])
+            )
             for k, ds in enumerate(dss):  # unique SOP UIDs and numbers across batches
                 ds.InstanceNumber = start + k + 1
                 ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{start + k + 1}"
@@ -136,8 +142,10 @@ def reexec_in_netns() -> None:
     if in_private_netns() or shutil.which("unshare") is None:
         return
     if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
-        print("note: cannot create a network namespace (needs root or user namespaces); Orthanc is skipped",
-              file=sys.stderr)
+        print(
+            "note: cannot create a network namespace (needs root or user namespaces); Orthanc is skipped",
+            file=sys.stderr,
+        )
         return
     argv = " ".join(_quote(a) for a in [sys.executable, *sys.argv])
     env = {**os.environ, NETNS_FLAG: "1"}
@@ -232,11 +240,17 @@ class CeilingPeer(Peer):
             raise RuntimeError("durable_ceiling.c could not be built")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.proc = subprocess.Popen([str(exe), str(self.port), str(self.dir)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [str(exe), str(self.port), str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         proc = self.proc
-        await_listening(proc, self.port, 10, "the ceiling's port",
-                        lambda: RuntimeError(f"durable_ceiling exited: {proc.stderr.read().decode()[-500:]}"))
+        await_listening(
+            proc,
+            self.port,
+            10,
+            "the ceiling's port",
+            lambda: RuntimeError(f"durable_ceiling exited: {proc.stderr.read().decode()[-500:]}"),
+        )
         return self
 
     def stop(self) -> None:
@@ -285,8 +299,13 @@ class StoreSCPPeer(Peer):
             if shim is None:
                 raise RuntimeError("a durable storescp needs fsync_on_close.so, and it could not be built")
             env = {**DCMTK_ENV, "LD_PRELOAD": str(shim)}
-        self.proc = subprocess.Popen([*args, str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*args, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         wait_for(lambda: port_open(self.port), 10, "storescp's port")
         return self
 
@@ -313,17 +332,33 @@ class OrthancPeer(Peer):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         cfg = {
-            "Name": "bench", "StorageDirectory": str(self.dir / "storage"), "IndexDirectory": str(self.dir / "index"),
-            "DicomAet": self.ae_title, "DicomPort": self.port, "HttpServerEnabled": False, "HttpPort": free_port(),
-            "Plugins": [], "StorageCompression": False, "DicomCheckCalledAet": False, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomThreadsCount": 4, "LogExportedResources": False,
+            "Name": "bench",
+            "StorageDirectory": str(self.dir / "storage"),
+            "IndexDirectory": str(self.dir / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.port,
+            "HttpServerEnabled": False,
+            "HttpPort": free_port(),
+            "Plugins": [],
+            "StorageCompression": False,
+            "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomThreadsCount": 4,
+            "LogExportedResources": False,
         }
         (self.dir / "orthanc.json").write_text(json.dumps(cfg))
         self.log = open(self.dir / "orthanc.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        await_listening(self.proc, self.port, 30, "Orthanc's DICOM port",
-                        lambda: RuntimeError(f"Orthanc exited: {(self.dir / 'orthanc.log').read_text()[-2000:]}"))
+        self.proc = subprocess.Popen(
+            [ORTHANC, str(self.dir / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        await_listening(
+            self.proc,
+            self.port,
+            30,
+            "Orthanc's DICOM port",
+            lambda: RuntimeError(f"Orthanc exited: {(self.dir / 'orthanc.log').read_text()[-2000:]}"),
+        )
         return self
 
     def stop(self) -> None:
@@ -352,8 +387,16 @@ class NodePeer(Peer):
     def start(self) -> NodePeer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        cfg = write_config(self.dir / "config.toml", port=self.port, data_dir=self.dir / "var", destinations=[],
-                           stable_seconds=3600, models="", routes="", node_extra=self.extra_node)
+        cfg = write_config(
+            self.dir / "config.toml",
+            port=self.port,
+            data_dir=self.dir / "var",
+            destinations=[],
+            stable_seconds=3600,
+            models="",
+            routes="",
+            node_extra=self.extra_node,
+        )
         self.proc = NodeProcess(cfg, self.port, self.dir / "node.log").start()
         return self
 
@@ -386,8 +429,11 @@ def send(peer: Peer, paths: Sequence[Path], associations: int) -> float:
     start = time.perf_counter()
     for share in split(paths, associations):
         args = [STORESCU, "-aec", peer.ae_title, "-aet", "BENCHSCU", "127.0.0.1", str(peer.port)]
-        procs.append(subprocess.Popen([*args, *map(str, share)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, env=DCMTK_ENV))
+        procs.append(
+            subprocess.Popen(
+                [*args, *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=DCMTK_ENV
+            )
+        )
     errors = []
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -492,7 +538,7 @@ def describe_file_system(path: str = BENCH_TMP) -> str:
         for line in fh:
             fields = line.split()
             mount = fields[4]
-            post = fields[fields.index("-") + 1:]
+            post = fields[fields.index("-") + 1 :]
             if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
                 best, fstype, source = mount, post[0], post[1]
     if fstype == "ext4":

@@ -94,8 +94,9 @@ def _url(data_dir: Path, database_url: str) -> str:
     return database_url or f"sqlite:///{data_dir / 'node.db'}"
 
 
-def check_store(data_dir: Path, datasets: dict[str, Dataset], acked: set[str],
-                database_url: str = "") -> tuple[list[str], list[str], int]:
+def check_store(
+    data_dir: Path, datasets: dict[str, Dataset], acked: set[str], database_url: str = ""
+) -> tuple[list[str], list[str], int]:
     """(acknowledged but lost, index rows without a file, temp files left) after a restart."""
     js = JobStore(make_engine(_url(data_dir, database_url)))
     rows = {i.sop_instance_uid: i for i in js.all_instances()}
@@ -108,8 +109,11 @@ def check_store(data_dir: Path, datasets: dict[str, Dataset], acked: set[str],
             continue
         stored = dcmread(root / row.path)
         sent = datasets[sop]
-        same = (stored.PixelData == sent.PixelData and stored.SOPInstanceUID == sent.SOPInstanceUID
-                and len(stored) == len(sent))
+        same = (
+            stored.PixelData == sent.PixelData
+            and stored.SOPInstanceUID == sent.SOPInstanceUID
+            and len(stored) == len(sent)
+        )
         if not same:
             lost.append(sop)
     orphans = [sop for sop, r in rows.items() if not (root / r.path).is_file()]
@@ -128,8 +132,16 @@ def run_rounds(workdir: Path, rounds: int, *, seed: int = 1, log=print, database
     port = free_port()
     data_dir = workdir / "var"
     # a long quiet time: nothing is processed while rounds are running
-    cfg = write_config(workdir / "soak.toml", port=port, data_dir=data_dir, destinations=[], stable_seconds=3600,
-                       models="", routes="", node_extra=node_extra)
+    cfg = write_config(
+        workdir / "soak.toml",
+        port=port,
+        data_dir=data_dir,
+        destinations=[],
+        stable_seconds=3600,
+        models="",
+        routes="",
+        node_extra=node_extra,
+    )
     totals = {"rounds": 0, "sent": 0, "acknowledged": 0, "lost": 0, "orphan_rows": 0, "temp_files_left": 0}
     all_acked: set[str] = set()
     for r in range(rounds):
@@ -147,16 +159,25 @@ def run_rounds(workdir: Path, rounds: int, *, seed: int = 1, log=print, database
         totals["acknowledged"] += len(acked)
         log(f"round {r + 1}: sent {sent}, acknowledged {len(acked)}, killed after {kill_after}")
     # last restart: the study is now quiet and routed; it must be processed exactly once
-    final = write_config(workdir / "final.toml", port=port, data_dir=data_dir, destinations=[], stable_seconds=0.5,
-                         routes='[[routes]]\nname = "chest-ct"\nmodels = ["chest-ct-seg"]\nsend_to = []\n',
-                         node_extra=node_extra)
+    final = write_config(
+        workdir / "final.toml",
+        port=port,
+        data_dir=data_dir,
+        destinations=[],
+        stable_seconds=0.5,
+        routes='[[routes]]\nname = "chest-ct"\nmodels = ["chest-ct-seg"]\nsend_to = []\n',
+        node_extra=node_extra,
+    )
     node = NodeProcess(final, port, workdir / "node-final.log").start()
     lost, orphans, temps = check_store(data_dir, by_uid, all_acked, database_url)
     study_uid = str(study[0].StudyInstanceUID)
     js = JobStore(make_engine(_url(data_dir, database_url)))
     try:
-        wait_for(lambda: [j for j in js.list_jobs(limit=100) if j.study_uid == study_uid
-                          and j.state in ("done", "failed")], 600, "the soaked study's job to finish")
+        wait_for(
+            lambda: [j for j in js.list_jobs(limit=100) if j.study_uid == study_uid and j.state in ("done", "failed")],
+            600,
+            "the soaked study's job to finish",
+        )
         jobs = [j for j in js.list_jobs(limit=100) if j.study_uid == study_uid]
         if any(j.state != "done" for j in jobs):
             raise RuntimeError(f"the soaked study's job did not succeed: {[(j.state, j.error) for j in jobs]}")
@@ -189,11 +210,15 @@ def main() -> int:
     t0 = time.time()
     totals = run_rounds(workdir, args.rounds)
     print()
-    print(f"{'rounds':>7} {'sent':>7} {'acked':>7} {'lost':>5} {'orphan rows':>12} {'temp left':>10} "
-          f"{'jobs for study':>15} {'integrity':>10}")
-    print(f"{totals['rounds']:>7} {totals['sent']:>7} {totals['acknowledged']:>7} {totals['lost']:>5} "
-          f"{totals['orphan_rows']:>12} {totals['temp_files_left']:>10} {totals['jobs_for_study']:>15} "
-          f"{'ok' if totals['integrity_ok'] else 'FAILED':>10}")
+    print(
+        f"{'rounds':>7} {'sent':>7} {'acked':>7} {'lost':>5} {'orphan rows':>12} {'temp left':>10} "
+        f"{'jobs for study':>15} {'integrity':>10}"
+    )
+    print(
+        f"{totals['rounds']:>7} {totals['sent']:>7} {totals['acknowledged']:>7} {totals['lost']:>5} "
+        f"{totals['orphan_rows']:>12} {totals['temp_files_left']:>10} {totals['jobs_for_study']:>15} "
+        f"{'ok' if totals['integrity_ok'] else 'FAILED':>10}"
+    )
     print(f"({time.time() - t0:.0f} s, data in {workdir})")
     ok = totals["lost"] == 0 and totals["orphan_rows"] == 0 and totals["integrity_ok"] and totals["jobs_for_study"] == 1
     return 0 if ok else 1

@@ -37,8 +37,14 @@ def series_infos(files: FileStore, instances: list[InstanceRecord]) -> list[Seri
         try:
             header = dcmread(files.absolute(first.path), stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
-            log_event(log, "series_header_unreadable", logging.WARNING, study_uid=first.study_uid,
-                      series_uid=series_uid, error=str(exc))
+            log_event(
+                log,
+                "series_header_unreadable",
+                logging.WARNING,
+                study_uid=first.study_uid,
+                series_uid=series_uid,
+                error=str(exc),
+            )
             continue
         out.append(SeriesInfo(series_uid=series_uid, instance_count=len(members), header=header))
     return out
@@ -59,16 +65,24 @@ class Assembler:
         infos = self._whole(study, series_infos(self.files, instances))
         plan = plan_jobs(self.cfg.routes, infos)
         routes = {r.name: r for r in self.cfg.routes}
-        new = [NewJob(route=name, series_uid=s.series_uid, models=routes[name].models,
-                      destinations=routes[name].send_to) for name, s in plan.items()]
+        new = [
+            NewJob(route=name, series_uid=s.series_uid, models=routes[name].models, destinations=routes[name].send_to)
+            for name, s in plan.items()
+        ]
         jobs = self.jobs.complete_study(study.study_uid, study.generation, new, instance_count=len(instances))
         if jobs is None:  # an instance arrived while the jobs were planned: once quiet again, planned again
             log_event(log, "study_completion_deferred", study_uid=study.study_uid, generation=study.generation)
             return []
-        log_event(log, "study_complete", study_uid=study.study_uid, generation=study.generation,
-                  instances=study.instance_count, series=len(infos),
-                  job_ids=",".join(str(j.id) for j in jobs) or "none",
-                  routes=",".join(plan) or "none")
+        log_event(
+            log,
+            "study_complete",
+            study_uid=study.study_uid,
+            generation=study.generation,
+            instances=study.instance_count,
+            series=len(infos),
+            job_ids=",".join(str(j.id) for j in jobs) or "none",
+            routes=",".join(plan) or "none",
+        )
         return [j.id for j in jobs]
 
     def _whole(self, study: StudyRecord, infos: list[SeriesInfo]) -> list[SeriesInfo]:
@@ -80,9 +94,16 @@ class Assembler:
         for info in infos:
             before = purged.get(info.series_uid, 0)
             if info.instance_count < before:
-                log_event(log, "late_arrival_after_purge_not_run", logging.WARNING, study_uid=study.study_uid,
-                          series_uid=info.series_uid, generation=study.generation, instances=info.instance_count,
-                          purged=before)
+                log_event(
+                    log,
+                    "late_arrival_after_purge_not_run",
+                    logging.WARNING,
+                    study_uid=study.study_uid,
+                    series_uid=info.series_uid,
+                    generation=study.generation,
+                    instances=info.instance_count,
+                    purged=before,
+                )
                 continue
             whole.append(info)
         return whole

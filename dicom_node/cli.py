@@ -57,9 +57,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             failed += 1
     if failed:
         return 2
-    print(f"{args.config}: OK ({len(cfg.destinations)} destinations, {len(cfg.models)} models, "
-          f"{len(cfg.routes)} routes; listening as {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}; "
-          f"data in {cfg.data_dir})")
+    print(
+        f"{args.config}: OK ({len(cfg.destinations)} destinations, {len(cfg.models)} models, "
+        f"{len(cfg.routes)} routes; listening as {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}; "
+        f"data in {cfg.data_dir})"
+    )
     return 0
 
 
@@ -72,19 +74,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     jobs = rt.jobs.list_jobs(limit=args.limit)
     storage = admin.storage_status(cfg, rt)
     if args.json:
-        print(json.dumps({"counts": counts, "storage": storage, "jobs": [admin.job_json(rt, j) for j in jobs]},
-                         default=str))
+        print(
+            json.dumps(
+                {"counts": counts, "storage": storage, "jobs": [admin.job_json(rt, j) for j in jobs]}, default=str
+            )
+        )
         return 0
     print(f"instances: {counts['instances']['total']}")
     for k in ("studies", "jobs", "deliveries"):
         print(f"{k}: " + (", ".join(f"{s}={n}" for s, n in sorted(counts[k].items())) or "none"))
     d, r = storage["disk"], cfg.retention
-    print(f"disk: {d['used_percent']}% used, {d['free_mb']} MiB free (evicts above {r.high_watermark_percent:g}% "  # type: ignore[index]
-          f"or below {cfg.node.min_free_mb} MiB free, down to {r.low_watermark_percent:g}%)")
+    print(
+        f"disk: {d['used_percent']}% used, {d['free_mb']} MiB free (evicts above {r.high_watermark_percent:g}% "  # type: ignore[index]
+        f"or below {cfg.node.min_free_mb} MiB free, down to {r.low_watermark_percent:g}%)"
+    )
     e = storage["eligible"]
-    print(f"eligible for purge now: {e['studies']} studies, {e['received_mb']} MiB received, "  # type: ignore[index]
-          f"{e['result_files']} result files, {e['history']} histories"  # type: ignore[index]
-          + ("" if r.enabled else " (retention.enabled = false: only `dicom-node purge` deletes)"))
+    print(
+        f"eligible for purge now: {e['studies']} studies, {e['received_mb']} MiB received, "  # type: ignore[index]
+        f"{e['result_files']} result files, {e['history']} histories"  # type: ignore[index]
+        + ("" if r.enabled else " (retention.enabled = false: only `dicom-node purge` deletes)")
+    )
     _print_jobs(rt, jobs)
     return 0
 
@@ -149,10 +158,19 @@ def _print_jobs(rt: object, jobs: Sequence[object]) -> None:
         done = sum(d.state == "done" for d in dels)
         failed = sum(d.state == "failed" for d in dels)
         refused = sum(d.state == "refused" for d in dels)  # rejection notes a destination would not take
-        dtxt = (f"{done}/{len(dels)} sent" + (f", {failed} failed" if failed else "")
-                + (f", {refused} refused" if refused else "")) if dels else "-"
-        print(f"{j.id:>5}  {j.state:<9} {j.attempts:>3}  {_ts(j.updated_at):<19}  {j.route[:12]:<12} "
-              f"{dtxt:<16} {j.study_uid}")
+        dtxt = (
+            (
+                f"{done}/{len(dels)} sent"
+                + (f", {failed} failed" if failed else "")
+                + (f", {refused} refused" if refused else "")
+            )
+            if dels
+            else "-"
+        )
+        print(
+            f"{j.id:>5}  {j.state:<9} {j.attempts:>3}  {_ts(j.updated_at):<19}  {j.route[:12]:<12} "
+            f"{dtxt:<16} {j.study_uid}"
+        )
         if j.error:
             print(f"{'':>7}error: {j.error[:300]}")
         for d in dels:
@@ -249,8 +267,10 @@ def cmd_make_phantom(args: argparse.Namespace) -> int:
     paths = write_datasets(phantom_datasets(ph, ids, transfer_syntax=ts), out)
     if args.localizer:
         paths += write_datasets(localizer_datasets(ph, ids), out)
-    print(f"wrote {len(paths)} files to {out} (study {ids.study_uid}, {len(ph.nodules)} nodules, "
-          f"shape {ph.hu.shape}, spacing {tuple(round(s, 3) for s in ph.spacing)})")
+    print(
+        f"wrote {len(paths)} files to {out} (study {ids.study_uid}, {len(ph.nodules)} nodules, "
+        f"shape {ph.hu.shape}, spacing {tuple(round(s, 3) for s in ph.spacing)})"
+    )
     return 0
 
 
@@ -272,11 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("purge", cmd_purge, "delete what the retention rules call for now (see README: Retention)")
     sp.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
     sp.add_argument("--study", metavar="UID", help="only this study")
-    sp.add_argument("--older-than", type=float, metavar="DAYS",
-                    help="every finished study older than this, whatever the keep_* settings")
+    sp.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="every finished study older than this, whatever the keep_* settings",
+    )
     sp = add("jobs", cmd_jobs, "list jobs")
-    sp.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"],
-                    help="failed: also done jobs with a result a destination did not take")
+    sp.add_argument(
+        "--state",
+        choices=["queued", "running", "done", "failed", "cancelled"],
+        help="failed: also done jobs with a result a destination did not take",
+    )
     sp.add_argument("--limit", type=int, default=50)
     sp = add("retry", cmd_retry, "run a failed or cancelled job again; for a done job, re-send its results")
     sp.add_argument("job", type=int)
@@ -291,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=1)
     sp.add_argument("--nodules", type=int, default=None)
     sp.add_argument("--shape", default="", help="ZxYxX, e.g. 120x256x256")
-    sp.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian",
-                    help="pydicom UID name, e.g. RLELossless, JPEG2000Lossless")
+    sp.add_argument(
+        "--transfer-syntax",
+        default="ExplicitVRLittleEndian",
+        help="pydicom UID name, e.g. RLELossless, JPEG2000Lossless",
+    )
     sp.add_argument("--localizer", action="store_true")
     return p
 

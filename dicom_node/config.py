@@ -328,8 +328,10 @@ def _validate_series_numbers(cfg: Config) -> None:
         raise ConfigError(
             f"results.findings_sr_series_number: {r.findings_sr_series_number} is the SR's or among the SEGs' numbers"
         )
-    if r.rejection_series_number in segs or r.rejection_series_number in (r.sr_series_number,
-                                                                         r.findings_sr_series_number):
+    if r.rejection_series_number in segs or r.rejection_series_number in (
+        r.sr_series_number,
+        r.findings_sr_series_number,
+    ):
         raise ConfigError(
             f"results.rejection_series_number: {r.rejection_series_number} is an SR's or among the SEGs' numbers"
         )
@@ -366,13 +368,17 @@ def _check_database_url(url: str) -> None:
     except ArgumentError as exc:
         raise ConfigError(f"node.database_url: not a database URL: {exc}") from exc
     if u.get_backend_name() not in ("sqlite", "postgresql"):
-        raise ConfigError(f"node.database_url: expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB, "
-                          f"got a {u.get_backend_name()} URL")
+        raise ConfigError(
+            f"node.database_url: expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB, "
+            f"got a {u.get_backend_name()} URL"
+        )
     try:
         u.get_dialect().import_dbapi()
     except ImportError as exc:
-        raise ConfigError(f"node.database_url: the {u.drivername} driver is not installed ({exc}); for PostgreSQL "
-                          "use postgresql+psycopg://... after .venv/bin/pip install -e '.[postgres]'") from exc
+        raise ConfigError(
+            f"node.database_url: the {u.drivername} driver is not installed ({exc}); for PostgreSQL "
+            "use postgresql+psycopg://... after .venv/bin/pip install -e '.[postgres]'"
+        ) from exc
 
 
 def _validate(cfg: Config) -> None:
@@ -452,8 +458,10 @@ def _validate_retention(r: RetentionSection) -> None:
         if getattr(r, k) < 0:
             raise ConfigError(f"retention.{k}: must not be negative")
     if not 0 < r.low_watermark_percent < r.high_watermark_percent <= 100:
-        raise ConfigError("retention.low_watermark_percent, retention.high_watermark_percent: expected "
-                          f"0 < low < high <= 100, got {r.low_watermark_percent} and {r.high_watermark_percent}")
+        raise ConfigError(
+            "retention.low_watermark_percent, retention.high_watermark_percent: expected "
+            f"0 < low < high <= 100, got {r.low_watermark_percent} and {r.high_watermark_percent}"
+        )
     if r.interval_seconds <= 0:
         raise ConfigError("retention.interval_seconds: must be positive")
 
@@ -476,7 +484,7 @@ def _check_tls_files(cfg: Config, section: str, cert: str, key: str, ca: str, mi
     """The TLS rules shared by the DICOM port and the HTTP server: a version we allow, a key with a
     certificate, and files that exist."""
     if min_version not in TLS_VERSIONS:
-        raise ConfigError(f"{section}.tls_min_version: expected \"1.2\" or \"1.3\", got {min_version!r}")
+        raise ConfigError(f'{section}.tls_min_version: expected "1.2" or "1.3", got {min_version!r}')
     if not cert:
         if key:
             raise ConfigError(f"{section}.tls_key_file: set without {section}.tls_cert_file")

@@ -163,6 +163,7 @@ class GroupCommitter:
                     if s.status < 0 and s.blocked_by is None:
                         s.status, s.outcome = OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
                         self._undo(s)
+
         return run
 
     def _undo(self, s: _Slot) -> None:
@@ -229,8 +230,11 @@ class GroupCommitter:
                 self._undo(s)
             return
         try:
-            outcomes = self._db.record([s.pending.instance for s in batch], late_arrivals=self.settings.late_arrivals,
-                                       reopen_classes=self.settings.reopen_classes)
+            outcomes = self._db.record(
+                [s.pending.instance for s in batch],
+                late_arrivals=self.settings.late_arrivals,
+                reopen_classes=self.settings.reopen_classes,
+            )
         except SQLAlchemyError as exc:
             log_event(log, "index_failed", logging.WARNING, instances=len(batch), error=type(exc).__name__)
             for s in batch:

@@ -89,8 +89,13 @@ class ListenerPool:
         self._monitor.start()
         if ready < self.n:
             log_event(log, "listener_processes_not_ready", logging.WARNING, ready=ready, expected=self.n)
-        log_event(log, "listener_pool_started", processes=self.n, port=self.port,
-                  pids=",".join(str(p.pid) for p in self.procs if p is not None))
+        log_event(
+            log,
+            "listener_pool_started",
+            processes=self.n,
+            port=self.port,
+            pids=",".join(str(p.pid) for p in self.procs if p is not None),
+        )
         return self
 
     def _wait_ready(self, ready_r: int, timeout: float = READY_TIMEOUT_SECONDS) -> int:
@@ -106,11 +111,26 @@ class ListenerPool:
 
     def _spawn(self, slot: int) -> None:
         assert self.sock is not None and self.counts is not None
-        cmd = [sys.executable, "-m", "dicom_node.listener_process", "--listen-fd", str(self.sock.fileno()),
-               "--counts-fd", str(self.counts.fd), "--slots", str(self.n), "--slot", str(slot),
-               "--parent", str(os.getpid()), "--ready-fd", str(self._ready_w)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
-                                pass_fds=(self.sock.fileno(), self.counts.fd, self._ready_w))
+        cmd = [
+            sys.executable,
+            "-m",
+            "dicom_node.listener_process",
+            "--listen-fd",
+            str(self.sock.fileno()),
+            "--counts-fd",
+            str(self.counts.fd),
+            "--slots",
+            str(self.n),
+            "--slot",
+            str(slot),
+            "--parent",
+            str(os.getpid()),
+            "--ready-fd",
+            str(self._ready_w),
+        ]
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, pass_fds=(self.sock.fileno(), self.counts.fd, self._ready_w)
+        )
         assert proc.stdin is not None
         try:
             proc.stdin.write(pickle.dumps(self.cfg))
@@ -133,16 +153,22 @@ class ListenerPool:
                 ran = time.monotonic() - self._started_at[slot]
                 self._failures[slot] = self._failures[slot] + 1 if ran < 10 else 1
                 pause = min(RESTART_PAUSE_MAX, 0.5 * 2 ** (self._failures[slot] - 1))
-                log_event(log, "listener_process_exited", logging.ERROR, pid=proc.pid, returncode=proc.returncode,
-                          slot=slot, restart_in=f"{pause:.1f}s")
+                log_event(
+                    log,
+                    "listener_process_exited",
+                    logging.ERROR,
+                    pid=proc.pid,
+                    returncode=proc.returncode,
+                    slot=slot,
+                    restart_in=f"{pause:.1f}s",
+                )
                 self.procs[slot] = None
                 due[slot] = time.monotonic() + pause
             for slot, when in sorted(due.items()):
                 if when <= time.monotonic() and not self._stop.is_set():
                     del due[slot]
                     self._spawn(slot)
-                    log_event(log, "listener_process_restarted", slot=slot,
-                              pid=self.procs[slot].pid)  # type: ignore[union-attr]
+                    log_event(log, "listener_process_restarted", slot=slot, pid=self.procs[slot].pid)  # type: ignore[union-attr]
 
     def shutdown(self) -> None:
         """SIGTERM every child (each aborts its open associations), wait, then SIGKILL stragglers."""

@@ -33,8 +33,12 @@ class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {}) or {}
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        parts = [f"ts={ts}", f"level={record.levelname.lower()}", f"logger={record.name}",
-                 f"event={_quote(record.getMessage())}"]
+        parts = [
+            f"ts={ts}",
+            f"level={record.levelname.lower()}",
+            f"logger={record.name}",
+            f"event={_quote(record.getMessage())}",
+        ]
         parts += [f"{k}={_quote(v)}" for k, v in fields.items()]
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
@@ -44,7 +48,9 @@ class LogfmtFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
             "event": record.getMessage(),
         }
         out.update(getattr(record, "fields", {}) or {})

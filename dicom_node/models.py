@@ -28,14 +28,19 @@ class ModelCache:
                 spec = self.cfg.model(name)
                 device = spec.device or self.cfg.worker.device
                 started = time.perf_counter()
-                model = load_model(
-                    self.cfg.bundle_path(name), name=name, device=device, min_score=spec.operating_point
-                )
+                model = load_model(self.cfg.bundle_path(name), name=name, device=device, min_score=spec.operating_point)
                 metrics.MODEL_LOAD_SECONDS.labels(name).set(time.perf_counter() - started)
                 ident = model.identity
-                log_event(log, "model_loaded", model=name, version=ident.version, task=ident.task,
-                          device=ident.device, bundle_sha256=ident.bundle_hash[:12],
-                          min_score=model.min_score if model.min_score is not None else "")
+                log_event(
+                    log,
+                    "model_loaded",
+                    model=name,
+                    version=ident.version,
+                    task=ident.task,
+                    device=ident.device,
+                    bundle_sha256=ident.bundle_hash[:12],
+                    min_score=model.min_score if model.min_score is not None else "",
+                )
                 self._loaded[name] = model
                 _freeze_long_lived()
             return model
@@ -50,8 +55,9 @@ class ModelCache:
                 self.get(spec.name)
                 loaded += 1
             except Exception as exc:  # any bundle error: logged here, raised again for the job that needs it
-                log_event(log, "model_load_failed", logging.ERROR, model=spec.name,
-                          error=f"{type(exc).__name__}: {exc}"[:500])
+                log_event(
+                    log, "model_load_failed", logging.ERROR, model=spec.name, error=f"{type(exc).__name__}: {exc}"[:500]
+                )
         return loaded
 
 

@@ -17,13 +17,15 @@ from pydicom.dataset import Dataset
 from dicom_node.config import Route
 
 # Cross-sectional image storage classes a volume model can read (CT, enhanced CT, MR, enhanced MR, PET).
-VOLUME_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.2",
-    "1.2.840.10008.5.1.4.1.1.2.1",
-    "1.2.840.10008.5.1.4.1.1.4",
-    "1.2.840.10008.5.1.4.1.1.4.1",
-    "1.2.840.10008.5.1.4.1.1.128",
-})
+VOLUME_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.4.1",
+        "1.2.840.10008.5.1.4.1.1.128",
+    }
+)
 _EXCLUDED_IMAGE_TYPES = {"LOCALIZER", "SECONDARY", "DERIVED", "SCOUT", "PROJECTION IMAGE"}
 
 

@@ -64,10 +64,14 @@ def classify(status: int) -> Outcome:
 
 # A-ASSOCIATE-RJ (result source, reason) -> words (PS3.8 9.3.4), so an admin reads why without the table
 _REJECT_REASONS = {
-    (1, 1): "no reason given", (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognized", (1, 7): "called AE title not recognized",
-    (2, 1): "no reason given", (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
 }
 
 
@@ -121,8 +125,10 @@ def _association_failure(assoc: Any, connected: bool) -> str:
         if rsp is not None:
             kind = {1: "permanent", 2: "transient"}.get(rsp.result, "")
             why = _REJECT_REASONS.get((rsp.result_source, rsp.diagnostic), "unknown reason")
-            return (f"association rejected ({kind}: {why}; result {rsp.result}, source {rsp.result_source}, "
-                    f"reason {rsp.diagnostic})")
+            return (
+                f"association rejected ({kind}: {why}; result {rsp.result}, source {rsp.result_source}, "
+                f"reason {rsp.diagnostic})"
+            )
         return "association rejected"
     if assoc.is_aborted:
         return "no association: aborted by the peer during negotiation"
@@ -146,7 +152,8 @@ def send_files(peer: Peer, paths: Sequence[Path]) -> list[SendResult]:
             continue
         ts = str(ds.file_meta.TransferSyntaxUID)
         contexts.setdefault(str(ds.SOPClassUID), set()).update(
-            {ts, str(pduid.ExplicitVRLittleEndian), str(pduid.ImplicitVRLittleEndian)})
+            {ts, str(pduid.ExplicitVRLittleEndian), str(pduid.ImplicitVRLittleEndian)}
+        )
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
     if not contexts:

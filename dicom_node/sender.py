@@ -31,8 +31,9 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 class Sender:
-    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore, owner: str,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, cfg: Config, files: FileStore, jobs: JobStore, owner: str, audit: AuditLog | None = None
+    ) -> None:
         self.audit = audit  # one record per result sent (done, retry or failed)
         self.cfg = cfg
         self.files = files
@@ -42,9 +43,15 @@ class Sender:
     def peer(self, destination: str) -> Peer:
         d = self.cfg.destination(destination)
         s = self.cfg.sender
-        return Peer(ae_title=d.ae_title, host=d.host, port=d.port,
-                    calling_ae_title=d.calling_ae_title or self.cfg.node.ae_title,
-                    acse_timeout=s.acse_timeout, dimse_timeout=s.dimse_timeout, network_timeout=s.network_timeout)
+        return Peer(
+            ae_title=d.ae_title,
+            host=d.host,
+            port=d.port,
+            calling_ae_title=d.calling_ae_title or self.cfg.node.ae_title,
+            acse_timeout=s.acse_timeout,
+            dimse_timeout=s.dimse_timeout,
+            network_timeout=s.network_timeout,
+        )
 
     def run_once(self) -> bool:
         """Send one batch (one destination, one association); False when nothing was due."""
@@ -75,9 +82,17 @@ class Sender:
 
     def _record(self, d: DeliveryRecord, outcome: Outcome, status: str, detail: str) -> None:
         s = self.cfg.sender
-        fields = dict(study_uid=d.result.study_uid, job_id=d.job_id, delivery_id=d.id, destination=d.destination,
-                      kind=d.result.kind, sop_instance_uid=d.result.sop_instance_uid, attempt=d.attempts,
-                      status=status or None, detail=detail or None)
+        fields = dict(
+            study_uid=d.result.study_uid,
+            job_id=d.job_id,
+            delivery_id=d.id,
+            destination=d.destination,
+            kind=d.result.kind,
+            sop_instance_uid=d.result.sop_instance_uid,
+            attempt=d.attempts,
+            status=status or None,
+            detail=detail or None,
+        )
         if outcome in (Outcome.SUCCESS, Outcome.WARNING):
             state = "done"
             self.jobs.delivery_outcome(d.id, self.owner, state="done", status=status, error=detail)
@@ -85,15 +100,22 @@ class Sender:
         elif outcome is Outcome.RETRYABLE and d.attempts < s.max_attempts:
             state = "retry"
             wait = backoff(d.attempts, s.backoff_seconds, s.backoff_max_seconds)
-            self.jobs.delivery_outcome(d.id, self.owner, state="pending", status=status, error=detail,
-                                       not_before=time.time() + wait)
+            self.jobs.delivery_outcome(
+                d.id, self.owner, state="pending", status=status, error=detail, not_before=time.time() + wait
+            )
             log_event(log, "delivery_retry_scheduled", logging.WARNING, retry_in_s=round(wait, 1), **fields)
             metrics.RETRIES.labels("delivery").inc()
         elif d.result.kind == REJECTION_KIND:
             state = "refused"
             self.jobs.delivery_outcome(d.id, self.owner, state="refused", status=status, error=detail)
-            log_event(log, "rejection_note_not_accepted", logging.WARNING, outcome=outcome.value,
-                      note="the destination keeps showing the superseded results next to the new ones", **fields)
+            log_event(
+                log,
+                "rejection_note_not_accepted",
+                logging.WARNING,
+                outcome=outcome.value,
+                note="the destination keeps showing the superseded results next to the new ones",
+                **fields,
+            )
         else:
             state = "failed"
             self.jobs.delivery_outcome(d.id, self.owner, state="failed", status=status, error=detail)

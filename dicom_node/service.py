@@ -44,8 +44,11 @@ SHUTDOWN_GRACE_SECONDS = 20.0
 
 
 def node_identity(cfg: Config) -> NodeIdentity:
-    return NodeIdentity(software_version=__version__, device_serial_number=socket.gethostname()[:64] or "unknown",
-                        institution_name=cfg.results.institution_name)
+    return NodeIdentity(
+        software_version=__version__,
+        device_serial_number=socket.gethostname()[:64] or "unknown",
+        institution_name=cfg.results.institution_name,
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -58,8 +61,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Event, wake: threading.Event,
-          first: Callable[[], object] | None = None) -> None:
+def _loop(
+    name: str,
+    step: Callable[[], object],
+    poll: float,
+    stop: threading.Event,
+    wake: threading.Event,
+    first: Callable[[], object] | None = None,
+) -> None:
     """Run ``step`` until stopped; when it found nothing to do, wait ``poll`` or until woken. ``first`` runs
     once before, in this thread (the worker's model loading: the listeners already receive meanwhile)."""
     if first is not None:
@@ -78,11 +87,13 @@ def _loop(name: str, step: Callable[[], object], poll: float, stop: threading.Ev
 def _then_wake(step: Callable[[], object], other: threading.Event) -> Callable[[], object]:
     """``step``, waking the next loop when it did something: a job queued by the assembler, or deliveries
     recorded by the worker, are picked up at once, not at the next poll (the job store stays the channel)."""
+
     def run() -> object:
         did = step()
         if did:
             other.set()
         return did
+
     return run
 
 
@@ -137,12 +148,17 @@ class Node:
             ("housekeeping", self.housekeeper.run_once, c.retention.interval_seconds, self.stop),
         ):
             first = self.models.preload if name == "worker" and c.worker.preload_models and c.models else None
-            t = threading.Thread(target=_loop, args=(name, step, poll, stop, wake[name], first), name=name,
-                                 daemon=True)
+            t = threading.Thread(target=_loop, args=(name, step, poll, stop, wake[name], first), name=name, daemon=True)
             t.start()
             self.threads.append(t)
-        log_event(log, "node_started", owner=self.owner, database=self.rt.jobs.engine.dialect.name,
-                  models=",".join(m.name for m in c.models), routes=",".join(r.name for r in c.routes))
+        log_event(
+            log,
+            "node_started",
+            owner=self.owner,
+            database=self.rt.jobs.engine.dialect.name,
+            models=",".join(m.name for m in c.models),
+            routes=",".join(r.name for r in c.routes),
+        )
 
     def web_state(self) -> dict[str, object]:
         """What the web server reports of the running node: listener processes, loops, open associations."""
@@ -152,8 +168,13 @@ class Node:
         else:
             pids = [os.getpid()] if self.server is not None else []
             expected, assocs = 1, self.server.active_associations() if self.server else 0
-        return {"listeners_alive": len(pids), "listeners_expected": expected, "listener_pids": pids,
-                "associations_open": assocs, "loops": {t.name: t.is_alive() for t in self.threads}}
+        return {
+            "listeners_alive": len(pids),
+            "listeners_expected": expected,
+            "listener_pids": pids,
+            "associations_open": assocs,
+            "loops": {t.name: t.is_alive() for t in self.threads},
+        }
 
     def shutdown(self) -> None:
         log_event(log, "node_stopping")

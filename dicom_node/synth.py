@@ -34,8 +34,11 @@ class StudyIds:
     @staticmethod
     def new(seed: int | str) -> StudyIds:
         short = f"{zlib.crc32(str(seed).encode()):08X}"  # IDs stay within SH/LO lengths whatever the seed
-        return StudyIds(study_uid=generate_uid(prefix=_PREFIX, entropy_srcs=[f"study-{seed}"]),
-                        patient_id=f"PH{short}", accession=f"ACC{short}")
+        return StudyIds(
+            study_uid=generate_uid(prefix=_PREFIX, entropy_srcs=[f"study-{seed}"]),
+            patient_id=f"PH{short}",
+            accession=f"ACC{short}",
+        )
 
 
 def _base(ids: StudyIds, series_uid: str, series_number: int, modality: str, description: str) -> Dataset:
@@ -103,9 +106,17 @@ def _pixels(ds: Dataset, hu: np.ndarray, unsigned: bool) -> None:
         ds.PixelData = hu.astype(np.int16).tobytes()
 
 
-def phantom_datasets(phantom: Phantom, ids: StudyIds, *, series_uid: str | None = None, series_number: int = 2,
-                     unsigned: bool = False, transfer_syntax: str = pduid.ExplicitVRLittleEndian,
-                     origin: Sequence[float] = (-200.0, -200.0, 0.0), descending: bool = False) -> list[Dataset]:
+def phantom_datasets(
+    phantom: Phantom,
+    ids: StudyIds,
+    *,
+    series_uid: str | None = None,
+    series_number: int = 2,
+    unsigned: bool = False,
+    transfer_syntax: str = pduid.ExplicitVRLittleEndian,
+    origin: Sequence[float] = (-200.0, -200.0, 0.0),
+    descending: bool = False,
+) -> list[Dataset]:
     """One CT Image Storage dataset per axial slice of the phantom."""
     series_uid = series_uid or generate_uid(prefix=_PREFIX, entropy_srcs=[ids.study_uid, "axial", str(series_number)])
     dz, dy, dx = phantom.spacing

@@ -144,8 +144,9 @@ def _encode(ds: Dataset) -> bytes:
 
 
 class Worker:
-    def __init__(self, cfg: Config, files: FileStore, jobs: JobStore, models: ModelCache, node: NodeIdentity,
-                 owner: str) -> None:
+    def __init__(
+        self, cfg: Config, files: FileStore, jobs: JobStore, models: ModelCache, node: NodeIdentity, owner: str
+    ) -> None:
         self.cfg = cfg
         self.files = files
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
@@ -170,12 +171,20 @@ class Worker:
         return True
 
     def process(self, job: JobRecord) -> None:
-        log_event(log, "job_started", study_uid=job.study_uid, job_id=job.id, attempt=job.attempts,
-                  series_uid=job.series_uid, models=",".join(job.models))
+        log_event(
+            log,
+            "job_started",
+            study_uid=job.study_uid,
+            job_id=job.id,
+            attempt=job.attempts,
+            series_uid=job.series_uid,
+            models=",".join(job.models),
+        )
         stop_beat = threading.Event()
         lost = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop_beat, lost), daemon=True,
-                                name=f"heartbeat-{job.id}")
+        beat = threading.Thread(
+            target=self._heartbeat, args=(job.id, stop_beat, lost), daemon=True, name=f"heartbeat-{job.id}"
+        )
         beat.start()
         try:
             results, timings = self._run(job, lost)
@@ -205,8 +214,14 @@ class Worker:
         for stage in ("load", "seg_encode", "sr_encode", "write"):
             if stage in timings.stages:
                 metrics.STAGE_SECONDS.labels(stage).observe(timings.stages[stage])
-        log_event(log, "job_done", study_uid=job.study_uid, job_id=job.id,
-                  results=",".join(r.kind for r in results), **{f"t_{k}": v for k, v in timings.stages.items()})
+        log_event(
+            log,
+            "job_done",
+            study_uid=job.study_uid,
+            job_id=job.id,
+            results=",".join(r.kind for r in results),
+            **{f"t_{k}": v for k, v in timings.stages.items()},
+        )
 
     def _log_lost(self, job: JobRecord, why: str) -> None:
         """The job was taken from this worker: by an admin's `cancel` (said as such), or by another worker
@@ -226,14 +241,23 @@ class Worker:
 
     def _fail(self, job: JobRecord, error: str, *, permanent: bool) -> None:
         max_attempts = job.attempts if permanent else self.cfg.worker.max_attempts
-        state = self.jobs.fail_job(job.id, self.owner, error, max_attempts=max_attempts,
-                                   backoff_seconds=self.cfg.worker.retry_backoff_seconds)
+        state = self.jobs.fail_job(
+            job.id, self.owner, error, max_attempts=max_attempts, backoff_seconds=self.cfg.worker.retry_backoff_seconds
+        )
         if state in ("failed", "queued"):
             metrics.JOBS_FINISHED.labels("failed" if state == "failed" else "retry").inc()
         if state == "queued":
             metrics.RETRIES.labels("job").inc()
-        log_event(log, "job_failed" if state == "failed" else "job_retry_scheduled", logging.ERROR,
-                  study_uid=job.study_uid, job_id=job.id, attempt=job.attempts, state=state, error=error[:500])
+        log_event(
+            log,
+            "job_failed" if state == "failed" else "job_retry_scheduled",
+            logging.ERROR,
+            study_uid=job.study_uid,
+            job_id=job.id,
+            attempt=job.attempts,
+            state=state,
+            error=error[:500],
+        )
 
     # ---- one job -----------------------------------------------------------------------------------------
 
@@ -256,8 +280,15 @@ class Worker:
         with collector_paused():
             volume, headers = t.measure("load", lambda: read_series(paths))
         for warning in volume.warnings:  # what the series got wrong that the volume tolerated
-            log_event(log, "series_geometry_tolerated", logging.WARNING, study_uid=job.study_uid, job_id=job.id,
-                      series_uid=job.series_uid, warning=warning)
+            log_event(
+                log,
+                "series_geometry_tolerated",
+                logging.WARNING,
+                study_uid=job.study_uid,
+                job_id=job.id,
+                series_uid=job.series_uid,
+                warning=warning,
+            )
         digest = input_digest(volume.sop_instance_uids)
         model_results: list[ModelResult] = []
         for name in job.models:
@@ -308,12 +339,25 @@ class Worker:
         return self._result(ds, kind, model, path)
 
     def _result(self, ds: Dataset, kind: str, model: str, path: Path) -> NewResult:
-        return NewResult(kind=kind, model=model, study_uid=str(ds.StudyInstanceUID),
-                         series_uid=str(ds.SeriesInstanceUID), sop_instance_uid=str(ds.SOPInstanceUID),
-                         sop_class_uid=str(ds.SOPClassUID), path=self.files.relative(path))
+        return NewResult(
+            kind=kind,
+            model=model,
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            path=self.files.relative(path),
+        )
 
-    def _encode_results(self, job: JobRecord, volume: Volume, headers: list[Dataset], digest: str,
-                        model_results: list[ModelResult], t: Timings) -> list[NewResult]:
+    def _encode_results(
+        self,
+        job: JobRecord,
+        volume: Volume,
+        headers: list[Dataset],
+        digest: str,
+        model_results: list[ModelResult],
+        t: Timings,
+    ) -> list[NewResult]:
         """Stages: seg_encode / sr_encode (building the datasets), write (serialise, read back, store)."""
         rc = self.cfg.results
         out: list[NewResult] = []
@@ -326,15 +370,26 @@ class Worker:
             ident = r.identity
             key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
             series_uid, seg_uid = derive_uid("seg-series", *key), derive_uid("seg", *key, digest)
-            seg_number, follows = _succession([e for e in earlier if e.kind == "seg" and e.series_uid == series_uid],
-                                              seg_uid, job.generation)
+            seg_number, follows = _succession(
+                [e for e in earlier if e.kind == "seg" and e.series_uid == series_uid], seg_uid, job.generation
+            )
             if follows:
                 seg_uid = derive_uid("seg", *key, digest, "number", str(seg_number))
             try:
-                ds = t.measure("seg_encode", functools.partial(
-                    build_seg, headers, r, series_uid=series_uid, sop_uid=seg_uid, instance_number=seg_number,
-                    series_number=rc.seg_series_number + i, node=self.node,
-                    series_description=f"AI SEG {ident.name}"[:64]))
+                ds = t.measure(
+                    "seg_encode",
+                    functools.partial(
+                        build_seg,
+                        headers,
+                        r,
+                        series_uid=series_uid,
+                        sop_uid=seg_uid,
+                        instance_number=seg_number,
+                        series_number=rc.seg_series_number + i,
+                        node=self.node,
+                        series_description=f"AI SEG {ident.name}"[:64],
+                    ),
+                )
             except EmptySegmentationError:
                 log_event(log, "segmentation_empty", study_uid=job.study_uid, job_id=job.id, model=ident.name)
                 reported.append((r, None))
@@ -345,25 +400,51 @@ class Worker:
         sr_key = (volume.series_instance_uid, job.route, *idents)
         sr_series = derive_uid("sr-series", *sr_key)
         sop_uid = derive_uid("sr", *sr_key, digest)
-        number, superseded = _succession([e for e in earlier if e.kind == "sr" and e.series_uid == sr_series],
-                                         sop_uid, job.generation)
+        number, superseded = _succession(
+            [e for e in earlier if e.kind == "sr" and e.series_uid == sr_series], sop_uid, job.generation
+        )
         if superseded:
-            sop_uid = derive_uid("sr", *sr_key, digest, "supersedes", str(number),
-                                 *(r.sop_instance_uid for r in superseded))
-        sr = t.measure("sr_encode", lambda: build_sr(
-            headers, volume, segmentations=reported, detections=dets, classifications=clss,
-            series_uid=sr_series, sop_uid=sop_uid, series_number=rc.sr_series_number,
-            node=self.node, instance_number=number, predecessors=[_reference(r) for r in superseded]))
+            sop_uid = derive_uid(
+                "sr", *sr_key, digest, "supersedes", str(number), *(r.sop_instance_uid for r in superseded)
+            )
+        sr = t.measure(
+            "sr_encode",
+            lambda: build_sr(
+                headers,
+                volume,
+                segmentations=reported,
+                detections=dets,
+                classifications=clss,
+                series_uid=sr_series,
+                sop_uid=sop_uid,
+                series_number=rc.sr_series_number,
+                node=self.node,
+                instance_number=number,
+                predecessors=[_reference(r) for r in superseded],
+            ),
+        )
         out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
         # the findings with geometry again, alone, for viewers that cannot open the full report (OHIF)
         findings_series = derive_uid("findings-sr-series", *sr_key)
         findings_uid = derive_uid("findings-sr", sop_uid)  # one per report: follows it
-        number, superseded = _succession([e for e in earlier if e.kind == "sr" and e.series_uid == findings_series],
-                                         findings_uid, job.generation)
-        findings = t.measure("sr_encode", lambda: build_findings_sr(
-            headers, volume, detections=dets, report_sop_uid=sop_uid, series_uid=findings_series,
-            sop_uid=findings_uid, series_number=rc.findings_sr_series_number, node=self.node, instance_number=number,
-            predecessors=[_reference(r) for r in superseded]))
+        number, superseded = _succession(
+            [e for e in earlier if e.kind == "sr" and e.series_uid == findings_series], findings_uid, job.generation
+        )
+        findings = t.measure(
+            "sr_encode",
+            lambda: build_findings_sr(
+                headers,
+                volume,
+                detections=dets,
+                report_sop_uid=sop_uid,
+                series_uid=findings_series,
+                sop_uid=findings_uid,
+                series_number=rc.findings_sr_series_number,
+                node=self.node,
+                instance_number=number,
+                predecessors=[_reference(r) for r in superseded],
+            ),
+        )
         if findings is not None:  # recorded under the detection models that found them (the report has none)
             by = ",".join(dict.fromkeys(r.identity.name for r in dets if r.detections))
             out.append(t.measure("write", lambda: self._write(findings, "sr", by)))
@@ -372,26 +453,34 @@ class Worker:
             out.append(t.measure("write", lambda: self._write(note, "rejection", "")))
         return out
 
-    def _rejection_note(self, job: JobRecord, header: Dataset, earlier: list[ResultRecord],
-                        made: list[NewResult]) -> Dataset | None:
+    def _rejection_note(
+        self, job: JobRecord, header: Dataset, earlier: list[ResultRecord], made: list[NewResult]
+    ) -> Dataset | None:
         """The IOCM rejection note retiring what this re-run replaces at the PACS: the earlier run's SEGs and
         findings SR (viewers list every SEG and SR of a study; a SEG cannot name a predecessor). The full SR
         stays: its successor names it in Predecessor Documents, the versioning IHE AI Results consumers read.
         An earlier object this run made again (same UID) is current, not rejected. None on a first run."""
         current = {r.sop_instance_uid for r in made}
-        rejected = [e for e in earlier if e.sop_instance_uid not in current and (
-            e.kind == "seg" or (e.kind == "sr" and e.sop_class_uid == ComprehensiveSRStorage))]
+        rejected = [
+            e
+            for e in earlier
+            if e.sop_instance_uid not in current
+            and (e.kind == "seg" or (e.kind == "sr" and e.sop_class_uid == ComprehensiveSRStorage))
+        ]
         if not rejected:
             return None
         uids = sorted(e.sop_instance_uid for e in rejected)
         log_event(log, "rejection_note_built", study_uid=job.study_uid, job_id=job.id, rejected=",".join(uids))
         return build_rejection_note(
-            header, [_reference(e) for e in rejected],
+            header,
+            [_reference(e) for e in rejected],
             series_uid=derive_uid("rejection-series", job.study_uid, job.route),
             sop_uid=derive_uid("rejection", job.study_uid, job.route, *uids),
-            series_number=self.cfg.results.rejection_series_number, instance_number=job.generation + 1, node=self.node,
-            reason=f"Superseded by the AI results of job {job.id} (a re-run of route {job.route} after late "
-                   f"arrivals)")
+            series_number=self.cfg.results.rejection_series_number,
+            instance_number=job.generation + 1,
+            node=self.node,
+            reason=f"Superseded by the AI results of job {job.id} (a re-run of route {job.route} after late arrivals)",
+        )
 
 
 def _succession(earlier: list[ResultRecord], uid: str, generation: int) -> tuple[int, list[ResultRecord]]:

@@ -26,17 +26,21 @@ from storage.records import NewInstance
 
 _NEW_STUDY = (
     "INSERT INTO studies (study_uid, state, generation, first_received_at, last_received_at, instance_count) "
-    "VALUES (:study_uid, 'receiving', 0, :now, :now, 0)")
+    "VALUES (:study_uid, 'receiving', 0, :now, :now, 0)"
+)
 _TOUCH_STUDY = (
     "UPDATE studies SET state = :state, generation = :generation, last_received_at = :now, "
-    "instance_count = instance_count + :added WHERE study_uid = :study_uid")
+    "instance_count = instance_count + :added WHERE study_uid = :study_uid"
+)
 _NEW_INSTANCE = (
     "INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, path, size, "
     "received_at, calling_ae) VALUES (:sop_instance_uid, :study_uid, :series_uid, :sop_class_uid, "
-    ":transfer_syntax, :path, :size, :now, :calling_ae)")
+    ":transfer_syntax, :path, :size, :now, :calling_ae)"
+)
 _REPLACE_INSTANCE = (
     "UPDATE instances SET path = :path, size = :size, received_at = :now, transfer_syntax = :transfer_syntax "
-    "WHERE sop_instance_uid = :sop_instance_uid")
+    "WHERE sop_instance_uid = :sop_instance_uid"
+)
 
 
 def _in(column: str, values: Sequence[str]) -> tuple[str, dict[str, object]]:
@@ -148,8 +152,14 @@ class InstanceBatch:
         where, params = _in("sop_instance_uid", sop_instance_uids)
         return dict(self._db.rows(f"SELECT sop_instance_uid, path FROM instances WHERE {where}", params))
 
-    def record(self, instances: Sequence[NewInstance], *, late_arrivals: str = "rerun",
-               reopen_classes: Collection[str] | None = None, now: float | None = None) -> list[str]:
+    def record(
+        self,
+        instances: Sequence[NewInstance],
+        *,
+        late_arrivals: str = "rerun",
+        reopen_classes: Collection[str] | None = None,
+        now: float | None = None,
+    ) -> list[str]:
         """Index the instances in order; per instance "stored", "replaced" or "reopened". Only an instance of
         ``reopen_classes`` (default: any) re-opens a complete study: see ``reopens``."""
         if not instances:
@@ -162,8 +172,10 @@ class InstanceBatch:
             # Another machine's listener may be indexing the same new study at this moment, or its assembler
             # completing it: create missing study rows without failing on theirs, then lock the rows for the
             # read-modify-write below, in one order so two batches never wait on each other in a cycle.
-            self._db.many(_NEW_STUDY + " ON CONFLICT (study_uid) DO NOTHING",
-                          [{"study_uid": uid, "now": now} for uid in sorted(study_uids)])
+            self._db.many(
+                _NEW_STUDY + " ON CONFLICT (study_uid) DO NOTHING",
+                [{"study_uid": uid, "now": now} for uid in sorted(study_uids)],
+            )
             select_studies += " ORDER BY study_uid FOR UPDATE"
         found = self._db.rows(select_studies, params)
         known = set(self.existing_paths([i.sop_instance_uid for i in instances]))  # as of holding the study rows
@@ -191,8 +203,13 @@ class InstanceBatch:
             outcomes.append(outcome)
         if new_studies:
             self._db.many(_NEW_STUDY, [{"study_uid": uid, "now": now} for uid in new_studies])
-        self._db.many(_TOUCH_STUDY, [{"study_uid": uid, "state": s[0], "generation": s[1], "added": s[2], "now": now}
-                                     for uid, s in studies.items()])
+        self._db.many(
+            _TOUCH_STUDY,
+            [
+                {"study_uid": uid, "state": s[0], "generation": s[1], "added": s[2], "now": now}
+                for uid, s in studies.items()
+            ],
+        )
         if inserts:
             self._db.many(_NEW_INSTANCE, inserts)
         if replaces:
@@ -285,8 +302,9 @@ class InstanceIndex:
             self._lookup.discard()
             raise
 
-    def record(self, instances: Sequence[NewInstance], *, late_arrivals: str,
-               reopen_classes: Collection[str] | None = None) -> list[str]:
+    def record(
+        self, instances: Sequence[NewInstance], *, late_arrivals: str, reopen_classes: Collection[str] | None = None
+    ) -> list[str]:
         """``InstanceBatch.record`` in one transaction of its own, committed before it returns."""
         try:
             with self._writers or contextlib.nullcontext(), instance_batch(self.engine, raw=self._commit.get()) as tx:

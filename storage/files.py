@@ -149,7 +149,7 @@ class FileStore:
     def relative(self, path: Path) -> str:
         text = str(path)
         if text.startswith(self._root_str + "/"):  # the common case, without pathlib's parsing
-            return text[len(self._root_str) + 1:]
+            return text[len(self._root_str) + 1 :]
         return path.relative_to(self.root).as_posix()
 
     def absolute(self, relative: str) -> Path:

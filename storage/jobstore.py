@@ -44,42 +44,76 @@ class JobStoreError(Exception):
 
 def _job(r: JobRow) -> JobRecord:
     return JobRecord(
-        id=r.id, study_uid=r.study_uid, route=r.route, generation=r.generation, series_uid=r.series_uid,
+        id=r.id,
+        study_uid=r.study_uid,
+        route=r.route,
+        generation=r.generation,
+        series_uid=r.series_uid,
         models=tuple(m for m in r.models.split(",") if m),
         destinations=tuple(d for d in r.destinations.split(",") if d),
-        state=r.state, attempts=r.attempts, not_before=r.not_before, lease_owner=r.lease_owner,
-        lease_expires_at=r.lease_expires_at, error=r.error, created_at=r.created_at, updated_at=r.updated_at,
+        state=r.state,
+        attempts=r.attempts,
+        not_before=r.not_before,
+        lease_owner=r.lease_owner,
+        lease_expires_at=r.lease_expires_at,
+        error=r.error,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
         timings=r.timings or "",
     )
 
 
 def _instance(r: InstanceRow) -> InstanceRecord:
     return InstanceRecord(
-        sop_instance_uid=r.sop_instance_uid, study_uid=r.study_uid, series_uid=r.series_uid,
-        sop_class_uid=r.sop_class_uid, transfer_syntax=r.transfer_syntax, path=r.path, size=r.size,
+        sop_instance_uid=r.sop_instance_uid,
+        study_uid=r.study_uid,
+        series_uid=r.series_uid,
+        sop_class_uid=r.sop_class_uid,
+        transfer_syntax=r.transfer_syntax,
+        path=r.path,
+        size=r.size,
         received_at=r.received_at,
     )
 
 
 def _study(r: StudyRow) -> StudyRecord:
     return StudyRecord(
-        study_uid=r.study_uid, state=r.state, generation=r.generation, first_received_at=r.first_received_at,
-        last_received_at=r.last_received_at, instance_count=r.instance_count,
+        study_uid=r.study_uid,
+        state=r.state,
+        generation=r.generation,
+        first_received_at=r.first_received_at,
+        last_received_at=r.last_received_at,
+        instance_count=r.instance_count,
     )
 
 
 def _result(r: ResultRow) -> ResultRecord:
     return ResultRecord(
-        id=r.id, job_id=r.job_id, kind=r.kind, model=r.model, study_uid=r.study_uid, series_uid=r.series_uid,
-        sop_instance_uid=r.sop_instance_uid, sop_class_uid=r.sop_class_uid, path=r.path,
+        id=r.id,
+        job_id=r.job_id,
+        kind=r.kind,
+        model=r.model,
+        study_uid=r.study_uid,
+        series_uid=r.series_uid,
+        sop_instance_uid=r.sop_instance_uid,
+        sop_class_uid=r.sop_class_uid,
+        path=r.path,
     )
 
 
 def _later_run(s: Session, row: JobRow) -> JobRow | None:
     """The latest run (not cancelled) of ``row``'s study and route with a higher generation, if any."""
-    return s.scalars(select(JobRow).where(
-        JobRow.study_uid == row.study_uid, JobRow.route == row.route, JobRow.generation > row.generation,
-        JobRow.state != "cancelled").order_by(JobRow.generation.desc()).limit(1)).first()
+    return s.scalars(
+        select(JobRow)
+        .where(
+            JobRow.study_uid == row.study_uid,
+            JobRow.route == row.route,
+            JobRow.generation > row.generation,
+            JobRow.state != "cancelled",
+        )
+        .order_by(JobRow.generation.desc())
+        .limit(1)
+    ).first()
 
 
 def _purged(s: Session, row: JobRow) -> str:
@@ -95,10 +129,20 @@ def _purged(s: Session, row: JobRow) -> str:
 
 def _new_job_row(study_uid: str, generation: int, job: NewJob, now: float) -> JobRow:
     return JobRow(
-        study_uid=study_uid, route=job.route, generation=generation, series_uid=job.series_uid,
-        models=",".join(job.models), destinations=",".join(job.destinations), state="queued",
-        attempts=0, not_before=0.0, lease_owner="", lease_expires_at=0.0, error="",
-        created_at=now, updated_at=now,
+        study_uid=study_uid,
+        route=job.route,
+        generation=generation,
+        series_uid=job.series_uid,
+        models=",".join(job.models),
+        destinations=",".join(job.destinations),
+        state="queued",
+        attempts=0,
+        not_before=0.0,
+        lease_owner="",
+        lease_expires_at=0.0,
+        error="",
+        created_at=now,
+        updated_at=now,
     )
 
 
@@ -122,7 +166,11 @@ class JobStore:
     # ---- instances and studies -------------------------------------------------------------------------
 
     def record_instance(
-        self, inst: NewInstance, *, now: float | None = None, late_arrivals: str = "rerun",
+        self,
+        inst: NewInstance,
+        *,
+        now: float | None = None,
+        late_arrivals: str = "rerun",
         reopen_classes: Collection[str] | None = None,
     ) -> str:
         """Index a stored instance; returns "stored", "replaced" (same SOP UID again) or "reopened"."""
@@ -142,11 +190,19 @@ class JobStore:
             study.last_received_at = now
             if existing is None:
                 study.instance_count += 1
-                s.add(InstanceRow(
-                    sop_instance_uid=inst.sop_instance_uid, study_uid=inst.study_uid, series_uid=inst.series_uid,
-                    sop_class_uid=inst.sop_class_uid, transfer_syntax=inst.transfer_syntax, path=inst.path,
-                    size=inst.size, received_at=now, calling_ae=inst.calling_ae,
-                ))
+                s.add(
+                    InstanceRow(
+                        sop_instance_uid=inst.sop_instance_uid,
+                        study_uid=inst.study_uid,
+                        series_uid=inst.series_uid,
+                        sop_class_uid=inst.sop_class_uid,
+                        transfer_syntax=inst.transfer_syntax,
+                        path=inst.path,
+                        size=inst.size,
+                        received_at=now,
+                        calling_ae=inst.calling_ae,
+                    )
+                )
             else:
                 existing.path, existing.size, existing.received_at = inst.path, inst.size, now
                 existing.transfer_syntax = inst.transfer_syntax
@@ -155,8 +211,14 @@ class JobStore:
     def _create_study(self, s: Session, study_uid: str, now: float) -> None:
         """A new study row; where another writer creates the same one at this moment (PostgreSQL: several
         machines), theirs is kept and used instead of failing this transaction."""
-        row = StudyRow(study_uid=study_uid, state="receiving", generation=0, first_received_at=now,
-                       last_received_at=now, instance_count=0)
+        row = StudyRow(
+            study_uid=study_uid,
+            state="receiving",
+            generation=0,
+            first_received_at=now,
+            last_received_at=now,
+            instance_count=0,
+        )
         if self._sqlite:  # BEGIN IMMEDIATE: nobody else writes until we commit
             s.add(row)
             s.flush()
@@ -196,13 +258,13 @@ class JobStore:
         now = time.time() if now is None else now
         with self._tx() as s:
             rows = s.scalars(
-                select(StudyRow).where(StudyRow.state == "receiving",
-                                       StudyRow.last_received_at <= now - stable_seconds)
+                select(StudyRow).where(StudyRow.state == "receiving", StudyRow.last_received_at <= now - stable_seconds)
             ).all()
             return [_study(r) for r in rows]
 
-    def complete_study(self, study_uid: str, generation: int, jobs: Sequence[NewJob], *,
-                       instance_count: int | None = None) -> list[JobRecord] | None:
+    def complete_study(
+        self, study_uid: str, generation: int, jobs: Sequence[NewJob], *, instance_count: int | None = None
+    ) -> list[JobRecord] | None:
         """Mark a study complete and enqueue its jobs, idempotently; None when it was not completed.
 
         ``instance_count``: how many instances the caller planned the jobs from. Nothing is done if the study
@@ -220,9 +282,11 @@ class JobStore:
             study.state = "complete"
             out: list[JobRow] = []
             for j in jobs:
-                row = s.scalars(select(JobRow).where(
-                    JobRow.study_uid == study_uid, JobRow.route == j.route, JobRow.generation == generation
-                )).first()
+                row = s.scalars(
+                    select(JobRow).where(
+                        JobRow.study_uid == study_uid, JobRow.route == j.route, JobRow.generation == generation
+                    )
+                ).first()
                 if row is None:
                     row = _new_job_row(study_uid, generation, j, now)
                     s.add(row)
@@ -241,9 +305,11 @@ class JobStore:
                 return _job(row)
         except IntegrityError:
             with self._tx() as s:
-                row = s.scalars(select(JobRow).where(
-                    JobRow.study_uid == study_uid, JobRow.route == job.route, JobRow.generation == generation
-                )).one()
+                row = s.scalars(
+                    select(JobRow).where(
+                        JobRow.study_uid == study_uid, JobRow.route == job.route, JobRow.generation == generation
+                    )
+                ).one()
                 return _job(row)
 
     # ---- jobs ------------------------------------------------------------------------------------------
@@ -252,10 +318,15 @@ class JobStore:
         """Atomically take the oldest due job, or one whose lease ran out; counts the attempt."""
         now = time.time() if now is None else now
         with self._tx() as s:
-            stmt = select(JobRow).where(
-                ((JobRow.state == "queued") & (JobRow.not_before <= now))
-                | ((JobRow.state == "running") & (JobRow.lease_expires_at < now))
-            ).order_by(JobRow.not_before, JobRow.id).limit(1)
+            stmt = (
+                select(JobRow)
+                .where(
+                    ((JobRow.state == "queued") & (JobRow.not_before <= now))
+                    | ((JobRow.state == "running") & (JobRow.lease_expires_at < now))
+                )
+                .order_by(JobRow.not_before, JobRow.id)
+                .limit(1)
+            )
             row = s.scalars(self._locked(stmt)).first()
             if row is None:
                 return None
@@ -270,9 +341,11 @@ class JobStore:
         """Extend a lease; False means the job was taken from us (lease expired and re-claimed, or cancelled)."""
         now = time.time()
         with self._tx() as s:
-            res = s.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.state == "running"
-            ).values(lease_expires_at=now + lease_seconds, updated_at=now))
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.state == "running")
+                .values(lease_expires_at=now + lease_seconds, updated_at=now)
+            )
             return res.rowcount == 1
 
     def _owned(self, s: Session, job_id: int, owner: str) -> JobRow | None:
@@ -289,21 +362,44 @@ class JobStore:
             if row is None:
                 return False
             for r in results:
-                res = s.scalars(select(ResultRow).where(
-                    ResultRow.job_id == job_id, ResultRow.kind == r.kind, ResultRow.model == r.model
-                )).first()
+                res = s.scalars(
+                    select(ResultRow).where(
+                        ResultRow.job_id == job_id, ResultRow.kind == r.kind, ResultRow.model == r.model
+                    )
+                ).first()
                 if res is None:
-                    res = ResultRow(job_id=job_id, kind=r.kind, model=r.model, study_uid=r.study_uid,
-                                    series_uid=r.series_uid, sop_instance_uid=r.sop_instance_uid,
-                                    sop_class_uid=r.sop_class_uid, path=r.path, created_at=now)
+                    res = ResultRow(
+                        job_id=job_id,
+                        kind=r.kind,
+                        model=r.model,
+                        study_uid=r.study_uid,
+                        series_uid=r.series_uid,
+                        sop_instance_uid=r.sop_instance_uid,
+                        sop_class_uid=r.sop_class_uid,
+                        path=r.path,
+                        created_at=now,
+                    )
                     s.add(res)
                     s.flush()
                 for dest in row.destinations.split(","):
-                    if dest and s.scalars(select(DeliveryRow).where(
-                        DeliveryRow.result_id == res.id, DeliveryRow.destination == dest
-                    )).first() is None:
-                        s.add(DeliveryRow(result_id=res.id, job_id=job_id, destination=dest, state="pending",
-                                          attempts=0, not_before=0.0, updated_at=now))
+                    if (
+                        dest
+                        and s.scalars(
+                            select(DeliveryRow).where(DeliveryRow.result_id == res.id, DeliveryRow.destination == dest)
+                        ).first()
+                        is None
+                    ):
+                        s.add(
+                            DeliveryRow(
+                                result_id=res.id,
+                                job_id=job_id,
+                                destination=dest,
+                                state="pending",
+                                attempts=0,
+                                not_before=0.0,
+                                updated_at=now,
+                            )
+                        )
             row.state = "done"
             row.error = ""
             row.lease_owner = ""
@@ -353,20 +449,26 @@ class JobStore:
             resend = DeliveryRow.state == "failed"
             purged = _purged(s, row)
             if purged:
-                raise JobStoreError(f"job {job_id}: retention already removed its {purged}; send the study again "
-                                    f"to run it anew")
+                raise JobStoreError(
+                    f"job {job_id}: retention already removed its {purged}; send the study again to run it anew"
+                )
             if row.state in ("failed", "cancelled"):
                 later = _later_run(s, row)
                 if later is not None:  # its results would reach the PACS after, and look newer than, the later run's
-                    raise JobStoreError(f"job {job_id} was superseded by job {later.id} (a later run of the same study "
-                                        f"and route, after late arrivals); retry that one if it needs it")
+                    raise JobStoreError(
+                        f"job {job_id} was superseded by job {later.id} (a later run of the same study "
+                        f"and route, after late arrivals); retry that one if it needs it"
+                    )
                 row.state, row.attempts, row.not_before, row.error = "queued", 0, 0.0, ""
             elif row.state == "done":
                 resend = DeliveryRow.state.in_(("failed", "done", "refused"))
             else:
                 raise JobStoreError(f"job {job_id} is {row.state}; only failed, cancelled or done jobs can be retried")
-            s.execute(update(DeliveryRow).where(DeliveryRow.job_id == job_id, resend)
-                      .values(state="pending", attempts=0, not_before=0.0, error=""))
+            s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.job_id == job_id, resend)
+                .values(state="pending", attempts=0, not_before=0.0, error="")
+            )
             row.updated_at = time.time()
             return _job(row)
 
@@ -404,8 +506,9 @@ class JobStore:
             r = s.get(JobRow, job_id)
             return _job(r) if r else None
 
-    def list_jobs(self, *, state: str | None = None, limit: int = 20,
-                  or_failed_deliveries: bool = False) -> list[JobRecord]:
+    def list_jobs(
+        self, *, state: str | None = None, limit: int = 20, or_failed_deliveries: bool = False
+    ) -> list[JobRecord]:
         """Newest first; ``state`` filters, and ``or_failed_deliveries`` adds jobs with a result that could not
         be delivered (a done job whose SEG a destination refused also needs the admin's attention)."""
         with self._tx() as s:
@@ -422,14 +525,30 @@ class JobStore:
         """Results of the latest done job of ``route`` on the study before ``generation``: what a re-run after
         late arrivals supersedes (its SR names that SR as predecessor; its SEGs follow those SEGs)."""
         with self._tx() as s:
-            latest = s.scalars(select(JobRow.generation).where(
-                JobRow.study_uid == study_uid, JobRow.route == route, JobRow.generation < generation,
-                JobRow.state == "done").order_by(JobRow.generation.desc()).limit(1)).first()
+            latest = s.scalars(
+                select(JobRow.generation)
+                .where(
+                    JobRow.study_uid == study_uid,
+                    JobRow.route == route,
+                    JobRow.generation < generation,
+                    JobRow.state == "done",
+                )
+                .order_by(JobRow.generation.desc())
+                .limit(1)
+            ).first()
             if latest is None:
                 return []
-            rows = s.scalars(select(ResultRow).join(JobRow, ResultRow.job_id == JobRow.id).where(
-                JobRow.study_uid == study_uid, JobRow.route == route, JobRow.generation == latest,
-                JobRow.state == "done").order_by(ResultRow.id)).all()
+            rows = s.scalars(
+                select(ResultRow)
+                .join(JobRow, ResultRow.job_id == JobRow.id)
+                .where(
+                    JobRow.study_uid == study_uid,
+                    JobRow.route == route,
+                    JobRow.generation == latest,
+                    JobRow.state == "done",
+                )
+                .order_by(ResultRow.id)
+            ).all()
             return [_result(r) for r in rows]
 
     def results_of_job(self, job_id: int) -> list[ResultRecord]:
@@ -438,39 +557,64 @@ class JobStore:
 
     # ---- deliveries ------------------------------------------------------------------------------------
 
-    def claim_deliveries(self, owner: str, lease_seconds: float, *, limit: int = 32,
-                         now: float | None = None) -> list[DeliveryRecord]:
+    def claim_deliveries(
+        self, owner: str, lease_seconds: float, *, limit: int = 32, now: float | None = None
+    ) -> list[DeliveryRecord]:
         """Take due deliveries for one destination (one association sends them all). A rejection note is due
         only once every other result of its job has been delivered there: the PACS must hold the replacements
         before it hides what they replace."""
         now = time.time() if now is None else now
         other = aliased(DeliveryRow)
         waiting = DeliveryRow.result_id.in_(select(ResultRow.id).where(ResultRow.kind == REJECTION_KIND)) & exists(
-            select(other.id).where(other.job_id == DeliveryRow.job_id, other.destination == DeliveryRow.destination,
-                                   other.id != DeliveryRow.id, other.state != "done"))
-        due = (((DeliveryRow.state == "pending") & (DeliveryRow.not_before <= now)) | (
-            (DeliveryRow.state == "sending") & (DeliveryRow.lease_expires_at < now))) & ~waiting
+            select(other.id).where(
+                other.job_id == DeliveryRow.job_id,
+                other.destination == DeliveryRow.destination,
+                other.id != DeliveryRow.id,
+                other.state != "done",
+            )
+        )
+        due = (
+            ((DeliveryRow.state == "pending") & (DeliveryRow.not_before <= now))
+            | ((DeliveryRow.state == "sending") & (DeliveryRow.lease_expires_at < now))
+        ) & ~waiting
         with self._tx() as s:
-            first = s.scalars(self._locked(
-                select(DeliveryRow).where(due).order_by(DeliveryRow.not_before, DeliveryRow.id).limit(1))).first()
+            first = s.scalars(
+                self._locked(select(DeliveryRow).where(due).order_by(DeliveryRow.not_before, DeliveryRow.id).limit(1))
+            ).first()
             if first is None:
                 return []
-            rows = s.scalars(self._locked(
-                select(DeliveryRow).where(due, DeliveryRow.destination == first.destination)
-                .order_by(DeliveryRow.id).limit(limit))).all()
+            rows = s.scalars(
+                self._locked(
+                    select(DeliveryRow)
+                    .where(due, DeliveryRow.destination == first.destination)
+                    .order_by(DeliveryRow.id)
+                    .limit(limit)
+                )
+            ).all()
             out = []
             for r in rows:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "sending", owner, now + lease_seconds, now
                 r.attempts += 1
                 res = s.get(ResultRow, r.result_id)
                 assert res is not None
-                out.append(DeliveryRecord(id=r.id, job_id=r.job_id, destination=r.destination, state=r.state,
-                                          attempts=r.attempts, not_before=r.not_before, last_status=r.last_status,
-                                          error=r.error, result=_result(res)))
+                out.append(
+                    DeliveryRecord(
+                        id=r.id,
+                        job_id=r.job_id,
+                        destination=r.destination,
+                        state=r.state,
+                        attempts=r.attempts,
+                        not_before=r.not_before,
+                        last_status=r.last_status,
+                        error=r.error,
+                        result=_result(res),
+                    )
+                )
             return out
 
-    def delivery_outcome(self, delivery_id: int, owner: str, *, state: str, status: str = "", error: str = "",
-                         not_before: float = 0.0) -> bool:
+    def delivery_outcome(
+        self, delivery_id: int, owner: str, *, state: str, status: str = "", error: str = "", not_before: float = 0.0
+    ) -> bool:
         """Record a send attempt: state "done", "pending" (retry at not_before), "failed", or "refused" (a
         rejection note the destination would not take). A result that failed there fails its job's rejection
         note there too, unsent (it must not hide what was not replaced); retrying the job sends both again."""
@@ -483,27 +627,47 @@ class JobStore:
             r.state, r.last_status, r.error, r.not_before = state, status, error[:2000], not_before
             r.lease_owner, r.lease_expires_at, r.updated_at = "", 0.0, time.time()
             if state == "failed":
-                s.execute(update(DeliveryRow).where(
-                    DeliveryRow.job_id == r.job_id, DeliveryRow.destination == r.destination,
-                    DeliveryRow.state == "pending", DeliveryRow.id != r.id,
-                    DeliveryRow.result_id.in_(select(ResultRow.id).where(ResultRow.kind == REJECTION_KIND)),
-                ).values(state="failed", error="not sent: a result it follows was not delivered",
-                         updated_at=time.time()))
+                s.execute(
+                    update(DeliveryRow)
+                    .where(
+                        DeliveryRow.job_id == r.job_id,
+                        DeliveryRow.destination == r.destination,
+                        DeliveryRow.state == "pending",
+                        DeliveryRow.id != r.id,
+                        DeliveryRow.result_id.in_(select(ResultRow.id).where(ResultRow.kind == REJECTION_KIND)),
+                    )
+                    .values(
+                        state="failed", error="not sent: a result it follows was not delivered", updated_at=time.time()
+                    )
+                )
             return True
 
     def release_deliveries(self, owner: str) -> int:
         with self._tx() as s:
-            res = s.execute(update(DeliveryRow).where(DeliveryRow.state == "sending", DeliveryRow.lease_owner == owner)
-                            .values(state="pending", lease_owner="", lease_expires_at=0.0))
+            res = s.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.state == "sending", DeliveryRow.lease_owner == owner)
+                .values(state="pending", lease_owner="", lease_expires_at=0.0)
+            )
             return res.rowcount
 
     def deliveries_of_job(self, job_id: int) -> list[DeliveryRecord]:
         with self._tx() as s:
             rows = s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)).all()
-            return [DeliveryRecord(id=r.id, job_id=r.job_id, destination=r.destination, state=r.state,
-                                   attempts=r.attempts, not_before=r.not_before, last_status=r.last_status,
-                                   error=r.error, result=_result(s.get(ResultRow, r.result_id)))  # type: ignore[arg-type]
-                    for r in rows]
+            return [
+                DeliveryRecord(
+                    id=r.id,
+                    job_id=r.job_id,
+                    destination=r.destination,
+                    state=r.state,
+                    attempts=r.attempts,
+                    not_before=r.not_before,
+                    last_status=r.last_status,
+                    error=r.error,
+                    result=_result(s.get(ResultRow, r.result_id)),
+                )  # type: ignore[arg-type]
+                for r in rows
+            ]
 
     # ---- recovery --------------------------------------------------------------------------------------
 
@@ -518,7 +682,7 @@ class JobStore:
             if not owner.startswith(prefix):
                 return False
             try:
-                return not is_alive(int(owner[len(prefix):].split(":", 1)[0]))
+                return not is_alive(int(owner[len(prefix) :].split(":", 1)[0]))
             except ValueError:
                 return False
 
@@ -526,13 +690,26 @@ class JobStore:
         with self._tx() as s:
             # only this host's leases, locked in one order: other hosts' workers keep their heartbeats going
             mine = JobRow.lease_owner.startswith(prefix, autoescape=True)
-            jobs = [r for r in s.scalars(select(JobRow).where(JobRow.state == "running", mine)
-                                         .order_by(JobRow.id).with_for_update()).all() if dead(r.lease_owner)]
+            jobs = [
+                r
+                for r in s.scalars(
+                    select(JobRow).where(JobRow.state == "running", mine).order_by(JobRow.id).with_for_update()
+                ).all()
+                if dead(r.lease_owner)
+            ]
             for r in jobs:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "queued", "", 0.0, now
             mine_d = DeliveryRow.lease_owner.startswith(prefix, autoescape=True)
-            dels = [r for r in s.scalars(select(DeliveryRow).where(DeliveryRow.state == "sending", mine_d)
-                                         .order_by(DeliveryRow.id).with_for_update()).all() if dead(r.lease_owner)]
+            dels = [
+                r
+                for r in s.scalars(
+                    select(DeliveryRow)
+                    .where(DeliveryRow.state == "sending", mine_d)
+                    .order_by(DeliveryRow.id)
+                    .with_for_update()
+                ).all()
+                if dead(r.lease_owner)
+            ]
             for r in dels:
                 r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "pending", "", 0.0, now
             return len(jobs), len(dels)

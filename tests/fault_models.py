@@ -36,7 +36,8 @@ class FaultNet(torch.nn.Module):
             if self.failure == "cuda_oom":
                 raise torch.cuda.OutOfMemoryError(
                     "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.15 GiB total capacity; "
-                    "70.02 GiB already allocated)")
+                    "70.02 GiB already allocated)"
+                )
             if self.failure == "memory":
                 raise MemoryError("Unable to allocate 64.0 GiB for an array with shape (1, 2, 4096, 4096, 512)")
             if self.failure == "runtime":
@@ -58,8 +59,15 @@ def _inference_config(failure: str, flag_file: str) -> dict[str, object]:
                 {"_target_": "LoadImaged", "keys": "@image_key"},
                 {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
                 {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
-                {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": -1000, "a_max": 0,
-                 "b_min": 0, "b_max": 1, "clip": True},
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "@image_key",
+                    "a_min": -1000,
+                    "a_max": 0,
+                    "b_min": 0,
+                    "b_max": 1,
+                    "clip": True,
+                },
             ],
         },
         "inferer": {"_target_": "SimpleInferer"},
@@ -67,8 +75,13 @@ def _inference_config(failure: str, flag_file: str) -> dict[str, object]:
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "@image_key",
-                 "nearest_interp": False},
+                {
+                    "_target_": "Invertd",
+                    "keys": "pred",
+                    "transform": "@preprocessing",
+                    "orig_keys": "@image_key",
+                    "nearest_interp": False,
+                },
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             ],
         },
@@ -82,8 +95,12 @@ def write_fault_bundle(root: Path, name: str, failure: str = "none", flag_file: 
     (bundle / "models").mkdir()
     config = _inference_config(failure, str(flag_file) if flag_file else "")
     (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
-    meta = {"name": name, "version": "0.0.1", "task": "segmentation",
-            "network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "dense"}}}}}
+    meta = {
+        "name": name,
+        "version": "0.0.1",
+        "task": "segmentation",
+        "network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "dense"}}}},
+    }
     (bundle / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
     state = {"conv.weight": torch.tensor([-20.0, 20.0]).reshape(2, 1, 1, 1, 1), "conv.bias": torch.tensor([5.0, -5.0])}
     torch.save(state, bundle / "models" / "model.pt")

@@ -38,9 +38,15 @@ class FaultSCP:
     The called AE title must match ``ae_title``. ``hang()`` makes every C-STORE block until ``release()``.
     """
 
-    def __init__(self, *, ae_title: str = "PACS", port: int | None = None,
-                 statuses: dict[str, Sequence[int]] | None = None, refuse_classes: Iterable[str] = (),
-                 require_calling: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        ae_title: str = "PACS",
+        port: int | None = None,
+        statuses: dict[str, Sequence[int]] | None = None,
+        refuse_classes: Iterable[str] = (),
+        require_calling: Sequence[str] = (),
+    ) -> None:
         self.ae_title = ae_title
         self.port = port or free_port()
         self._script = {k: list(v) for k, v in (statuses or {}).items()}
@@ -88,8 +94,11 @@ class FaultSCP:
     def stored(self, sop_class: str | None = None) -> list[str]:
         """SOP Instance UIDs answered with success (or warning), optionally of one class."""
         with self._lock:
-            return [r.sop_instance_uid for r in self.received
-                    if (sop_class is None or r.sop_class_uid == sop_class) and (r.status == 0 or r.status >> 12 == 0xB)]
+            return [
+                r.sop_instance_uid
+                for r in self.received
+                if (sop_class is None or r.sop_class_uid == sop_class) and (r.status == 0 or r.status >> 12 == 0xB)
+            ]
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -103,8 +112,9 @@ class FaultSCP:
         for cx in StoragePresentationContexts:
             if cx.abstract_syntax not in self.refuse_classes:
                 ae.add_supported_context(cx.abstract_syntax, _SYNTAXES)
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         wait_for(lambda: port_open(self.port), 10, f"fault SCP on port {self.port}")
         return self
 

@@ -30,19 +30,33 @@ class Orthanc:
     def start(self, timeout: float = 60) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = {
-            "Name": "test-pacs", "DicomAet": self.ae_title, "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port, "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"), "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True, "Plugins": [], "HttpServerEnabled": True, "StableAge": 1,
-            "OverwriteInstances": False, "DicomScpTimeout": 30, **self.extra,
+            "Name": "test-pacs",
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "StableAge": 1,
+            "OverwriteInstances": False,
+            "DicomScpTimeout": 30,
+            **self.extra,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(cfg))
         self.log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
         self.proc = track(subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT))
-        wait_for(lambda: (port_open(self.dicom_port) and port_open(self.http_port)) or self.proc.poll() is not None,
-                 timeout, "Orthanc's ports")
+        wait_for(
+            lambda: (port_open(self.dicom_port) and port_open(self.http_port)) or self.proc.poll() is not None,
+            timeout,
+            "Orthanc's ports",
+        )
         if self.proc.poll() is not None:
             raise RuntimeError(f"Orthanc exited with {self.proc.returncode}")
         return self

@@ -83,8 +83,9 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def await_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, what: str,
-                    exited: Callable[[], Exception]) -> None:
+def await_listening(
+    proc: subprocess.Popen[bytes], port: int, timeout: float, what: str, exited: Callable[[], Exception]
+) -> None:
     """Wait until ``proc`` accepts connections on ``port``; if it exits first, raise what ``exited`` makes of
     it (the error with the process's own last words, which each caller finds in its own place)."""
     wait_for(lambda: port_open(port) or proc.poll() is not None, timeout, what)
@@ -95,8 +96,9 @@ def await_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, wh
 class StoreSCP:
     """DCMTK storescp writing every received object to ``out_dir`` (a stand-in PACS)."""
 
-    def __init__(self, out_dir: Path, port: int | None = None, ae_title: str = "PACS",
-                 extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, out_dir: Path, port: int | None = None, ae_title: str = "PACS", extra: Sequence[str] = ()
+    ) -> None:
         self.out_dir = out_dir
         self.port = port or free_port()
         self.ae_title = ae_title
@@ -106,9 +108,14 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out_dir.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = track(subprocess.Popen(
-            [STORESCP, "-aet", self.ae_title, "-od", str(self.out_dir), "+xa", "-uf", *self.extra, str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=DCMTK_ENV))
+        self.proc = track(
+            subprocess.Popen(
+                [STORESCP, "-aet", self.ae_title, "-od", str(self.out_dir), "+xa", "-uf", *self.extra, str(self.port)],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                env=DCMTK_ENV,
+            )
+        )
         wait_for(lambda: port_open(self.port), 10, f"storescp on port {self.port}")
         return self
 
@@ -123,8 +130,15 @@ class StoreSCP:
             self.log.close()
 
 
-def storescu(port: int, paths: Sequence[Path], *, called: str = "DICOM_NODE", calling: str = "SCANNER",
-             flags: Sequence[str] = (), check: bool = True) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    paths: Sequence[Path],
+    *,
+    called: str = "DICOM_NODE",
+    calling: str = "SCANNER",
+    flags: Sequence[str] = (),
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     cmd = [STORESCU, "-aec", called, "-aet", calling, *flags, "127.0.0.1", str(port), *map(str, paths)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV, timeout=300)
     if check and proc.returncode != 0:
@@ -139,25 +153,51 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [ln for ln in lines if ln.startswith("Error")]
 
 
-def write_config(path: Path, *, port: int, data_dir: Path, destinations: Sequence[dict[str, Any]],
-                 stable_seconds: float = 1.0, extra: str = "", models: str | None = None,
-                 routes: str | None = None, route_models: Sequence[str] = ("chest-ct-seg",), node_extra: str = "",
-                 log_level: str = "INFO", http: str = "enabled = false") -> Path:
+def write_config(
+    path: Path,
+    *,
+    port: int,
+    data_dir: Path,
+    destinations: Sequence[dict[str, Any]],
+    stable_seconds: float = 1.0,
+    extra: str = "",
+    models: str | None = None,
+    routes: str | None = None,
+    route_models: Sequence[str] = ("chest-ct-seg",),
+    node_extra: str = "",
+    log_level: str = "INFO",
+    http: str = "enabled = false",
+) -> Path:
     """A node config on loopback; ``node_extra``: more [node] keys (TOML lines); ``extra``: more sections;
     ``http``: the [http] keys (off unless a test asks: nodes of parallel tests would share its port)."""
     dest = "\n".join(
         f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d.get("ae_title", "PACS")}"\n'
-        f'host = "127.0.0.1"\nport = {d["port"]}\n' for d in destinations)
+        f'host = "127.0.0.1"\nport = {d["port"]}\n'
+        for d in destinations
+    )
     bundle = PHANTOM_SEG_BUNDLE
-    models = models if models is not None else "".join(
-        f'[[models]]\nname = "{name}"\nbundle = "{path}"\n' for name, path in (
-            ("chest-ct-seg", bundle), ("chest-ct-det", BUNDLES / "chest_ct_det"),
-            ("chest-ct-cls", BUNDLES / "chest_ct_cls")))
+    models = (
+        models
+        if models is not None
+        else "".join(
+            f'[[models]]\nname = "{name}"\nbundle = "{path}"\n'
+            for name, path in (
+                ("chest-ct-seg", bundle),
+                ("chest-ct-det", BUNDLES / "chest_ct_det"),
+                ("chest-ct-cls", BUNDLES / "chest_ct_cls"),
+            )
+        )
+    )
     route_list = ", ".join(f'"{m}"' for m in route_models)
     names = ", ".join(f'"{d["name"]}"' for d in destinations)
-    routes = routes if routes is not None else (
-        f'[[routes]]\nname = "chest-ct"\nmatch = {{ Modality = "CT" }}\nmodels = [{route_list}]\n'
-        f"send_to = [{names}]\n")
+    routes = (
+        routes
+        if routes is not None
+        else (
+            f'[[routes]]\nname = "chest-ct"\nmatch = {{ Modality = "CT" }}\nmodels = [{route_list}]\n'
+            f"send_to = [{names}]\n"
+        )
+    )
     path.write_text(f"""
 [node]
 ae_title = "DICOM_NODE"
@@ -224,20 +264,35 @@ class NodeProcess:
 
     def start(self, timeout: float = 60) -> NodeProcess:
         self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = track(subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), "serve"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO))
+        self.proc = track(
+            subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), "serve"],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        )
         proc = self.proc
-        await_listening(proc, self.port, timeout, "the node's port",
-                        lambda: AssertionError(f"node exited with {proc.returncode}:\n{self.log_text()[-3000:]}"))
+        await_listening(
+            proc,
+            self.port,
+            timeout,
+            "the node's port",
+            lambda: AssertionError(f"node exited with {proc.returncode}:\n{self.log_text()[-3000:]}"),
+        )
         return self
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), *args],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc is None:

@@ -49,8 +49,19 @@ class PostgresServer:
             for p in (self.root, self.socket_dir):
                 shutil.chown(p, "postgres", "postgres")
         self._run(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "node", "-E", "UTF8", "--no-sync")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
-                  "-o", f"-c listen_addresses='' -k {self.socket_dir} -p {PORT} -c max_connections=200", "start")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-c listen_addresses='' -k {self.socket_dir} -p {PORT} -c max_connections=200",
+            "start",
+        )
         return self
 
     def stop(self) -> None:
@@ -66,7 +77,8 @@ class PostgresServer:
         import psycopg
 
         name = f"test_{os.getpid()}_{next(self._names)}"
-        with psycopg.connect(host=str(self.socket_dir), port=PORT, user="node", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host=str(self.socket_dir), port=PORT, user="node", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)

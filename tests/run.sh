@@ -34,4 +34,5 @@ fi
 # torch pinned in the same step: pip takes the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test]'
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

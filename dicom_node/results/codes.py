@@ -197,7 +197,7 @@ _SPINE_LEVELS = {"c": 7, "t": 12, "l": 5}
 
 
 def _lateral(key: str) -> SegmentCoding | None:
-    """"kidney left", "left kidney", "lung upper lobe left": a paired structure and its side."""
+    """ "kidney left", "left kidney", "lung upper lobe left": a paired structure and its side."""
     words = key.split(" ")
     sides = [w for w in words if w in _SIDES]
     if len(sides) != 1:
@@ -208,7 +208,7 @@ def _lateral(key: str) -> SegmentCoding | None:
 
 
 def _numbered(key: str) -> SegmentCoding | None:
-    """"vertebrae l5" (SCT "L5 vertebra"); "rib left 3" (SCT Rib with its side; the label keeps the number)."""
+    """ "vertebrae l5" (SCT "L5 vertebra"); "rib left 3" (SCT Rib with its side; the label keeps the number)."""
     if (m := _VERTEBRA.fullmatch(key)) is not None:
         level, n = m.group(1), int(m.group(2))
         if 1 <= n <= _SPINE_LEVELS[level]:
@@ -218,6 +218,7 @@ def _numbered(key: str) -> SegmentCoding | None:
         side = next(g for g in m.groups() if g)
         return _anat(codes.SCT.Rib, _SIDES[side])
     return None
+
 
 # Known misspellings in published bundles (model-zoo swin_unetr_btcv: "Left Kideny").
 _TYPOS = {"kideny": "kidney"}
@@ -230,8 +231,12 @@ def normalise_label(name: str) -> str:
 
 
 def _fresh(concept: hd.sr.CodedConcept) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=concept.value, scheme_designator=concept.scheme_designator,
-                              meaning=concept.meaning, scheme_version=concept.scheme_version)
+    return hd.sr.CodedConcept(
+        value=concept.value,
+        scheme_designator=concept.scheme_designator,
+        meaning=concept.meaning,
+        scheme_version=concept.scheme_version,
+    )
 
 
 def segment_coding(label_name: str) -> SegmentCoding:

@@ -91,8 +91,10 @@ def segment_tracking(source_series_uid: str, identity: ModelIdentity, label: int
     group about it (PS3.3 C.8.20.2: one finding, one tracking UID across objects). It depends on the series,
     model and label only, so a re-run after late arrivals tracks the same structure under the same UID."""
     name = identity.labels[label]
-    return (derive_uid("segment-tracking", source_series_uid, identity.name, str(label), name),
-            f"{name} ({identity.name})"[:64])
+    return (
+        derive_uid("segment-tracking", source_series_uid, identity.name, str(label), name),
+        f"{name} ({identity.name})"[:64],
+    )
 
 
 def segment_descriptions(
@@ -183,8 +185,14 @@ def build_seg(
     Raises EmptySegmentationError when no label is present, ValueError on a mask/grid mismatch.
     """
     slice_counts, numbers, kwargs = _prepare(
-        source, result, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number, node=node,
-        series_description=series_description, instance_number=instance_number,
+        source,
+        result,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        node=node,
+        series_description=series_description,
+        instance_number=instance_number,
     )
     fast = fast_binary_seg(source, result.mask, slice_counts, numbers, kwargs)
     if fast is not None:
@@ -205,8 +213,14 @@ def build_seg_highdicom(
 ) -> hd.seg.Segmentation:
     """``build_seg`` entirely through highdicom: the fallback, and the reference the fast encoder must match."""
     _, numbers, kwargs = _prepare(
-        source, result, series_uid=series_uid, sop_uid=sop_uid, series_number=series_number, node=node,
-        series_description=series_description, instance_number=instance_number,
+        source,
+        result,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        node=node,
+        series_description=series_description,
+        instance_number=instance_number,
     )
     return _highdicom_seg(source, result.mask, numbers, kwargs)
 

@@ -115,17 +115,30 @@ def _plane_geometry(source: Sequence[pydicom.Dataset]) -> tuple[list[str], np.nd
     first = source[0]
     if str(first.get("SOPClassUID", "")) not in SINGLE_FRAME_CLASSES or "FrameOfReferenceUID" not in first:
         return None
-    key = (first.SOPClassUID, first.StudyInstanceUID, first.SeriesInstanceUID, first.Rows, first.Columns,
-           first.FrameOfReferenceUID, list(first.ImageOrientationPatient))
+    key = (
+        first.SOPClassUID,
+        first.StudyInstanceUID,
+        first.SeriesInstanceUID,
+        first.Rows,
+        first.Columns,
+        first.FrameOfReferenceUID,
+        list(first.ImageOrientationPatient),
+    )
     strings, values = [], []
     checked: dict[tuple[Any, ...], bool] = {}  # raw encoding of the shared elements -> matches key
     for ds in source:
         raw = raw_values(ds, _SHARED_TAGS, missing_ok=False)
         same = checked.get(raw) if raw is not None else None
         if same is None:
-            same = (ds.get("SOPClassUID"), ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("Rows"),
-                    ds.get("Columns"), ds.get("FrameOfReferenceUID"),
-                    list(ds.get("ImageOrientationPatient", []))) == key
+            same = (
+                ds.get("SOPClassUID"),
+                ds.get("StudyInstanceUID"),
+                ds.get("SeriesInstanceUID"),
+                ds.get("Rows"),
+                ds.get("Columns"),
+                ds.get("FrameOfReferenceUID"),
+                list(ds.get("ImageOrientationPatient", [])),
+            ) == key
             if raw is not None:
                 checked[raw] = same
         if not same:
@@ -198,8 +211,12 @@ def fast_binary_seg(
         if spacing is not None and spacing > 0.0:
             ds.DimensionOrganizationType = "3D"
 
-    frames = [(seg_index, pos_index, z) for seg_index in range(len(labels))
-              for pos_index, z in enumerate(sorted_planes, start=1) if present[z, seg_index]]
+    frames = [
+        (seg_index, pos_index, z)
+        for seg_index in range(len(labels))
+        for pos_index, z in enumerate(sorted_planes, start=1)
+        if present[z, seg_index]
+    ]
     ds.NumberOfFrames = len(frames)
     ds[_PER_FRAME] = _raw(_PER_FRAME, "SQ", _per_frame_groups(source, position_strings, labels, frames))
     references = [
@@ -217,8 +234,9 @@ def fast_binary_seg(
     return ds
 
 
-def _template(first: pydicom.Dataset, rows: int, cols: int, n_segments: int,
-              hd_kwargs: Mapping[str, Any]) -> hd.seg.Segmentation:
+def _template(
+    first: pydicom.Dataset, rows: int, cols: int, n_segments: int, hd_kwargs: Mapping[str, Any]
+) -> hd.seg.Segmentation:
     """highdicom SEG of one plane holding one pixel of each segment: every module but the per-frame parts."""
     plane = np.zeros((1, rows * cols), dtype=np.uint8)
     plane[0, :n_segments] = np.arange(1, n_segments + 1, dtype=np.uint8)
@@ -232,8 +250,12 @@ def _template(first: pydicom.Dataset, rows: int, cols: int, n_segments: int,
     )
 
 
-def _per_frame_groups(source: Sequence[pydicom.Dataset], position_strings: list[str], labels: list[int],
-                      frames: list[tuple[int, int, int]]) -> bytes:
+def _per_frame_groups(
+    source: Sequence[pydicom.Dataset],
+    position_strings: list[str],
+    labels: list[int],
+    frames: list[tuple[int, int, int]],
+) -> bytes:
     """Value of the Per-frame Functional Groups Sequence, items in tag order as DICOM requires."""
     purpose, derivation_code = _code_items()
     derivation_tail = _sequence(0x00089215, [derivation_code])

@@ -45,7 +45,7 @@ from .codes import (
     AREA,
     CERTAINTY_OF_FINDING,
     COMMENT,
-        MILLILITER,
+    MILLILITER,
     NOT_DETECTED,
     PERCENT,
     PRESENT,
@@ -60,8 +60,11 @@ from .equipment import NodeIdentity, equipment_kwargs, sr_algorithm_identificati
 from .seg import label_voxel_counts, segment_numbers, segment_tracking
 from .uids import derive_uid
 
-Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-         | hd.sr.MeasurementsAndQualitativeEvaluations)
+Group = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 
 def segment_volumes_ml(result: SegmentationResult, spacing: Sequence[float]) -> dict[int, float]:
@@ -100,7 +103,7 @@ def _finding_sites(coding: SegmentCoding) -> list[hd.sr.FindingSite] | None:
 def _absent_group(
     coding: SegmentCoding, tracking: hd.sr.TrackingIdentifier, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """"<finding>: Absent", or "<structure>: Not detected" for anatomy (which may lie outside the scan)."""
+    """ "<finding>: Absent", or "<structure>: Not detected" for anatomy (which may lie outside the scan)."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=coding.type,
@@ -221,36 +224,51 @@ def finding_label(coding: SegmentCoding, score: float) -> str:
     return f"{coding.display} (certainty {100.0 * score:.0f} %)"[:64]
 
 
-def _planar_group(detection: Detection, geometry: Volume, sop_classes: dict[str, str],
-                  common: dict[str, Any]) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+def _planar_group(
+    detection: Detection, geometry: Volume, sop_classes: dict[str, str], common: dict[str, Any]
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group with the box's ellipse on its centre slice (SCOORD ELLIPSE on that image) and the score."""
     z, points = _centre_slice_ellipse(detection, geometry)
     image_uid = geometry.sop_instance_uids[z]
-    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=points.astype(np.float32),
-                               source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid))
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
+        graphic_data=points.astype(np.float32),
+        source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid),
+    )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_region=region, measurements=[_score(detection, common["algorithm_id"])], **common)
+        referenced_region=region, measurements=[_score(detection, common["algorithm_id"])], **common
+    )
 
 
-def _viewer_group(detection: Detection, geometry: Volume, sop_classes: dict[str, str],
-                  common: dict[str, Any]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _viewer_group(
+    detection: Detection, geometry: Volume, sop_classes: dict[str, str], common: dict[str, Any]
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group as OHIF's adapter reads an ellipse: Tracking Identifier in its form, the first measurement
     the ellipse's area INFERRED FROM the ellipse on the box's centre slice (TID 300; OHIF takes that SCOORD as
     the annotation and the value as its area), then the score, and a Comment that OHIF shows as the label."""
     z, points = _centre_slice_ellipse(detection, geometry)
     image_uid = geometry.sop_instance_uids[z]
     ellipse = hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.ELLIPSE, graphic_data=points.astype(np.float32),
-        source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid))
+        graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
+        graphic_data=points.astype(np.float32),
+        source_image=hd.sr.SourceImageForRegion(sop_classes[image_uid], image_uid),
+    )
     algorithm = common["algorithm_id"]
-    area = hd.sr.Measurement(name=AREA, value=_ellipse_area_mm2(points, geometry), unit=SQUARE_MILLIMETER,
-                             algorithm_id=algorithm, referenced_coordinates=[ellipse])
+    area = hd.sr.Measurement(
+        name=AREA,
+        value=_ellipse_area_mm2(points, geometry),
+        unit=SQUARE_MILLIMETER,
+        algorithm_id=algorithm,
+        referenced_coordinates=[ellipse],
+    )
     tracking = hd.sr.TrackingIdentifier(uid=common["tracking_identifier"][1].UID, identifier=CORNERSTONE_ELLIPSE)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        measurements=[area, _score(detection, algorithm)], **{**common, "tracking_identifier": tracking})
+        measurements=[area, _score(detection, algorithm)], **{**common, "tracking_identifier": tracking}
+    )
     label = finding_label(segment_coding(detection.label), detection.score)
     group[0].ContentSequence.append(
-        hd.sr.TextContentItem(name=COMMENT, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        hd.sr.TextContentItem(name=COMMENT, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    )
     return group
 
 
@@ -261,14 +279,20 @@ def _ellipse_area_mm2(points: np.ndarray, geometry: Volume) -> float:
     return float(np.pi * axes[0] * axes[1])
 
 
-def _detection_common(detection: Detection, index: int, identity: ModelIdentity,
-                      algorithm: hd.sr.AlgorithmIdentification, sop_uid: str) -> dict[str, Any]:
+def _detection_common(
+    detection: Detection, index: int, identity: ModelIdentity, algorithm: hd.sr.AlgorithmIdentification, sop_uid: str
+) -> dict[str, Any]:
     coding = segment_coding(detection.label)
     # a detection is new in every run (nothing says box k is the same lesion as last time): its tracking
     # UID derives from the run's report UID; the 3D and the planar group, and the findings SR, share it
     tracking = _tracking(sop_uid, "det", identity.name, str(index), text=f"{coding.display} {index}")
-    return {"tracking_identifier": tracking, "finding_type": coding.type, "finding_category": coding.category,
-            "finding_sites": _finding_sites(coding), "algorithm_id": algorithm}
+    return {
+        "tracking_identifier": tracking,
+        "finding_type": coding.type,
+        "finding_category": coding.category,
+        "finding_sites": _finding_sites(coding),
+        "algorithm_id": algorithm,
+    }
 
 
 def _detection_groups(
@@ -296,8 +320,11 @@ def _detection_groups(
         )
         # the planar group first: a viewer that keeps one group per tracking UID keeps the drawable one
         groups.append(_planar_group(detection, geometry, sop_classes, common))
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            referenced_volume_surface=surface, measurements=[_score(detection, algorithm)], **common))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_volume_surface=surface, measurements=[_score(detection, algorithm)], **common
+            )
+        )
     found = {_coding_key(segment_coding(d.label)) for d in result.detections}
     for label, name in sorted(identity.labels.items()):
         coding = segment_coding(name)
@@ -389,8 +416,7 @@ def build_sr(
     for result in detections:
         identities.append(result.identity)
         labels += [*result.identity.labels.values(), *(d.label for d in result.detections)]
-        groups += _detection_groups(result, volume_geometry, source_series_uid, frame_uid, sop_uid, node,
-                                    sop_classes)
+        groups += _detection_groups(result, volume_geometry, source_series_uid, frame_uid, sop_uid, node, sop_classes)
     for result in classifications:
         identities.append(result.identity)
         labels.append(result.label)

@@ -1,6 +1,6 @@
 """Driver run inside a private network namespace: storescu -> node -> Orthanc; writes what Orthanc holds as JSON.
 
-    unshare -n bash -c 'ip link set lo up && python -m tests.acceptance.orthanc_roundtrip OUT_DIR'
+unshare -n bash -c 'ip link set lo up && python -m tests.acceptance.orthanc_roundtrip OUT_DIR'
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ def main(out: Path) -> int:
     paths = write_datasets([*phantom_datasets(ph, ids), *localizer_datasets(ph, ids)], out / "in")
     pacs = Orthanc(out / "orthanc").start()
     port = free_port()
-    cfg = write_config(out / "config.toml", port=port, data_dir=out / "var",
-                       destinations=[{"name": "orthanc", "port": pacs.dicom_port}])
+    cfg = write_config(
+        out / "config.toml",
+        port=port,
+        data_dir=out / "var",
+        destinations=[{"name": "orthanc", "port": pacs.dicom_port}],
+    )
     node = NodeProcess(cfg, port, out / "node.log").start()
     with running(pacs, node):
         storescu(pacs.dicom_port, paths, called="PACS")  # the scanner archives the study at the PACS ...
@@ -40,13 +44,21 @@ def main(out: Path) -> int:
                 out_.setdefault(s["MainDicomTags"]["Modality"], []).extend(s["Instances"])
             return out_
 
-        series = wait_for(lambda: (m := series_by_modality()) and "SEG" in m and "SR" in m and m, 600,
-                          "SEG and SR in the study at Orthanc")
+        series = wait_for(
+            lambda: (m := series_by_modality()) and "SEG" in m and "SR" in m and m,
+            600,
+            "SEG and SR in the study at Orthanc",
+        )
         # send the results again by retrying the job: same UIDs, Orthanc must still hold one copy of each
         job_id = node.cli("status", "--json")
-        report = {"study_count": len([s for s in pacs.get("/studies?expand")
-                                      if s["MainDicomTags"].get("StudyInstanceUID") == ids.study_uid]),
-                  "modalities": {k: len(v) for k, v in series.items()}, "dciodvfy": {}, "status": job_id.stdout}
+        report = {
+            "study_count": len(
+                [s for s in pacs.get("/studies?expand") if s["MainDicomTags"].get("StudyInstanceUID") == ids.study_uid]
+            ),
+            "modalities": {k: len(v) for k, v in series.items()},
+            "dciodvfy": {},
+            "status": job_id.stdout,
+        }
         for kind in ("SEG", "SR"):
             iid = series[kind][0]
             with urllib.request.urlopen(f"http://127.0.0.1:{pacs.http_port}/instances/{iid}/file", timeout=10) as r:

@@ -41,9 +41,14 @@ def _setup(tmp_path: Path, name: str) -> tuple[list[Path], str, StoreSCP, NodePr
     paths = write_datasets(phantom_datasets(ph, ids), tmp_path / "in")
     pacs = StoreSCP(tmp_path / "pacs").start()
     port = free_port()
-    cfg = write_config(tmp_path / "config.toml", port=port, data_dir=tmp_path / "var",
-                       destinations=[{"name": "pacs", "port": pacs.port}], stable_seconds=0.5,
-                       extra="")
+    cfg = write_config(
+        tmp_path / "config.toml",
+        port=port,
+        data_dir=tmp_path / "var",
+        destinations=[{"name": "pacs", "port": pacs.port}],
+        stable_seconds=0.5,
+        extra="",
+    )
     node = NodeProcess(cfg, port, tmp_path / "node-1.log")
     return paths, ids.study_uid, pacs, node, cfg
 
@@ -68,8 +73,15 @@ def test_kill_9_during_inference_reruns_the_job_and_sends_once(tmp_path: Path) -
         assert job.state == "running" and job.attempts == 1  # killed mid-inference
         node2 = NodeProcess(cfg, node.port, tmp_path / "node-2.log").start()
         with running(node2):
-            wait_for(lambda: len(pacs.files()) >= 2 and all(d.state == "done" for d in js.deliveries_of_job(job.id))
-                     and js.deliveries_of_job(job.id), 300, "results after the restart")
+            wait_for(
+                lambda: (
+                    len(pacs.files()) >= 2
+                    and all(d.state == "done" for d in js.deliveries_of_job(job.id))
+                    and js.deliveries_of_job(job.id)
+                ),
+                300,
+                "results after the restart",
+            )
             assert "leases_recovered" in node2.log_text()
         done = js.get_job(job.id)
         assert done.state == "done" and done.attempts == 2
@@ -108,6 +120,9 @@ def test_sigterm_leaves_no_job_running_and_work_resumes(tmp_path: Path) -> None:
         assert job.state in ("done", "queued"), job.state  # finished in the grace period, or lease given back
         node2 = NodeProcess(cfg, node.port, tmp_path / "node-2.log").start()
         with running(node2):
-            wait_for(lambda: (dels := js.deliveries_of_job(job.id)) and all(d.state == "done" for d in dels),
-                     300, "results after the restart")
+            wait_for(
+                lambda: (dels := js.deliveries_of_job(job.id)) and all(d.state == "done" for d in dels),
+                300,
+                "results after the restart",
+            )
         assert sorted(_pacs_uids(pacs).values()) == ["SG", "SR"]

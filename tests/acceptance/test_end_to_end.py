@@ -37,8 +37,17 @@ class SentStudy:
     flags: tuple[str, ...]
 
 
-def _study(tmp: Path, name: str, seed: int, *, nodules: int, ts: str = pduid.ExplicitVRLittleEndian,
-           flags: tuple[str, ...] = (), localizer: bool = False, unsigned: bool = False) -> SentStudy:
+def _study(
+    tmp: Path,
+    name: str,
+    seed: int,
+    *,
+    nodules: int,
+    ts: str = pduid.ExplicitVRLittleEndian,
+    flags: tuple[str, ...] = (),
+    localizer: bool = False,
+    unsigned: bool = False,
+) -> SentStudy:
     ph = generate_phantom(seed, shape=SHAPE, spacing=(2.5, 1.6, 1.6), n_nodules=nodules, min_nodule_radius_mm=6.0)
     ids = StudyIds.new(f"e2e-{name}-{seed}")
     axial = phantom_datasets(ph, ids, transfer_syntax=ts, unsigned=unsigned, descending=unsigned)
@@ -55,8 +64,9 @@ def _results_by_study(pacs: StoreSCP) -> dict[str, dict[str, Path]]:
             ds = dcmread(p, stop_before_pixels=True)
         except (InvalidDicomError, EOFError, OSError):  # storescp still writing it: the next poll reads it
             continue
-        kind = {SEG_CLASS: "seg", SR_CLASS: "sr", ComprehensiveSRStorage: "findings"}.get(str(ds.SOPClassUID),
-                                                                                         str(ds.SOPClassUID))
+        kind = {SEG_CLASS: "seg", SR_CLASS: "sr", ComprehensiveSRStorage: "findings"}.get(
+            str(ds.SOPClassUID), str(ds.SOPClassUID)
+        )
         out.setdefault(str(ds.StudyInstanceUID), {})[kind] = p
     return out
 
@@ -78,9 +88,14 @@ def _seg_labels_on_source_grid(seg_path: Path, study: SentStudy) -> np.ndarray:
     for value, name in ((1, "lung"), (2, "nodule")):
         if name not in numbers:
             continue
-        arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, segment_numbers=[numbers[name]],
-                                                 combine_segments=False, skip_overlap_checks=True,
-                                                 ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+        arr = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=sop_uids,
+            segment_numbers=[numbers[name]],
+            combine_segments=False,
+            skip_overlap_checks=True,
+            ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True,
+        )
         labels[arr[..., 0] > 0] = value
     return labels
 
@@ -129,13 +144,20 @@ def _algorithm_names(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list
 def _check_detections_and_classification(study: SentStudy, sr: hd.sr.Comprehensive3DSR) -> None:
     """One located finding per nodule (SCOORD3D near its centre) plus the study-level classification."""
     boxes = [g for g in sr.content.get_volumetric_roi_measurement_groups() if g.roi is not None]
-    axial = sorted((dcmread(p, stop_before_pixels=True) for p in study.paths
-                    if str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) == study.axial_series_uid),
-                   key=lambda d: float(d.ImagePositionPatient[2]))
+    axial = sorted(
+        (
+            dcmread(p, stop_before_pixels=True)
+            for p in study.paths
+            if str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) == study.axial_series_uid
+        ),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )
     origin = np.asarray(axial[0].ImagePositionPatient, float)
     dz, dy, dx = study.phantom.spacing
-    truth = [origin + np.array([n.center_zyx[2] * dx, n.center_zyx[1] * dy, n.center_zyx[0] * dz])
-             for n in study.phantom.nodules]
+    truth = [
+        origin + np.array([n.center_zyx[2] * dx, n.center_zyx[1] * dy, n.center_zyx[0] * dz])
+        for n in study.phantom.nodules
+    ]
     centres = [np.asarray(g.roi.graphic_data).reshape(-1, 3).mean(axis=0) for g in boxes]
     # the shipped detector runs at 0.225 false positives per study: every nodule found, at most one extra
     assert len(truth) <= len(boxes) <= len(truth) + 1, f"{study.name}: {len(boxes)} findings, {len(truth)} nodules"
@@ -148,8 +170,7 @@ def _check_detections_and_classification(study: SentStudy, sr: hd.sr.Comprehensi
     planar = sr.content.get_planar_roi_measurement_groups()
     assert sorted(g.tracking_uid for g in planar) == sorted(g.tracking_uid for g in boxes)
     axial_uids = {str(d.SOPInstanceUID) for d in axial}
-    assert all(g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in axial_uids
-               for g in planar)
+    assert all(g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in axial_uids for g in planar)
     (cls,) = [g for g in sr.content.get_image_measurement_groups() if "chest-ct-cls" in _algorithm_names(g)]
     (evaluation,) = [q for q in cls.get_qualitative_evaluations() if q.name == cls.finding_type]
     assert str(evaluation.value.value) == ("52101004" if truth else "272519000")  # Present / Absent
@@ -170,16 +191,26 @@ def test_studies_come_back_as_seg_and_sr_at_the_pacs(workdir: Path) -> None:
     ]
     pacs = StoreSCP(workdir / "pacs").start()
     port = free_port()
-    cfg = write_config(workdir / "config.toml", port=port, data_dir=workdir / "var",
-                       destinations=[{"name": "pacs", "port": pacs.port}],
-                       route_models=("chest-ct-seg", "chest-ct-det", "chest-ct-cls"))
+    cfg = write_config(
+        workdir / "config.toml",
+        port=port,
+        data_dir=workdir / "var",
+        destinations=[{"name": "pacs", "port": pacs.port}],
+        route_models=("chest-ct-seg", "chest-ct-det", "chest-ct-cls"),
+    )
     node = NodeProcess(cfg, port, workdir / "node.log").start()
     with running(pacs, node):
         for s in studies:
             storescu(port, s.paths, flags=s.flags)
-        got = wait_for(lambda: (r := _results_by_study(pacs)) and all({"seg", "sr"} <= set(r.get(s.ids.study_uid, {}))
-                                                                       for s in studies) and r,
-                       600, "SEG and SR of every study at the PACS")
+        got = wait_for(
+            lambda: (
+                (r := _results_by_study(pacs))
+                and all({"seg", "sr"} <= set(r.get(s.ids.study_uid, {})) for s in studies)
+                and r
+            ),
+            600,
+            "SEG and SR of every study at the PACS",
+        )
         for s in studies:
             _check_study(s, got[s.ids.study_uid], detect=True)
         status = node.cli("status")
@@ -206,8 +237,12 @@ def test_results_wait_for_a_pacs_that_comes_up_later(workdir: Path) -> None:
     study = _study(workdir / "in2", "late-pacs", 21, nodules=1)
     pacs_port = free_port()
     port = free_port()
-    cfg = write_config(workdir / "config2.toml", port=port, data_dir=workdir / "var2",
-                       destinations=[{"name": "pacs", "port": pacs_port}])
+    cfg = write_config(
+        workdir / "config2.toml",
+        port=port,
+        data_dir=workdir / "var2",
+        destinations=[{"name": "pacs", "port": pacs_port}],
+    )
     node = NodeProcess(cfg, port, workdir / "node2.log").start()
     pacs = StoreSCP(workdir / "pacs2", port=pacs_port)
     with running(pacs, node):
@@ -215,7 +250,10 @@ def test_results_wait_for_a_pacs_that_comes_up_later(workdir: Path) -> None:
         wait_for(lambda: "delivery_retry_scheduled" in node.log_text(), 300, "a failed first delivery attempt")
         assert pacs.proc is None and not (workdir / "pacs2").exists()
         pacs.start()
-        got = wait_for(lambda: (r := _results_by_study(pacs).get(study.ids.study_uid, {})) and len(r) == 2 and r,
-                       120, "SEG and SR after the PACS came up")
+        got = wait_for(
+            lambda: (r := _results_by_study(pacs).get(study.ids.study_uid, {})) and len(r) == 2 and r,
+            120,
+            "SEG and SR after the PACS came up",
+        )
         _check_study(study, got)
         assert node.log_text().count("job_started") == 1  # delivered without re-running the model

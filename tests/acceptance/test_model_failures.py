@@ -62,15 +62,18 @@ def _config(tmp: Path, port: int, pacs_port: int, flags: dict[str, Path]) -> Pat
     for model, failure in sorted({v for v in STUDIES.values()}):
         bundle = write_fault_bundle(bundles, model, failure, flags.get(model))
         models.append(f'[[models]]\nname = "{model}"\nbundle = "{bundle}"\n')
-    routes = [f'[[routes]]\nname = "{study}"\nmatch = {{ PatientID = "MF-{study}" }}\nmodels = ["{model}"]\n'
-              f'send_to = ["pacs"]\n' for study, (model, _) in STUDIES.items()]
+    routes = [
+        f'[[routes]]\nname = "{study}"\nmatch = {{ PatientID = "MF-{study}" }}\nmodels = ["{model}"]\n'
+        f'send_to = ["pacs"]\n'
+        for study, (model, _) in STUDIES.items()
+    ]
     path = tmp / "config.toml"
     path.write_text(f"""
 [node]
 ae_title = "DICOM_NODE"
 port = {port}
 bind = "127.0.0.1"
-data_dir = "{tmp / 'var'}"
+data_dir = "{tmp / "var"}"
 min_free_mb = 0
 
 [completion]
@@ -106,8 +109,13 @@ port = {pacs_port}
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def _pacs_results(pacs: StoreSCP) -> dict[str, set[str]]:
@@ -177,10 +185,24 @@ def test_failing_models_are_retried_failed_and_administered(tmp_path: Path) -> N
         assert jobs.get_job(cancel_id).state == "cancelled"  # type: ignore[union-attr]
         flags["blocker"].unlink()  # let the worker go on
 
-        by = _wait_states(jobs, {"block": ["done"], "good": ["done"], "memerr": ["failed"], "oom": ["failed"],
-                                 "geom": ["failed"], "cancel": ["cancelled"]}, 180, "every job settled")
-        wait_for(lambda: all(len(_pacs_results(pacs).get(studies[s][0].study_uid, ())) == 2 for s in ("good", "block")),
-                 60, "SEG and SR of the good studies at the PACS")
+        by = _wait_states(
+            jobs,
+            {
+                "block": ["done"],
+                "good": ["done"],
+                "memerr": ["failed"],
+                "oom": ["failed"],
+                "geom": ["failed"],
+                "cancel": ["cancelled"],
+            },
+            180,
+            "every job settled",
+        )
+        wait_for(
+            lambda: all(len(_pacs_results(pacs).get(studies[s][0].study_uid, ())) == 2 for s in ("good", "block")),
+            60,
+            "SEG and SR of the good studies at the PACS",
+        )
 
         # failures: attempts, reasons, backoff
         assert by["memerr"].attempts == MAX_ATTEMPTS and "MemoryError" in by["memerr"].error
@@ -191,8 +213,14 @@ def test_failing_models_are_retried_failed_and_administered(tmp_path: Path) -> N
         for route in ("memerr", "oom"):
             ev = _events(log, by[route].id)
             names = [e for e, _ in ev]
-            assert names == ["job_started", "job_attempt_failed", "job_retry_scheduled",
-                             "job_started", "job_attempt_failed", "job_failed"], names
+            assert names == [
+                "job_started",
+                "job_attempt_failed",
+                "job_retry_scheduled",
+                "job_started",
+                "job_attempt_failed",
+                "job_failed",
+            ], names
             retry_at, started_again = _ts(ev[2][1]), _ts(ev[3][1])
             assert started_again - retry_at >= BACKOFF * 0.9, f"{route}: retried after {started_again - retry_at}s"
         assert [e for e, _ in _events(log, by["geom"].id)] == ["job_started", "job_failed"]
@@ -220,8 +248,11 @@ def test_failing_models_are_retried_failed_and_administered(tmp_path: Path) -> N
         res = _cli(config, "retry", str(by["oom"].id))
         assert res.returncode == 0 and f"job {by['oom'].id} queued again" in res.stdout, res.stderr
         _wait_states(jobs, {"oom": ["done"]}, 60, "the retried job done")
-        wait_for(lambda: len(_pacs_results(pacs).get(studies["oom"][0].study_uid, ())) == 2, 60,
-                 "SEG and SR of the retried study at the PACS")
+        wait_for(
+            lambda: len(_pacs_results(pacs).get(studies["oom"][0].study_uid, ())) == 2,
+            60,
+            "SEG and SR of the retried study at the PACS",
+        )
         assert jobs.get_job(by["oom"].id).attempts == 1  # type: ignore[union-attr]
         assert node.proc is not None and node.proc.poll() is None, "the node died"
         assert node.stop() == 0

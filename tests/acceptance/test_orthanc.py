@@ -15,8 +15,7 @@ from tests.peers import REPO
 
 def test_results_arrive_in_the_same_study_at_orthanc_exactly_once(tmp_path: Path) -> None:
     cmd = f"ip link set lo up && exec {sys.executable} -m tests.acceptance.orthanc_roundtrip {tmp_path}"
-    proc = subprocess.run(["unshare", "-n", "bash", "-c", cmd], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(["unshare", "-n", "bash", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["study_count"] == 1  # the results joined the source study, not a new one

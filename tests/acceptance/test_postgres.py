@@ -17,9 +17,13 @@ def test_node_on_postgresql_receives_runs_and_delivers(tmp_path: Path, postgres_
     study = _study(tmp_path / "in", "pg", 31, nodules=1)
     pacs = StoreSCP(tmp_path / "pacs").start()
     port = free_port()
-    cfg = write_config(tmp_path / "config.toml", port=port, data_dir=tmp_path / "var",
-                       destinations=[{"name": "pacs", "port": pacs.port}],
-                       node_extra=f'database_url = "{postgres_url}"\nlistener_processes = 2')
+    cfg = write_config(
+        tmp_path / "config.toml",
+        port=port,
+        data_dir=tmp_path / "var",
+        destinations=[{"name": "pacs", "port": pacs.port}],
+        node_extra=f'database_url = "{postgres_url}"\nlistener_processes = 2',
+    )
     node = NodeProcess(cfg, port, tmp_path / "node.log").start()
     with running(pacs, node):
         half = len(study.paths) // 2  # two associations at once: both listener processes index rows
@@ -27,8 +31,11 @@ def test_node_on_postgresql_receives_runs_and_delivers(tmp_path: Path, postgres_
         first.start()
         storescu(port, study.paths[half:])
         first.join()
-        got = wait_for(lambda: (r := _results_by_study(pacs).get(study.ids.study_uid, {})) and len(r) == 2 and r,
-                       300, "SEG and SR at the PACS")
+        got = wait_for(
+            lambda: (r := _results_by_study(pacs).get(study.ids.study_uid, {})) and len(r) == 2 and r,
+            300,
+            "SEG and SR at the PACS",
+        )
         _check_study(study, got)
         storescu(port, study.paths[:3])  # a resend: kept first, acknowledged, nothing indexed twice
         status = node.cli("status")

@@ -29,14 +29,19 @@ from tests.unit.results_helpers import dciodvfy_errors
 
 
 def _config(tmp_path: Path, pacs_port: int = 4242) -> Config:
-    return parse_config({
-        "node": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0, "port": free_port(), "bind": "127.0.0.1"},
-        "completion": {"stable_seconds": 0.5},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
-        "models": [{"name": "seg", "bundle": str(PHANTOM_SEG_BUNDLE)}],
-        "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["seg"], "send_to": ["pacs"]},
-                   {"name": "mr", "match": {"Modality": "MR"}, "models": ["seg"], "send_to": ["pacs"]}],
-    }, tmp_path)
+    return parse_config(
+        {
+            "node": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0, "port": free_port(), "bind": "127.0.0.1"},
+            "completion": {"stable_seconds": 0.5},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+            "models": [{"name": "seg", "bundle": str(PHANTOM_SEG_BUNDLE)}],
+            "routes": [
+                {"name": "ct", "match": {"Modality": "CT"}, "models": ["seg"], "send_to": ["pacs"]},
+                {"name": "mr", "match": {"Modality": "MR"}, "models": ["seg"], "send_to": ["pacs"]},
+            ],
+        },
+        tmp_path,
+    )
 
 
 @contextlib.contextmanager
@@ -59,8 +64,9 @@ def _listening(cfg: Config, rt: Runtime) -> Iterator[Callable[[Sequence[Dataset]
         ae.shutdown()
 
 
-def _node_parts(tmp_path: Path, name: str, *, seed: int, pacs_port: int = 4242) -> tuple[
-        Config, Runtime, StudyIds, list[Dataset], Assembler, Worker]:
+def _node_parts(
+    tmp_path: Path, name: str, *, seed: int, pacs_port: int = 4242
+) -> tuple[Config, Runtime, StudyIds, list[Dataset], Assembler, Worker]:
     """A node's store, assembler and worker (the shipped segmentation model) and a small axial phantom series."""
     cfg = _config(tmp_path, pacs_port)
     rt = open_runtime(cfg)
@@ -133,11 +139,17 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     assert second.SOPInstanceUID != first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
     assert second.InstanceNumber == 2
     # the SEG too follows the first one in its series, and the new SR points at the new SEG
-    assert [(d.SeriesInstanceUID, d.InstanceNumber) for d in segs] == [(segs[0].SeriesInstanceUID, 1),
-                                                                      (segs[0].SeriesInstanceUID, 2)]
+    assert [(d.SeriesInstanceUID, d.InstanceNumber) for d in segs] == [
+        (segs[0].SeriesInstanceUID, 1),
+        (segs[0].SeriesInstanceUID, 2),
+    ]
     assert segs[1].SOPInstanceUID != segs[0].SOPInstanceUID
-    evidence = {s.ReferencedSOPInstanceUID for e in second.CurrentRequestedProcedureEvidenceSequence
-                for series in e.ReferencedSeriesSequence for s in series.ReferencedSOPSequence}
+    evidence = {
+        s.ReferencedSOPInstanceUID
+        for e in second.CurrentRequestedProcedureEvidenceSequence
+        for series in e.ReferencedSeriesSequence
+        for s in series.ReferencedSOPSequence
+    }
     assert segs[1].SOPInstanceUID in evidence and segs[0].SOPInstanceUID not in evidence
     (study,) = second.PredecessorDocumentsSequence
     (series,) = study.ReferencedSeriesSequence
@@ -149,15 +161,16 @@ def test_the_sr_of_a_rerun_supersedes_the_first_ones(tmp_path: Path) -> None:
     assert dciodvfy_errors(tmp_path / "second.dcm") == []
 
 
-
 def test_after_a_restart_a_cut_transfer_gets_its_quiet_period_again(tmp_path: Path) -> None:
     """A study whose transfer a node crash cut looks quiet for as long as the node was down; completing it
     at restart would run the models on part of a study while its senders are about to send the rest."""
     cfg = _config(tmp_path)
     rt = open_runtime(cfg)
     cut = time.time() - 600  # the last instance arrived before the crash, ten minutes ago
-    rt.jobs.record_instance(NewInstance("1.2.3.1", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2",
-                                        "1.2.840.10008.1.2.1", "x/1.dcm", 10), now=cut)
+    rt.jobs.record_instance(
+        NewInstance("1.2.3.1", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "x/1.dcm", 10),
+        now=cut,
+    )
     restarted = time.time()
     asm = Assembler(cfg, rt.files, rt.jobs, started_at=restarted)
     stable = cfg.completion.stable_seconds
@@ -166,8 +179,9 @@ def test_after_a_restart_a_cut_transfer_gets_its_quiet_period_again(tmp_path: Pa
     assert asm.run_once(now=restarted + stable + 0.01) == 1  # nothing more came: complete, as any quiet study
 
 
-def test_a_run_superseded_before_it_starts_is_dropped_not_delivered(tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_a_run_superseded_before_it_starts_is_dropped_not_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The first run's job was still waiting (e.g. in a retry's backoff) when late slices made a second run:
     the worker drops it instead of sending results that would arrive after, and look newer than, the second's."""
     cfg, rt, _, axial, asm, worker = _node_parts(tmp_path, "superseded", seed=7)
@@ -218,8 +232,11 @@ def test_a_rerun_retires_the_superseded_seg_at_the_pacs_with_a_rejection_note(tm
     assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
     assert (note.StudyInstanceUID, note.SeriesNumber, note.InstanceNumber) == (ids.study_uid, 9200, 2)
     (evidence,) = note.CurrentRequestedProcedureEvidenceSequence
-    rejected = {(s.SeriesInstanceUID, r.ReferencedSOPInstanceUID) for s in evidence.ReferencedSeriesSequence
-                for r in s.ReferencedSOPSequence}
+    rejected = {
+        (s.SeriesInstanceUID, r.ReferencedSOPInstanceUID)
+        for s in evidence.ReferencedSeriesSequence
+        for r in s.ReferencedSOPSequence
+    }
     assert rejected == {(old_seg.series_uid, old_seg.sop_instance_uid)}  # the first SEG only: not the new one
     assert ko.resolve_reference(old_seg.sop_instance_uid)[1] == old_seg.series_uid
     assert results["seg"].sop_instance_uid != old_seg.sop_instance_uid

@@ -54,11 +54,25 @@ def results() -> Results:
     source = make_ct_series(8, 32, 32, with_pixels=False)
     seg_result = SegmentationResult(identity(), lung_nodule_mask((8, 32, 32)))
     series = str(source[0].SeriesInstanceUID)
-    seg = build_seg(source, seg_result, series_uid=derive_uid("t-seg-series", series),
-                    sop_uid=derive_uid("t-seg", series), series_number=9001, node=NODE)
-    sr = build_sr(source, volume_of(source), segmentations=[(seg_result, seg)], detections=[], classifications=[],
-                  series_uid=derive_uid("t-sr-series", series), sop_uid=derive_uid("t-sr", series),
-                  series_number=9002, node=NODE)
+    seg = build_seg(
+        source,
+        seg_result,
+        series_uid=derive_uid("t-seg-series", series),
+        sop_uid=derive_uid("t-seg", series),
+        series_number=9001,
+        node=NODE,
+    )
+    sr = build_sr(
+        source,
+        volume_of(source),
+        segmentations=[(seg_result, seg)],
+        detections=[],
+        classifications=[],
+        series_uid=derive_uid("t-sr-series", series),
+        sop_uid=derive_uid("t-sr", series),
+        series_number=9002,
+        node=NODE,
+    )
 
     def encode(ds: pydicom.Dataset) -> bytes:
         from io import BytesIO
@@ -70,11 +84,26 @@ def results() -> Results:
     earlier = pydicom.Dataset()
     earlier.StudyInstanceUID, earlier.SeriesInstanceUID = seg.StudyInstanceUID, seg.SeriesInstanceUID
     earlier.SOPClassUID, earlier.SOPInstanceUID = SEG_CLASS, derive_uid("t-earlier-seg", series)
-    note = build_rejection_note(source[0], [earlier], series_uid=derive_uid("t-ko-series", series),
-                                sop_uid=derive_uid("t-ko", series), series_number=9200, instance_number=2,
-                                node=NODE, reason="superseded")
-    return Results(encode(seg), encode(sr), str(seg.SOPInstanceUID), str(sr.SOPInstanceUID),
-                   str(source[0].StudyInstanceUID), series, encode(note), str(note.SOPInstanceUID))
+    note = build_rejection_note(
+        source[0],
+        [earlier],
+        series_uid=derive_uid("t-ko-series", series),
+        sop_uid=derive_uid("t-ko", series),
+        series_number=9200,
+        instance_number=2,
+        node=NODE,
+        reason="superseded",
+    )
+    return Results(
+        encode(seg),
+        encode(sr),
+        str(seg.SOPInstanceUID),
+        str(sr.SOPInstanceUID),
+        str(source[0].StudyInstanceUID),
+        series,
+        encode(note),
+        str(note.SOPInstanceUID),
+    )
 
 
 @dataclass
@@ -94,15 +123,22 @@ class Setup:
         wait_for(lambda: (self.sender.run_once(), done(self.deliveries()))[1], timeout, what, interval=0.05)
 
 
-def _config(tmp: Path, *, port: int, ae_title: str = "PACS", max_attempts: int = 3, dimse_timeout: float = 3,
-            backoff: float = BACKOFF) -> Path:
+def _config(
+    tmp: Path,
+    *,
+    port: int,
+    ae_title: str = "PACS",
+    max_attempts: int = 3,
+    dimse_timeout: float = 3,
+    backoff: float = BACKOFF,
+) -> Path:
     path = tmp / "config.toml"
     path.write_text(f"""
 [node]
 ae_title = "DICOM_NODE"
 port = {free_port()}
 bind = "127.0.0.1"
-data_dir = "{tmp / 'var'}"
+data_dir = "{tmp / "var"}"
 min_free_mb = 0
 
 [sender]
@@ -138,11 +174,22 @@ def make_setup(tmp_path: Path, results: Results) -> Iterator[Callable[..., Setup
         for kind, data, uid, cls in made + ([("rejection", results.note, results.note_uid, KO_CLASS)] * note):
             p = rt.files.result_path(results.study_uid, uid)
             rt.files.write_atomic(p, data)
-            new_results.append(NewResult(kind=kind, model="chest-ct-seg" if kind == "seg" else "",
-                                         study_uid=results.study_uid, series_uid=results.series_uid + f".{kind}",
-                                         sop_instance_uid=uid, sop_class_uid=cls, path=rt.files.relative(p)))
-        job = rt.jobs.enqueue_job(results.study_uid, 0, NewJob(route="chest-ct", series_uid=results.series_uid,
-                                                                models=("chest-ct-seg",), destinations=("pacs",)))
+            new_results.append(
+                NewResult(
+                    kind=kind,
+                    model="chest-ct-seg" if kind == "seg" else "",
+                    study_uid=results.study_uid,
+                    series_uid=results.series_uid + f".{kind}",
+                    sop_instance_uid=uid,
+                    sop_class_uid=cls,
+                    path=rt.files.relative(p),
+                )
+            )
+        job = rt.jobs.enqueue_job(
+            results.study_uid,
+            0,
+            NewJob(route="chest-ct", series_uid=results.series_uid, models=("chest-ct-seg",), destinations=("pacs",)),
+        )
         claimed = rt.jobs.claim_job("worker", 60)
         assert claimed is not None and claimed.id == job.id
         assert rt.jobs.finish_job(job.id, "worker", new_results)
@@ -175,8 +222,9 @@ def _job_untouched(s: Setup) -> None:
 # ---------------------------------------------------------------------------------------------------- tests
 
 
-def test_pacs_down_results_wait_with_backoff_then_arrive(make_setup, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_pacs_down_results_wait_with_backoff_then_arrive(
+    make_setup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     port = free_port()
     base = 1.0
@@ -211,8 +259,9 @@ def test_pacs_down_results_wait_with_backoff_then_arrive(make_setup, tmp_path: P
 
 
 @pytest.mark.parametrize("refusal", ["called AE title", "calling AE title"])
-def test_association_rejected_is_retried_then_failed_with_reason(make_setup, refusal: str,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_association_rejected_is_retried_then_failed_with_reason(
+    make_setup, refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     if refusal == "called AE title":
         scp = FaultSCP(ae_title="PACS").start()
@@ -245,8 +294,9 @@ def test_out_of_resources_is_retried_then_delivered(make_setup) -> None:
 
 
 @pytest.mark.parametrize("status", [0xA900, 0xC000])
-def test_refusal_status_fails_at_once_and_is_recorded(make_setup, status: int, caplog: pytest.LogCaptureFixture,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_refusal_status_fails_at_once_and_is_recorded(
+    make_setup, status: int, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     caplog.set_level(logging.INFO)
     scp = FaultSCP(statuses={"*": [status]}).start()
     s = make_setup(port=scp.port)
@@ -315,8 +365,9 @@ def test_hanging_pacs_times_out_and_the_sender_moves_on(make_setup) -> None:
 
 
 @pytest.mark.parametrize("refusal", ["SOP class not accepted", "0xA900"])
-def test_seg_refused_sr_still_delivered_and_status_says_so(make_setup, refusal: str,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_seg_refused_sr_still_delivered_and_status_says_so(
+    make_setup, refusal: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     if refusal == "0xA900":
         scp = FaultSCP(statuses={SEG_CLASS: [0xA900]}).start()
     else:
@@ -354,7 +405,8 @@ def test_seg_refused_sr_still_delivered_and_status_says_so(make_setup, refusal: 
 
 @pytest.mark.parametrize("refusal", ["no KOS context", "failure status"])
 def test_a_rejection_note_the_pacs_refuses_is_logged_not_a_failed_result(
-        make_setup, refusal: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    make_setup, refusal: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A PACS without IOCM (Key Object Selection not among its contexts, or refused with a failure status) gets
     the results, logs why the superseded ones stay visible, and neither retries the note nor lists the job
     among the failures: nothing the radiologist needs is missing."""

@@ -28,8 +28,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 @pytest.fixture()
 def listener(tmp_path: Path):
     port = free_port()
-    cfg = parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"),
-                                 "min_free_mb": 0}}, tmp_path)
+    cfg = parse_config(
+        {"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"), "min_free_mb": 0}}, tmp_path
+    )
     rt = open_runtime(cfg)
     ae, server = start_listener(cfg, rt.files, rt.jobs)
     yield cfg, rt, port
@@ -49,14 +50,17 @@ def _series(tmp_path: Path, ts: str, seed: int = 3) -> list[Path]:
     return write_datasets(phantom_datasets(ph, StudyIds.new(seed), transfer_syntax=ts), tmp_path / f"in-{seed}")
 
 
-@pytest.mark.parametrize(("ts", "flags"), [
-    (pduid.ExplicitVRLittleEndian, []),
-    (pduid.RLELossless, ["-xr"]),
-    (pduid.JPEG2000Lossless, ["-xv"]),
-    (pduid.JPEGLSLossless, ["-xt"]),
-    (pduid.JPEGLosslessSV1, ["-xs"]),
-    (pduid.DeflatedExplicitVRLittleEndian, ["-xd"]),
-])
+@pytest.mark.parametrize(
+    ("ts", "flags"),
+    [
+        (pduid.ExplicitVRLittleEndian, []),
+        (pduid.RLELossless, ["-xr"]),
+        (pduid.JPEG2000Lossless, ["-xv"]),
+        (pduid.JPEGLSLossless, ["-xt"]),
+        (pduid.JPEGLosslessSV1, ["-xs"]),
+        (pduid.DeflatedExplicitVRLittleEndian, ["-xd"]),
+    ],
+)
 def test_storescu_files_are_stored_byte_identical_and_indexed(listener, tmp_path: Path, ts, flags) -> None:
     _cfg, rt, port = listener
     sent = _series(tmp_path, ts)
@@ -77,8 +81,13 @@ def test_storescu_files_are_stored_byte_identical_and_indexed(listener, tmp_path
 
 def test_echo_with_dcmtk(listener) -> None:
     _, _, port = listener
-    proc = subprocess.run([ECHOSCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port)], env=DCMTK_ENV,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [ECHOSCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -106,12 +115,15 @@ def _good(sop: str = "1.2.3.4.5.6") -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize(("field", "value", "status"), [
-    ("StudyInstanceUID", "1.2.3/../../etc", 0xC211),
-    ("SeriesInstanceUID", "1.2.abc", 0xC211),
-    ("StudyInstanceUID", "1." + "2" * 70, 0xC211),
-    ("StudyInstanceUID", "", 0xC213),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "status"),
+    [
+        ("StudyInstanceUID", "1.2.3/../../etc", 0xC211),
+        ("SeriesInstanceUID", "1.2.abc", 0xC211),
+        ("StudyInstanceUID", "1." + "2" * 70, 0xC211),
+        ("StudyInstanceUID", "", 0xC213),
+    ],
+)
 def test_hostile_uids_get_failure_status_and_store_nothing(listener, field, value, status) -> None:
     _, rt, port = listener
     ds = _good()
@@ -167,8 +179,10 @@ def test_storage_failure_answers_a700_and_leaves_nothing(listener, tmp_path: Pat
 
 def test_free_space_floor_refuses_with_a700(tmp_path: Path) -> None:
     port = free_port()
-    cfg = parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"),
-                                 "min_free_mb": 1 << 30}}, tmp_path)  # a floor no disk meets
+    cfg = parse_config(
+        {"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"), "min_free_mb": 1 << 30}},
+        tmp_path,
+    )  # a floor no disk meets
     rt = open_runtime(cfg)
     ae, server = start_listener(cfg, rt.files, rt.jobs)
     try:
@@ -191,8 +205,9 @@ def small_disk(tmp_path: Path):
 
 def test_disk_full_answers_a700_leaves_nothing_and_recovers_when_space_is_back(small_disk: Path) -> None:
     port = free_port()
-    cfg = parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(small_disk / "var"),
-                                 "min_free_mb": 0}}, small_disk)
+    cfg = parse_config(
+        {"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(small_disk / "var"), "min_free_mb": 0}}, small_disk
+    )
     rt = open_runtime(cfg)
     ae, server = start_listener(cfg, rt.files, rt.jobs)
     try:

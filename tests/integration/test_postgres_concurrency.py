@@ -18,9 +18,15 @@ ROUNDS = 40
 
 
 def _instance(study: int, n: int) -> NewInstance:
-    return NewInstance(sop_instance_uid=f"1.2.{study}.4.{n}", study_uid=f"1.2.{study}", series_uid=f"1.2.{study}.4",
-                       sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
-                       path=f"{study}/{n}.dcm", size=10)
+    return NewInstance(
+        sop_instance_uid=f"1.2.{study}.4.{n}",
+        study_uid=f"1.2.{study}",
+        series_uid=f"1.2.{study}.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=f"{study}/{n}.dcm",
+        size=10,
+    )
 
 
 def _at_once(*calls: Callable[[], object]) -> list[object]:
@@ -57,8 +63,10 @@ def test_two_listeners_index_the_first_instances_of_one_new_study(machines: tupl
     index_a, index_b = InstanceIndex(a.engine), InstanceIndex(b.engine)
     try:
         for study in range(ROUNDS):
-            got = _at_once(lambda s=study: index_a.record([_instance(s, 1)], late_arrivals="rerun"),
-                           lambda s=study: index_b.record([_instance(s, 2), _instance(s, 3)], late_arrivals="rerun"))
+            got = _at_once(
+                lambda s=study: index_a.record([_instance(s, 1)], late_arrivals="rerun"),
+                lambda s=study: index_b.record([_instance(s, 2), _instance(s, 3)], late_arrivals="rerun"),
+            )
             assert got == [["stored"], ["stored", "stored"]], f"study {study}: {got}"
             assert a.get_study(f"1.2.{study}").instance_count == 3
     finally:
@@ -69,8 +77,9 @@ def test_two_listeners_index_the_first_instances_of_one_new_study(machines: tupl
 def test_two_machines_record_the_first_instance_of_one_new_study(machines: tuple[JobStore, JobStore]) -> None:
     a, b = machines
     for study in range(ROUNDS):
-        got = _at_once(lambda s=study: a.record_instance(_instance(s, 1)),
-                       lambda s=study: b.record_instance(_instance(s, 2)))
+        got = _at_once(
+            lambda s=study: a.record_instance(_instance(s, 1)), lambda s=study: b.record_instance(_instance(s, 2))
+        )
         assert got == ["stored", "stored"], f"study {study}: {got}"
         assert a.get_study(f"1.2.{study}").instance_count == 2
 
@@ -86,8 +95,10 @@ def test_a_late_instance_racing_completion_is_never_lost(machines: tuple[JobStor
     try:
         for study in range(ROUNDS):
             index.record([_instance(study, 1)], late_arrivals="rerun")
-            jobs, outcome = _at_once(lambda s=study: a.complete_study(f"1.2.{s}", 0, [job], instance_count=1),
-                                     lambda s=study: index.record([_instance(s, 2)], late_arrivals="rerun"))
+            jobs, outcome = _at_once(
+                lambda s=study: a.complete_study(f"1.2.{s}", 0, [job], instance_count=1),
+                lambda s=study: index.record([_instance(s, 2)], late_arrivals="rerun"),
+            )
             assert not isinstance(jobs, Exception) and not isinstance(outcome, Exception), (jobs, outcome)
             final = a.get_study(f"1.2.{study}")
             if jobs is not None:  # completed first: the instance re-opened the study

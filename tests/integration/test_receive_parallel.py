@@ -35,8 +35,18 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 @pytest.fixture()
 def listener(tmp_path: Path):
     port = free_port()
-    cfg = parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"),
-                                 "min_free_mb": 0, "max_pdu_size": 16384}}, tmp_path)
+    cfg = parse_config(
+        {
+            "node": {
+                "port": port,
+                "bind": "127.0.0.1",
+                "data_dir": str(tmp_path / "var"),
+                "min_free_mb": 0,
+                "max_pdu_size": 16384,
+            }
+        },
+        tmp_path,
+    )
     rt = open_runtime(cfg)
     ae, server = start_listener(cfg, rt.files, rt.jobs)
     yield rt, server, port
@@ -68,8 +78,15 @@ def test_four_parallel_associations_store_everything_once(listener, tmp_path: Pa
     big = _big_instance(tmp_path)
     shares = [files[i::4] for i in range(4)]
     shares[0].append(big)
-    procs = [subprocess.Popen([STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port), *map(str, share)],
-                              env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for share in shares]
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port), *map(str, share)],
+            env=DCMTK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for share in shares
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out.decode(errors="replace")[-2000:]
@@ -94,8 +111,9 @@ def _store_rq_pdus(ds: Dataset, context_id: int, max_pdu: int) -> list[bytes]:
     msg.primitive_to_message(req)
     out = []
     for pdata in msg.encode_msg(context_id, max_pdu):
-        body = b"".join((len(v) + 1).to_bytes(4, "big") + bytes([cid]) + v
-                        for cid, v in pdata.presentation_data_value_list)
+        body = b"".join(
+            (len(v) + 1).to_bytes(4, "big") + bytes([cid]) + v for cid, v in pdata.presentation_data_value_list
+        )
         out.append(b"\x04\x00" + len(body).to_bytes(4, "big") + body)
     return out
 
@@ -162,15 +180,25 @@ def test_repeated_association_request_reuses_the_negotiated_answer(listener, tmp
     ph = generate_phantom(6, shape=(3, 16, 16), n_nodules=0)
     files = write_datasets(phantom_datasets(ph, StudyIds.new(6)), tmp_path / "in")
     for path in files:  # three associations with byte-identical requests
-        proc = subprocess.run([STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port), str(path)], env=DCMTK_ENV,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port), str(path)],
+            env=DCMTK_ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
     assert len(server.accepted_cache) == 1
     assert len(rt.jobs.all_instances()) == len(files)
     # a cached request still goes through the checks: with no association allowed, it is rejected
     server.limits = dataclasses.replace(server.limits, max_associations=0)
-    refused = subprocess.run([STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port), str(files[0])],
-                             env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [STORESCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port), str(files[0])],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0
     assert len(rt.jobs.all_instances()) == len(files)
 

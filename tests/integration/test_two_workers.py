@@ -62,17 +62,26 @@ def test_two_worker_processes_share_one_database(tmp_path: Path, backend: str, r
     store = JobStore(make_engine(db_url))
     store.create_schema()
     for i in range(N_JOBS):
-        store.enqueue_job(f"1.2.826.0.1.3680043.10.1234.9.{i}", 0,
-                          NewJob(route="r", series_uid=f"1.2.3.{i}", models=("m",), destinations=("pacs",)))
+        store.enqueue_job(
+            f"1.2.826.0.1.3680043.10.1234.9.{i}",
+            0,
+            NewJob(route="r", series_uid=f"1.2.3.{i}", models=("m",), destinations=("pacs",)),
+        )
     go = tmp_path / "go"
     procs, outs, readies = [], [], []
     for n in range(2):
         out, ready = tmp_path / f"holds-{n}.txt", tmp_path / f"ready-{n}"
         outs.append(out)
         readies.append(ready)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.test_two_workers", db_url, str(out), str(ready), str(go)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.integration.test_two_workers", db_url, str(out), str(ready), str(go)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         wait_for(lambda: all(r.exists() for r in readies), 60, "both workers ready")
         go.touch()

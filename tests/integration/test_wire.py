@@ -37,9 +37,20 @@ def make_node(tmp_path: Path) -> Iterator[Any]:
 
     def make(**settings: Any) -> tuple[int, Any, Any]:
         port = free_port()
-        cfg = parse_config({"node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var"),
-                                     "min_free_mb": 0, "acse_timeout": 30, "network_timeout": 30, **settings}},
-                           tmp_path)
+        cfg = parse_config(
+            {
+                "node": {
+                    "port": port,
+                    "bind": "127.0.0.1",
+                    "data_dir": str(tmp_path / "var"),
+                    "min_free_mb": 0,
+                    "acse_timeout": 30,
+                    "network_timeout": 30,
+                    **settings,
+                }
+            },
+            tmp_path,
+        )
         rt = open_runtime(cfg)
         ae, server = start_listener(cfg, rt.files, rt.jobs)
         servers.append((ae, server))
@@ -98,8 +109,9 @@ def established(port: int) -> socket.socket:
 
 
 def echo_ok(port: int) -> bool:
-    proc = subprocess.run([ECHOSCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port)], env=DCMTK_ENV,
-                          capture_output=True, timeout=30)
+    proc = subprocess.run(
+        [ECHOSCU, "-aec", "DICOM_NODE", "127.0.0.1", str(port)], env=DCMTK_ENV, capture_output=True, timeout=30
+    )
     return proc.returncode == 0
 
 
@@ -108,14 +120,17 @@ def _ended_by_node(reply: bytes) -> None:
     assert reply == b"" or reply[0] in (A_ABORT, A_ASSOCIATE_RJ), reply[:16]
 
 
-@pytest.mark.parametrize("garbage", [
-    pytest.param(random.Random(1).randbytes(4096), id="random-bytes"),
-    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
-    pytest.param(bytes([0x09, 0, 0, 0, 0, 4]) + b"abcd", id="unknown-pdu-type"),
-    pytest.param(bytes([0x04, 0, 0, 0, 0, 4]) + b"abcd", id="p-data-before-association"),
-    pytest.param(bytes([0x01, 0, 0xFF, 0xFF, 0xFF, 0xF0]), id="associate-rq-announcing-4gib"),
-    pytest.param(b"\x01", id="one-byte"),
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(random.Random(1).randbytes(4096), id="random-bytes"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
+        pytest.param(bytes([0x09, 0, 0, 0, 0, 4]) + b"abcd", id="unknown-pdu-type"),
+        pytest.param(bytes([0x04, 0, 0, 0, 0, 4]) + b"abcd", id="p-data-before-association"),
+        pytest.param(bytes([0x01, 0, 0xFF, 0xFF, 0xFF, 0xF0]), id="associate-rq-announcing-4gib"),
+        pytest.param(b"\x01", id="one-byte"),
+    ],
+)
 def test_garbage_before_association_is_closed_and_node_keeps_serving(node, garbage: bytes) -> None:
     port, rt, _ = node
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -132,17 +147,20 @@ def test_garbage_before_association_is_closed_and_node_keeps_serving(node, garba
 def _corrupt_item_length(rq: bytes, item_type: int, new_length: int) -> bytes:
     pos = 6 + 68  # variable items start after the fixed A-ASSOCIATE-RQ fields
     while rq[pos] != item_type:
-        pos += 4 + struct.unpack(">H", rq[pos + 2:pos + 4])[0]
-    return rq[:pos + 2] + struct.pack(">H", new_length) + rq[pos + 4:]
+        pos += 4 + struct.unpack(">H", rq[pos + 2 : pos + 4])[0]
+    return rq[: pos + 2] + struct.pack(">H", new_length) + rq[pos + 4 :]
 
 
-@pytest.mark.parametrize(("item", "length"), [
-    (0x10, 0xFFFF),  # application context name runs past the PDU
-    (0x20, 0xFFFF),  # presentation context item runs past the PDU
-    (0x20, 0),  # presentation context item with no content
-    (0x50, 0xFFFF),  # user information runs past the PDU
-    (0x50, 1),  # user information cut short, the rest reads as garbage items
-])
+@pytest.mark.parametrize(
+    ("item", "length"),
+    [
+        (0x10, 0xFFFF),  # application context name runs past the PDU
+        (0x20, 0xFFFF),  # presentation context item runs past the PDU
+        (0x20, 0),  # presentation context item with no content
+        (0x50, 0xFFFF),  # user information runs past the PDU
+        (0x50, 1),  # user information cut short, the rest reads as garbage items
+    ],
+)
 def test_associate_rq_with_bad_item_lengths_is_refused(node, item: int, length: int, caplog) -> None:
     port, _, _ = node
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -174,8 +192,9 @@ def test_p_data_announcing_a_huge_length_is_aborted_without_allocating_it(node, 
 
 def test_silent_peer_is_cut_off_after_acse_timeout_while_others_are_served(make_node, tmp_path: Path) -> None:
     port, rt, _ = make_node(acse_timeout=1)
-    sent = write_datasets(phantom_datasets(generate_phantom(4, shape=(4, 32, 32), n_nodules=0), StudyIds.new(4)),
-                          tmp_path / "in")
+    sent = write_datasets(
+        phantom_datasets(generate_phantom(4, shape=(4, 32, 32), n_nodules=0), StudyIds.new(4)), tmp_path / "in"
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
         t0 = time.monotonic()
         box: dict[str, Any] = {}

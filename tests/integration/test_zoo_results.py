@@ -19,8 +19,9 @@ from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from tests.unit.results_helpers import NODE, dciodvfy_errors
 from tests.unit.test_bundle import ZOO, _zoo_copy
 
-pytestmark = pytest.mark.skipif(not (ZOO / "wholeBody_ct_segmentation").is_dir(),
-                                reason="model-zoo configs not present")
+pytestmark = pytest.mark.skipif(
+    not (ZOO / "wholeBody_ct_segmentation").is_dir(), reason="model-zoo configs not present"
+)
 
 
 def test_whole_body_bundle_gives_valid_seg_and_sr(tmp_path: Path) -> None:
@@ -31,8 +32,17 @@ def test_whole_body_bundle_gives_valid_seg_and_sr(tmp_path: Path) -> None:
     present = sorted(int(v) for v in np.unique(result.mask) if v)
     assert len(present) > 10  # random weights label many classes: a SEG with many segments
     seg = build_seg(headers, result, series_uid="2.25.71", sop_uid="2.25.72", series_number=9001, node=NODE)
-    sr = build_sr(headers, volume, segmentations=[(result, seg)], detections=(), classifications=(),
-                  series_uid="2.25.73", sop_uid="2.25.74", series_number=9002, node=NODE)
+    sr = build_sr(
+        headers,
+        volume,
+        segmentations=[(result, seg)],
+        detections=(),
+        classifications=(),
+        series_uid="2.25.73",
+        sop_uid="2.25.74",
+        series_number=9002,
+        node=NODE,
+    )
     for ds, name in ((seg, "seg.dcm"), (sr, "sr.dcm")):
         ds.save_as(tmp_path / name, enforce_file_format=True)
         assert dciodvfy_errors(tmp_path / name) == [], name

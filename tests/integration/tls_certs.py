@@ -27,9 +27,25 @@ def _run(*args: str) -> None:
 
 def _ca(d: Path, name: str) -> tuple[Path, Path]:
     key, cert = d / f"{name}.key", d / f"{name}.crt"
-    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-         "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     return cert, key
 
 
@@ -37,8 +53,23 @@ def _leaf(d: Path, name: str, ca: tuple[Path, Path], ext: str) -> tuple[Path, Pa
     key, csr, cert, extfile = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt", d / f"{name}.ext"
     extfile.write_text(ext)
     _run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
-    _run("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-         "-out", str(cert), "-days", "2", "-extfile", str(extfile))
+    _run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(extfile),
+    )
     key.chmod(0o600)
     return cert, key
 
@@ -50,5 +81,12 @@ def make_pki(d: Path) -> Pki:
     server = _leaf(d, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     client = _leaf(d, "modality", ca, "extendedKeyUsage=clientAuth\n")
     rogue = _leaf(d, "intruder", rogue_ca, "extendedKeyUsage=clientAuth\n")
-    return Pki(ca_cert=ca[0], server_cert=server[0], server_key=server[1], client_cert=client[0],
-               client_key=client[1], rogue_cert=rogue[0], rogue_key=rogue[1])
+    return Pki(
+        ca_cert=ca[0],
+        server_cert=server[0],
+        server_key=server[1],
+        client_cert=client[0],
+        client_key=client[1],
+        rogue_cert=rogue[0],
+        rogue_key=rogue[1],
+    )

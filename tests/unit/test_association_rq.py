@@ -31,14 +31,34 @@ from tests.peers import DCMTK_ENV, STORESCU
 AE_ = build_ae(parse_config({}, Path(".")))
 SUPPORTED = supported_syntaxes(AE_)
 MAX_PDU = 262144
-ABSTRACT = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4",
-            "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.3.4.5.6"]  # the last: not a storage class
-TRANSFER = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.2",
-            "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1.99", "1.2.3.99"]
+ABSTRACT = [
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.66.4",
+    "1.2.840.10008.1.1",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.3.4.5.6",
+]  # the last: not a storage class
+TRANSFER = [
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.3.99",
+]
 
 
-def _request(contexts: list[tuple[str, list[str]]], *, calling: str = "STORESCU", called: str = "DICOM_NODE",
-             extra: list[object] | None = None, version: bool = True) -> bytes:
+def _request(
+    contexts: list[tuple[str, list[str]]],
+    *,
+    calling: str = "STORESCU",
+    called: str = "DICOM_NODE",
+    extra: list[object] | None = None,
+    version: bool = True,
+) -> bytes:
     rq = A_ASSOCIATE()
     rq.application_context_name = "1.2.840.10008.3.1.1.1"
     rq.calling_ae_title, rq.called_ae_title = calling, called
@@ -73,8 +93,13 @@ def _direct(raw: bytes) -> tuple[bytes, dict[int, tuple[str, str]]] | None:
     rq = parse(raw)
     if rq is None:
         return None
-    return accept(rq, SUPPORTED, max_pdu=MAX_PDU, implementation_uid=IMPLEMENTATION_UID,
-                  implementation_version=IMPLEMENTATION_VERSION)
+    return accept(
+        rq,
+        SUPPORTED,
+        max_pdu=MAX_PDU,
+        implementation_uid=IMPLEMENTATION_UID,
+        implementation_version=IMPLEMENTATION_VERSION,
+    )
 
 
 def _role(abstract: str) -> SCP_SCU_RoleSelectionNegotiation:
@@ -83,15 +108,18 @@ def _role(abstract: str) -> SCP_SCU_RoleSelectionNegotiation:
     return role
 
 
-contexts_st = st.lists(st.tuples(st.sampled_from(ABSTRACT),
-                                 st.lists(st.sampled_from(TRANSFER), min_size=1, max_size=5, unique=True)),
-                       min_size=1, max_size=12)
+contexts_st = st.lists(
+    st.tuples(st.sampled_from(ABSTRACT), st.lists(st.sampled_from(TRANSFER), min_size=1, max_size=5, unique=True)),
+    min_size=1,
+    max_size=12,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contexts=contexts_st, roles=st.booleans(), version=st.booleans())
-def test_plain_requests_get_pynetdicoms_answer_byte_for_byte(contexts: list[tuple[str, list[str]]], roles: bool,
-                                                             version: bool) -> None:
+def test_plain_requests_get_pynetdicoms_answer_byte_for_byte(
+    contexts: list[tuple[str, list[str]]], roles: bool, version: bool
+) -> None:
     extra: list[object] = [_role(contexts[0][0])] if roles else []
     raw = _request(contexts, extra=extra, version=version)
     direct = _direct(raw)
@@ -115,8 +143,24 @@ def test_dcmtk_storescus_own_request_gets_pynetdicoms_answer(tmp_path: Path) -> 
     t.start()
     empty = tmp_path / "x.dcm"
     empty.write_bytes(b"")
-    subprocess.run([STORESCU, "-aec", "DICOM_NODE", "-to", "5", "-ta", "5", "+sd", "127.0.0.1",
-                    str(server.getsockname()[1]), str(tmp_path)], env=DCMTK_ENV, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            STORESCU,
+            "-aec",
+            "DICOM_NODE",
+            "-to",
+            "5",
+            "-ta",
+            "5",
+            "+sd",
+            "127.0.0.1",
+            str(server.getsockname()[1]),
+            str(tmp_path),
+        ],
+        env=DCMTK_ENV,
+        capture_output=True,
+        timeout=60,
+    )
     t.join(30)
     server.close()
     [raw] = got
@@ -136,8 +180,12 @@ def test_anything_beyond_the_plain_case_is_left_to_pynetdicom() -> None:
     raw = _request(ct)
     assert parse(raw) is not None
     backslash = raw[:10] + b"A\\B".ljust(16) + raw[26:]
-    for odd in (_request(ct, extra=[identity]), _request(ct, extra=[window]), _request(ct, calling=" LEADING"),
-                backslash):
+    for odd in (
+        _request(ct, extra=[identity]),
+        _request(ct, extra=[window]),
+        _request(ct, calling=" LEADING"),
+        backslash,
+    ):
         assert parse(odd) is None
     for broken in (raw[:-3], raw[:6] + b"\0\2" + raw[8:], b"\x02" + raw[1:], raw[:2] + b"\0\0\0\1" + raw[6:]):
         assert parse(broken) is None

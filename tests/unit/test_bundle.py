@@ -112,8 +112,15 @@ _THRESHOLD_CONFIG = {
             {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
             {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
             {"_target_": "Spacingd", "keys": "@image_key", "pixdim": [1.1, 1.1, 1.6], "mode": "bilinear"},
-            {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": -1000, "a_max": 0,
-             "b_min": 0, "b_max": 1, "clip": True},
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "@image_key",
+                "a_min": -1000,
+                "a_max": 0,
+                "b_min": 0,
+                "b_max": 1,
+                "clip": True,
+            },
         ],
     },
     "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16], "sw_batch_size": 2},
@@ -121,8 +128,13 @@ _THRESHOLD_CONFIG = {
         "_target_": "Compose",
         "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "@image_key",
-             "nearest_interp": False},
+            {
+                "_target_": "Invertd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_keys": "@image_key",
+                "nearest_interp": False,
+            },
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "/nonexistent"},
         ],
@@ -141,8 +153,12 @@ def _threshold_bundle(tmp_path: Path, *, with_invert: bool = True, task: str = "
         post = config["postprocessing"]["transforms"]
         config["postprocessing"]["transforms"] = [t for t in post if t["_target_"] != "Invertd"]
     (root / "configs" / "inference.json").write_text(json.dumps(config))
-    meta = {"name": "threshold", "version": "1.2.3", "task": task,
-            "network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "dense"}}}}}
+    meta = {
+        "name": "threshold",
+        "version": "1.2.3",
+        "task": task,
+        "network_data_format": {"outputs": {"pred": {"channel_def": {"0": "background", "1": "dense"}}}},
+    }
     (root / "configs" / "metadata.json").write_text(json.dumps(meta))
     state = {"weight": torch.tensor([-20.0, 20.0]).reshape(2, 1, 1, 1, 1), "bias": torch.tensor([5.0, -5.0])}
     torch.save(state, root / "models" / "model.pt")
@@ -221,8 +237,15 @@ def test_labels_forms(tmp_path: Path) -> None:
     meta_path.write_text(json.dumps({"name": "x", "version": "2", "labels": {"1": "lung", "2": "nodule"}}))
     info = read_metadata(root)
     assert info.labels == {1: "lung", 2: "nodule"} and info.task == "segmentation"
-    meta_path.write_text(json.dumps({"version": "3", "task": "Lung nodule detection",
-                                     "network_data_format": {"outputs": {"box": {"channel_def": {"0": "nodule"}}}}}))
+    meta_path.write_text(
+        json.dumps(
+            {
+                "version": "3",
+                "task": "Lung nodule detection",
+                "network_data_format": {"outputs": {"box": {"channel_def": {"0": "nodule"}}}},
+            }
+        )
+    )
     info = read_metadata(root)
     assert info.task == "detection" and info.labels == {0: "nodule"} and info.name == "b"
 

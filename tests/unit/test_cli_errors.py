@@ -15,11 +15,24 @@ from tests.fault_models import write_fault_bundle
 from tests.peers import free_port, write_config
 
 
-def _config(tmp_path: Path, *, data_dir: Path | None = None, models: str = "", port: int = 0,
-            node_extra: str = "", worker_device: str = "") -> Path:
-    cfg = write_config(tmp_path / "config.toml", port=port or free_port(), data_dir=data_dir or tmp_path / "var",
-                       destinations=[{"name": "pacs", "port": 4242}], models=models, routes="",
-                       node_extra=node_extra)
+def _config(
+    tmp_path: Path,
+    *,
+    data_dir: Path | None = None,
+    models: str = "",
+    port: int = 0,
+    node_extra: str = "",
+    worker_device: str = "",
+) -> Path:
+    cfg = write_config(
+        tmp_path / "config.toml",
+        port=port or free_port(),
+        data_dir=data_dir or tmp_path / "var",
+        destinations=[{"name": "pacs", "port": 4242}],
+        models=models,
+        routes="",
+        node_extra=node_extra,
+    )
     if worker_device:
         cfg.write_text(cfg.read_text().replace('device = "cpu"', f'device = "{worker_device}"'))
     return cfg
@@ -32,8 +45,9 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return rc, out.out, out.err
 
 
-def test_admin_commands_refuse_a_data_dir_without_a_node_store(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_admin_commands_refuse_a_data_dir_without_a_node_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A mistyped data_dir used to get an empty store made there, and `status` said "no jobs"."""
     cfg = _config(tmp_path, data_dir=tmp_path / "typo")
     for argv in (["status"], ["jobs"], ["retry", "1"], ["cancel", "1"]):
@@ -42,8 +56,9 @@ def test_admin_commands_refuse_a_data_dir_without_a_node_store(tmp_path: Path,
     assert not (tmp_path / "typo").exists()
 
 
-def test_an_unusable_data_dir_is_named_by_serve_and_check_config(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unusable_data_dir_is_named_by_serve_and_check_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     cfg = _config(tmp_path, data_dir=tmp_path / "a-file" / "var")
     for argv in (["serve"], ["check-config"]):
@@ -62,8 +77,7 @@ def test_serve_names_the_port_another_program_holds(tmp_path: Path, capsys: pyte
     assert rc == 2 and f"node.port: cannot listen on 127.0.0.1:{port}: Address already in use" in err, err
 
 
-def test_check_config_loads_every_model_as_the_worker_will(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_loads_every_model_as_the_worker_will(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write_fault_bundle(tmp_path / "bundles", "good")
     weightless = write_fault_bundle(tmp_path / "bundles", "weightless")
     shutil.rmtree(weightless / "models")
@@ -79,8 +93,9 @@ def test_check_config_loads_every_model_as_the_worker_will(tmp_path: Path,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_cuda_device_on_a_machine_without_one_is_reported_not_raised(tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_cuda_device_on_a_machine_without_one_is_reported_not_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = write_fault_bundle(tmp_path / "bundles", "good")
     cfg = _config(tmp_path, models=f'[[models]]\nname = "good"\nbundle = "{good}"\n', worker_device="cuda")
     rc, _, err = _run(capsys, "--config", str(cfg), "check-config")
@@ -89,8 +104,9 @@ def test_a_cuda_device_on_a_machine_without_one_is_reported_not_raised(tmp_path:
     assert rc == 2 and "good" in out and "error: " in out and "CUDA is not available" in out, out
 
 
-def test_with_a_database_url_admin_commands_need_no_local_data_dir(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_with_a_database_url_admin_commands_need_no_local_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Several machines sharing one database: an admin may query it from a host without the shared folder."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     (tmp_path / "a").mkdir()

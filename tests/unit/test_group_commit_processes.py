@@ -25,9 +25,20 @@ def _pending(files: FileStore, body: bytes) -> Pending:
     fd, tmp = files.open_temp()
     os.write(fd, body)
     path = files.instance_path(STUDY, SERIES, SOP)
-    return Pending(tmp=tmp, path=path, fd=fd, instance=NewInstance(
-        sop_instance_uid=SOP, study_uid=STUDY, series_uid=SERIES, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1", path=files.relative(path), size=len(body)))
+    return Pending(
+        tmp=tmp,
+        path=path,
+        fd=fd,
+        instance=NewInstance(
+            sop_instance_uid=SOP,
+            study_uid=STUDY,
+            series_uid=SERIES,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            path=files.relative(path),
+            size=len(body),
+        ),
+    )
 
 
 @pytest.fixture

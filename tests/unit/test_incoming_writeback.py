@@ -34,7 +34,8 @@ def _dataset(pixel_bytes: int) -> bytes:
 
 @pytest.mark.parametrize(("pixel_bytes", "expect_calls"), [(512 * 1024, True), (32 * 1024, False)])
 def test_writeback_covers_the_file_in_order_and_changes_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pixel_bytes: int, expect_calls: bool) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pixel_bytes: int, expect_calls: bool
+) -> None:
     calls: list[tuple[int, int]] = []
     real = handlers.start_writeback
 
@@ -45,10 +46,16 @@ def test_writeback_covers_the_file_in_order_and_changes_nothing(
     monkeypatch.setattr(handlers, "start_writeback", record)
     files = FileStore(tmp_path / "store")
     data = _dataset(pixel_bytes)
-    inc = IncomingInstance(files, StoreSettings(), command_sop_uid=SOP.encode(), command_class_uid=CT.encode(),
-                           transfer_syntax=EXPLICIT, calling_ae="SCU")
+    inc = IncomingInstance(
+        files,
+        StoreSettings(),
+        command_sop_uid=SOP.encode(),
+        command_class_uid=CT.encode(),
+        transfer_syntax=EXPLICIT,
+        calling_ae="SCU",
+    )
     for i in range(0, len(data), 16384):  # storescu's default PDU size
-        inc.write(memoryview(data)[i:i + 16384])
+        inc.write(memoryview(data)[i : i + 16384])
     pending = inc.finish()
     try:
         size = os.fstat(pending.fd).st_size

@@ -16,9 +16,15 @@ from storage.records import NewInstance
 
 
 def _instance(n: int) -> NewInstance:
-    return NewInstance(sop_instance_uid=f"1.2.3.4.{n}", study_uid="1.2.3", series_uid="1.2.3.4",
-                       sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
-                       path=f"1.2.3/1.2.3.4/1.2.3.4.{n}.dcm", size=100 + n)
+    return NewInstance(
+        sop_instance_uid=f"1.2.3.4.{n}",
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=f"1.2.3/1.2.3.4/1.2.3.4.{n}.dcm",
+        size=100 + n,
+    )
 
 
 def _break(kept: object) -> None:

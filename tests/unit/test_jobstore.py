@@ -75,8 +75,9 @@ def test_completion_stands_back_when_an_instance_arrived_after_the_jobs_were_pla
     assert js.get_study("1.2.3").state == "receiving" and js.list_jobs() == []
     assert js.due_studies(1, now=11.5) == []  # not quiet yet
     (again,) = js.due_studies(1, now=20)
-    jobs = js.complete_study(again.study_uid, again.generation, [_job()],
-                             instance_count=len(js.instances_of_study(again.study_uid)))
+    jobs = js.complete_study(
+        again.study_uid, again.generation, [_job()], instance_count=len(js.instances_of_study(again.study_uid))
+    )
     assert jobs is not None and len(jobs) == 1 and js.get_study("1.2.3").state == "complete"
 
 
@@ -171,10 +172,14 @@ def test_deliveries_claim_retry_and_done(js: JobStore) -> None:
     js.record_instance(_inst("1.1"), now=1.0)
     js.complete_study("1.2.3", 0, [_job()])
     c = js.claim_job("W", 60)
-    js.finish_job(c.id, "W", [
-        NewResult("seg", "m", "1.2.3", "9.9", "9.9.1", "1.2.840.10008.5.1.4.1.1.66.4", "results/a.dcm"),
-        NewResult("sr", "", "1.2.3", "9.8", "9.8.1", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm"),
-    ])
+    js.finish_job(
+        c.id,
+        "W",
+        [
+            NewResult("seg", "m", "1.2.3", "9.9", "9.9.1", "1.2.840.10008.5.1.4.1.1.66.4", "results/a.dcm"),
+            NewResult("sr", "", "1.2.3", "9.8", "9.8.1", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm"),
+        ],
+    )
     batch = js.claim_deliveries("S", 60)
     assert len(batch) == 2 and len({d.destination for d in batch}) == 1
     other = js.claim_deliveries("S2", 60)
@@ -196,8 +201,11 @@ def test_leases_of_dead_local_processes_are_recovered_at_once(js: JobStore) -> N
     js.complete_study("1.2.3", 0, [_job("a"), _job("b")])
     dead = js.claim_job("host1:111:x", 600)
     alive = js.claim_job("host1:222:y", 600)
-    js.finish_job(alive.id, "host1:222:y", [
-        NewResult("sr", "", "1.2.3", "9.8", "9.8.1", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm")])
+    js.finish_job(
+        alive.id,
+        "host1:222:y",
+        [NewResult("sr", "", "1.2.3", "9.8", "9.8.1", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm")],
+    )
     (d,) = js.claim_deliveries("host1:111:x", 600)
     other_host = js.enqueue_job("1.2.3", 5, _job("c"))
     js.claim_job("host2:111:z", 600)

@@ -33,8 +33,13 @@ def _acquire_in_thread(lock: WriterLock) -> tuple[threading.Event, threading.Eve
 
 def test_another_process_holding_it_keeps_us_waiting_until_it_lets_go(tmp_path: Path) -> None:
     path = tmp_path / "node.db.writers.lock"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         lock = WriterLock(path)

@@ -19,9 +19,14 @@ from tests.fault_models import write_fault_bundle
 def _cache(tmp_path: Path, **worker: object) -> ModelCache:
     good = write_fault_bundle(tmp_path, "good")
     bad = write_fault_bundle(tmp_path, "bad", failure="bogus")  # its network refuses to be built
-    cfg = parse_config({"node": {"data_dir": str(tmp_path / "var")}, "worker": worker,
-                        "models": [{"name": "good", "bundle": str(good)}, {"name": "bad", "bundle": str(bad)}]},
-                       tmp_path)
+    cfg = parse_config(
+        {
+            "node": {"data_dir": str(tmp_path / "var")},
+            "worker": worker,
+            "models": [{"name": "good", "bundle": str(good)}, {"name": "bad", "bundle": str(bad)}],
+        },
+        tmp_path,
+    )
     return ModelCache(cfg)
 
 

@@ -27,8 +27,14 @@ from .results_helpers import NODE, dciodvfy_errors, identity, lung_nodule_mask, 
 UIDS = {"series_uid": "2.25.11", "sop_uid": "2.25.12", "series_number": 901, "node": NODE}
 # Differ between any two encodings by design (creation time, random dimension organization UID).
 VOLATILE = {
-    "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributingEquipmentSequence",
-    "DimensionOrganizationSequence", "DimensionIndexSequence", "PixelData",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "ContributingEquipmentSequence",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+    "PixelData",
 }
 
 
@@ -40,8 +46,11 @@ def _round_trip(ds: pydicom.Dataset, transfer_syntax: str | None = None) -> pydi
     return pydicom.dcmread(BytesIO(buf.getvalue()))
 
 
-def _assert_same_as_highdicom(source: list[pydicom.Dataset], mask: np.ndarray, labels: dict[int, str] | None = None,
-                              ) -> pydicom.Dataset:
+def _assert_same_as_highdicom(
+    source: list[pydicom.Dataset],
+    mask: np.ndarray,
+    labels: dict[int, str] | None = None,
+) -> pydicom.Dataset:
     result = SegmentationResult(identity(labels=labels), mask)
     fast = build_seg(source, result, **UIDS)
     assert not isinstance(fast, hd.seg.Segmentation), "expected the fast path"
@@ -69,8 +78,11 @@ def _decode_by_hand(seg: pydicom.Dataset, source: list[pydicom.Dataset]) -> tupl
     by_ref = np.zeros((len(source), rows, cols), dtype=np.uint8)
     by_pos = np.zeros_like(by_ref)
     for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
-        ident = item.SegmentIdentificationSequence if "SegmentIdentificationSequence" in item else (
-            shared.SegmentIdentificationSequence)
+        ident = (
+            item.SegmentIdentificationSequence
+            if "SegmentIdentificationSequence" in item
+            else (shared.SegmentIdentificationSequence)
+        )
         number = int(ident[0].ReferencedSegmentNumber)
         refs = item.DerivationImageSequence[0].SourceImageSequence
         assert len(refs) == 1 and refs[0].SpatialLocationsPreserved == "YES"
@@ -145,8 +157,10 @@ def test_irregular_spacing_oblique_and_declared_spacing_match_highdicom() -> Non
     gap = make_ct_series(*shape, with_pixels=False, seed=5)
     for ds in gap[4:]:  # a missing slice: no regular spacing, so no SpacingBetweenSlices
         ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 2.5]
-    assert "SpacingBetweenSlices" not in _assert_same_as_highdicom(gap, mask).SharedFunctionalGroupsSequence[0].\
-        PixelMeasuresSequence[0]
+    assert (
+        "SpacingBetweenSlices"
+        not in _assert_same_as_highdicom(gap, mask).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    )
 
     oblique = make_ct_series(*shape, with_pixels=False, seed=6)
     c, s = np.cos(0.3), np.sin(0.3)
@@ -185,8 +199,9 @@ def test_raw_sequences_read_in_memory_and_after_other_transfer_syntax(series: li
     assert len(seg.SourceImageSequence) == len(series)
     assert [r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence] == uids
     implicit = _round_trip(build_seg(series, result, **UIDS), ImplicitVRLittleEndian)  # raw -> re-encoded
-    np.testing.assert_array_equal(hd.seg.Segmentation.from_dataset(implicit).get_pixels_by_source_instance(
-        uids, **kwargs), mask)
+    np.testing.assert_array_equal(
+        hd.seg.Segmentation.from_dataset(implicit).get_pixels_by_source_instance(uids, **kwargs), mask
+    )
 
 
 def test_sources_outside_the_fast_path_fall_back_to_highdicom(series: list[pydicom.Dataset]) -> None:
@@ -227,4 +242,4 @@ def test_pack_frames_is_one_lsb_first_bitstream(shape: tuple[int, int, int]) -> 
     stream = np.concatenate([(mask[z] == label).ravel() for label, z in frames])
     expected = np.packbits(stream, bitorder="little").tobytes()
     assert packed[: len(expected)] == expected and len(packed) % 2 == 0
-    assert set(packed[len(expected):]) <= {0}
+    assert set(packed[len(expected) :]) <= {0}

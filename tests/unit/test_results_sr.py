@@ -128,8 +128,9 @@ def test_sr_segment_volumes_reference_seg_segments(full: dict, source: list[pydi
         assert _algorithm_names(group) == ["chest-ct-seg"]
 
 
-def test_sr_detections_are_also_ellipses_on_their_centre_slice(full: dict, geometry: Volume,
-                                                              source: list[pydicom.Dataset]) -> None:
+def test_sr_detections_are_also_ellipses_on_their_centre_slice(
+    full: dict, geometry: Volume, source: list[pydicom.Dataset]
+) -> None:
     """2D viewers (OHIF, most PACS) draw SCOORD on an image, not SCOORD3D: each box is also a TID 1410 group."""
     sr = hd.sr.srread(full["path"])
     planar = sr.content.get_planar_roi_measurement_groups()
@@ -149,8 +150,9 @@ def test_sr_detections_are_also_ellipses_on_their_centre_slice(full: dict, geome
         mm = (points[[1, 3]] - points[[0, 2]]) * [spacing[2], spacing[1]]
         major, minor = np.linalg.norm(mm, axis=1)
         assert major >= minor  # major axis first
-        assert sorted([major, minor]) == pytest.approx(sorted([(hi[2] - lo[2] + 1) * spacing[2],
-                                                              (hi[1] - lo[1] + 1) * spacing[1]]))
+        assert sorted([major, minor]) == pytest.approx(
+            sorted([(hi[2] - lo[2] + 1) * spacing[2], (hi[1] - lo[1] + 1) * spacing[1]])
+        )
         (score,) = group.get_measurements()
         assert score.value == pytest.approx(100 * detection.score)
 
@@ -189,8 +191,9 @@ def test_sr_classification_present_with_probability(full: dict) -> None:
 def test_sr_without_findings_says_absent(tmp_path: Path, source: list[pydicom.Dataset], geometry: Volume) -> None:
     empty = SegmentationResult(identity(), np.zeros(SHAPE, dtype=np.uint8))
     no_boxes = DetectionResult(identity("detection", {1: "nodule"}, name="nodule-det"))
-    sr_ds = _sr(source, geometry, segmentations=[(empty, None)], detections=[no_boxes],
-                classifications=[_classifier(0.1)])
+    sr_ds = _sr(
+        source, geometry, segmentations=[(empty, None)], detections=[no_boxes], classifications=[_classifier(0.1)]
+    )
     path = write(sr_ds, tmp_path / "negative.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
@@ -261,16 +264,20 @@ def test_sr_reports_every_segmentation_model_and_lists_each_seg_as_evidence(
     segs = []
     for result in (lungs, kidneys):
         uids = result_uids("SEG", source[0].SeriesInstanceUID, result.identity.name, "1.0.0")
-        segs.append(build_seg(source, result, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=901,
-                              node=NODE))
-    empty = SegmentationResult(identity(labels={1: "liver", 2: "wobble"}, name="liver-seg"),
-                               np.zeros(SHAPE, dtype=np.uint8))
+        segs.append(
+            build_seg(source, result, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=901, node=NODE)
+        )
+    empty = SegmentationResult(
+        identity(labels={1: "liver", 2: "wobble"}, name="liver-seg"), np.zeros(SHAPE, dtype=np.uint8)
+    )
     sr_ds = _sr(source, geometry, segmentations=[(lungs, segs[0]), (empty, None), (kidneys, segs[1])])
     path = write(sr_ds, tmp_path / "three-models.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
-    referenced = {g.referenced_segment.referenced_sop_instance_uid: g.referenced_segment.referenced_segment_numbers
-                  for g in sr.content.get_volumetric_roi_measurement_groups()}
+    referenced = {
+        g.referenced_segment.referenced_sop_instance_uid: g.referenced_segment.referenced_segment_numbers
+        for g in sr.content.get_volumetric_roi_measurement_groups()
+    }
     assert set(referenced) == {segs[0].SOPInstanceUID, segs[1].SOPInstanceUID}
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     expected = {source[0].SeriesInstanceUID, *(s.SeriesInstanceUID for s in segs)}
@@ -290,11 +297,22 @@ def test_seg_and_sr_share_each_segments_tracking_uid_across_reruns(
     for run in ("1", "2"):  # a re-run after late arrivals: new SOP Instance UIDs
         seg = build_seg(source, lungs, series_uid="2.25.11", sop_uid=f"2.25.12{run}", series_number=901, node=NODE)
         uids = result_uids("SR", source[0].SeriesInstanceUID, "job", run)
-        sr = build_sr(source, geometry, segmentations=[(lungs, seg)], detections=(), classifications=(),
-                      series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=902, node=NODE)
+        sr = build_sr(
+            source,
+            geometry,
+            segmentations=[(lungs, seg)],
+            detections=(),
+            classifications=(),
+            series_uid=uids.series_uid,
+            sop_uid=uids.sop_uid,
+            series_number=902,
+            node=NODE,
+        )
         in_seg = {int(s.SegmentNumber): (s.TrackingUID, s.TrackingID) for s in seg.SegmentSequence}
-        in_sr = {g.referenced_segment.referenced_segment_numbers[0]: (g.tracking_uid, str(g.tracking_identifier))
-                 for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()}
+        in_sr = {
+            g.referenced_segment.referenced_segment_numbers[0]: (g.tracking_uid, str(g.tracking_identifier))
+            for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()
+        }
         assert {n: uid for n, (uid, _) in in_seg.items()} == {n: uid for n, (uid, _) in in_sr.items()}
         assert in_seg[1][1] == "lung (chest-ct-seg)" and in_seg[1][1] in in_sr[1][1]
         seen.append(in_seg)
@@ -353,8 +371,17 @@ def test_results_carry_the_configured_institution(source: list[pydicom.Dataset],
     lungs = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
     seg = build_seg(source, lungs, series_uid="2.25.31", sop_uid="2.25.32", series_number=901, node=site)
     uids = result_uids("SR", source[0].SeriesInstanceUID, "job", "inst")
-    sr = build_sr(source, geometry, segmentations=[(lungs, seg)], detections=(), classifications=(),
-                  series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=902, node=site)
+    sr = build_sr(
+        source,
+        geometry,
+        segmentations=[(lungs, seg)],
+        detections=(),
+        classifications=(),
+        series_uid=uids.series_uid,
+        sop_uid=uids.sop_uid,
+        series_number=902,
+        node=site,
+    )
     assert seg.InstitutionName == sr.InstitutionName == "General Hospital"
     plain = build_seg(source, lungs, series_uid="2.25.31", sop_uid="2.25.33", series_number=901, node=NODE)
     assert "InstitutionName" not in plain

@@ -10,8 +10,17 @@ from dicom_node.routing import SeriesInfo, not_selectable_reason, select_series,
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def _series(uid: str, n: int, *, sop_class: str = CT, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            iop=(1, 0, 0, 0, 1, 0), modality: str = "CT", number: int = 1, body: str = "CHEST") -> SeriesInfo:
+def _series(
+    uid: str,
+    n: int,
+    *,
+    sop_class: str = CT,
+    image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+    iop=(1, 0, 0, 0, 1, 0),
+    modality: str = "CT",
+    number: int = 1,
+    body: str = "CHEST",
+) -> SeriesInfo:
     h = Dataset()
     h.SOPClassUID = sop_class
     h.ImageType = list(image_type)

@@ -24,8 +24,11 @@ def test_a_queued_job_wakes_the_worker_loop_long_before_its_poll() -> None:
         return False
 
     threads = [
-        threading.Thread(target=_loop, args=("assembler", _then_wake(assembler, wake_worker), 0.05, stop,
-                                            wake_assembler), daemon=True),
+        threading.Thread(
+            target=_loop,
+            args=("assembler", _then_wake(assembler, wake_worker), 0.05, stop, wake_assembler),
+            daemon=True,
+        ),
         threading.Thread(target=_loop, args=("worker", worker, 3600.0, stop, wake_worker), daemon=True),
     ]
     for t in threads:

@@ -18,10 +18,26 @@ def test_training_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     threads = torch.get_num_threads()
     try:
-        rc = train_chest_ct_seg.main([
-            "--out", str(out), "--steps", "3", "--train-cases", "2", "--crops-per-case", "2",
-            "--patch", "32", "--eval-cases", "1", "--case-shape", "40", "128", "128",
-        ])
+        rc = train_chest_ct_seg.main(
+            [
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--train-cases",
+                "2",
+                "--crops-per-case",
+                "2",
+                "--patch",
+                "32",
+                "--eval-cases",
+                "1",
+                "--case-shape",
+                "40",
+                "128",
+                "128",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert rc == 0

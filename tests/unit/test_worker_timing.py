@@ -125,8 +125,9 @@ def test_a_result_failing_its_read_back_is_not_left_on_disk(tmp_path: Path, monk
     assert not [p for p in (tmp_path / "files").rglob("*") if p.is_file()]
 
 
-def test_a_rebuilt_result_failing_its_read_back_keeps_the_earlier_file(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rebuilt_result_failing_its_read_back_keeps_the_earlier_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     w = _bare_worker(tmp_path)
     monkeypatch.setattr(worker_module, "_read_back", lambda data, kind, sop_uid: None)
     first = w._write(_sr_like("1.2.3.4.6"), "sr", "")
@@ -153,8 +154,9 @@ def test_a_job_cancelled_while_running_is_logged_as_such(tmp_path: Path, caplog:
 
     cfg = parse_config({"node": {"data_dir": str(tmp_path / "var")}}, tmp_path)
     rt = open_runtime(cfg)
-    rt.jobs.record_instance(NewInstance("1.1", "1.2", "1.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
-                                        "x/1.dcm", 10), now=1.0)
+    rt.jobs.record_instance(
+        NewInstance("1.1", "1.2", "1.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "x/1.dcm", 10), now=1.0
+    )
     rt.jobs.complete_study("1.2", 0, [NewJob(route="r", series_uid="1.3", models=("m",), destinations=("p",))])
     worker = Worker(cfg, rt.files, rt.jobs, ModelCache(cfg), node_identity(cfg), "w")
     try:
