@@ -167,8 +167,8 @@ def measure_without_flushes(study: Study, associations: int) -> tuple[float, Cpu
     from unittest import mock
 
     from dicom_node.config import parse_config
+    from dicom_node.receive.listener import start_listener
     from dicom_node.runtime import open_runtime
-    from dicom_node.scp import start_listener
 
     with (
         workdir("bench-noflush-", keep_until_exit=KEEP_FILES) as work,

@@ -115,8 +115,8 @@ def job_action_message(action: str, job: JobRecord) -> str:
 
 def echo_destination(cfg: Config, name: str, *, actor: str) -> EchoResult:
     """C-ECHO a configured destination (KeyError: no such destination), audited."""
-    from dicom_node.scu import echo
-    from dicom_node.sender import Sender
+    from dicom_node.delivery.scu import echo
+    from dicom_node.delivery.sender import Sender
 
     if name not in {d.name for d in cfg.destinations}:
         raise KeyError(name)

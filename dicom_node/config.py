@@ -52,7 +52,7 @@ TLS_VERSIONS = ("1.2", "1.3")
 
 @dataclass(frozen=True)
 class SecuritySection:
-    """Who may associate, from where, and over what transport (see dicom_node/security.py)."""
+    """Who may associate, from where, and over what transport (see dicom_node/receive/access.py)."""
 
     allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: any
     require_called_ae_title: bool = True

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING
 from pynetdicom import AE
 
 from dicom_node import __version__
-from dicom_node.assembly import Assembler
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config, ConfigError
+from dicom_node.delivery.sender import Sender
 from dicom_node.housekeeping import Housekeeper
-from dicom_node.listener_pool import ListenerPool, listener_count
+from dicom_node.jobs.assembly import Assembler
+from dicom_node.jobs.model_cache import ModelCache
+from dicom_node.jobs.worker import Worker
 from dicom_node.logs import log_event
-from dicom_node.models import ModelCache
-from dicom_node.receiver import ReceiveServer
+from dicom_node.receive.listener import start_listener
+from dicom_node.receive.listener_pool import ListenerPool, listener_count
+from dicom_node.receive.server import ReceiveServer
 from dicom_node.results.equipment import NodeIdentity
 from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
-from dicom_node.sender import Sender
-from dicom_node.worker import Worker
 from storage.retention import RetentionStore
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import struct
 import time
 from pathlib import Path
 
-from dicom_node import upper_layer as ul
+from dicom_node.receive import upper_layer as ul
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import parse_config
+from dicom_node.receive.listener import start_listener
 from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
 from tests.peers import free_port
 
 

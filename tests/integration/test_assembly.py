@@ -14,15 +14,15 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE
 
 from ai_models.phantom import generate_phantom
-from dicom_node.assembly import Assembler
 from dicom_node.config import Config, parse_config
-from dicom_node.models import ModelCache
+from dicom_node.delivery.sender import Sender
+from dicom_node.jobs.assembly import Assembler
+from dicom_node.jobs.model_cache import ModelCache
+from dicom_node.jobs.worker import Worker
+from dicom_node.receive.listener import start_listener
 from dicom_node.runtime import Runtime, open_runtime
-from dicom_node.scp import start_listener
-from dicom_node.sender import Sender
 from dicom_node.service import node_identity
 from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets
-from dicom_node.worker import Worker
 from storage.records import NewInstance
 from tests.peers import PHANTOM_SEG_BUNDLE, StoreSCP, free_port, running
 from tests.unit.results_helpers import dciodvfy_errors

@@ -21,10 +21,10 @@ from pydicom import dcmread
 from ai_models.types import SegmentationResult
 from dicom_node.cli import main as cli_main
 from dicom_node.config import Config, load_config
+from dicom_node.delivery.sender import Sender
 from dicom_node.results import build_seg, build_sr, derive_uid
 from dicom_node.results.rejection import build_rejection_note
 from dicom_node.runtime import Runtime, open_runtime
-from dicom_node.sender import Sender
 from storage.records import DeliveryRecord, NewJob, NewResult
 from tests.fault_peers import SEG_CLASS, SR_CLASS, FaultSCP
 from tests.peers import StoreSCP, free_port, running, wait_for

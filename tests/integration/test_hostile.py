@@ -26,11 +26,11 @@ from pynetdicom import AE, _config
 from ai_models.phantom import generate_phantom
 from ai_models.types import InvalidGeometryError
 from ai_models.volume import load_series
-from dicom_node.assembly import Assembler, series_infos
 from dicom_node.config import parse_config
-from dicom_node.routing import select_series
+from dicom_node.jobs.assembly import Assembler, series_infos
+from dicom_node.jobs.routing import select_series
+from dicom_node.receive.listener import start_listener
 from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from tests.peers import PHANTOM_SEG_BUNDLE, free_port, storescu
 

@@ -17,8 +17,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
-from dicom_node import upper_layer as ul
-from dicom_node.security import connection_cap
+from dicom_node.receive import upper_layer as ul
+from dicom_node.receive.access import connection_cap
 from tests.raw_peer import CT, EXPLICIT, IMPLICIT, RawPeer, associate_rq, c_store_rq, p_data, rss_bytes
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -17,7 +17,7 @@ from pynetdicom import AE
 
 from ai_models.phantom import generate_phantom
 from dicom_node.config import ConfigError, parse_config
-from dicom_node.security import AccessPolicy
+from dicom_node.receive.access import AccessPolicy
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from tests.integration.listeners import listener_config
 from tests.integration.tls_certs import Pki, make_pki

@@ -21,8 +21,8 @@ from pynetdicom.presentation import build_context
 
 from ai_models.phantom import generate_phantom
 from dicom_node.config import parse_config
+from dicom_node.receive.listener import start_listener
 from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from tests.peers import DCMTK_ENV, ECHOSCU, free_port, storescu
 

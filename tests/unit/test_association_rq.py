@@ -21,11 +21,11 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from dicom_node.association_rq import accept, parse
 from dicom_node.config import parse_config
-from dicom_node.handlers import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
-from dicom_node.receiver import pynetdicom_accept, supported_syntaxes
-from dicom_node.scp import build_ae
+from dicom_node.receive.incoming import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
+from dicom_node.receive.listener import build_ae
+from dicom_node.receive.negotiation import accept, parse
+from dicom_node.receive.server import pynetdicom_accept, supported_syntaxes
 from tests.peers import DCMTK_ENV, STORESCU
 
 AE_ = build_ae(parse_config({}, Path(".")))

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicom_node import dataset_check
-from dicom_node.dataset_check import check_and_find, check_structure
-from dicom_node.handlers import IncomingInstance, RejectedInstance, StoreSettings
+from dicom_node.receive import dataset_check
+from dicom_node.receive.dataset_check import check_and_find, check_structure
+from dicom_node.receive.incoming import IncomingInstance, RejectedInstance, StoreSettings
 from storage.files import FileStore
 
 CT = b"1.2.840.10008.5.1.4.1.1.2"

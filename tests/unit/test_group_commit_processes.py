@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from dicom_node.group_commit import GroupCommitter
-from dicom_node.handlers import SUCCESS, Pending, StoreSettings
+from dicom_node.receive.group_commit import GroupCommitter
+from dicom_node.receive.incoming import SUCCESS, Pending, StoreSettings
 from storage.db import make_engine
 from storage.files import FileStore, rename_no_replace
 from storage.jobstore import JobStore

@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from dicom_node import handlers
-from dicom_node.handlers import WRITEBACK_BYTES, IncomingInstance, StoreSettings
+from dicom_node.receive import incoming as handlers
+from dicom_node.receive.incoming import WRITEBACK_BYTES, IncomingInstance, StoreSettings
 from storage.files import FileStore
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

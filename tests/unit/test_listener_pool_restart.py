@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from dicom_node.listener_pool import ListenerPool
+from dicom_node.receive.listener_pool import ListenerPool
 
 
 class _Proc:

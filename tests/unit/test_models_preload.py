@@ -11,7 +11,7 @@ import pytest
 
 from ai_models.types import ModelError
 from dicom_node.config import parse_config
-from dicom_node.models import ModelCache
+from dicom_node.jobs.model_cache import ModelCache
 from dicom_node.service import _loop
 from tests.fault_models import write_fault_bundle
 

@@ -18,8 +18,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicom_node import upper_layer as ul
-from dicom_node.dataset_check import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, check_bytes
+from dicom_node.receive import upper_layer as ul
+from dicom_node.receive.dataset_check import SERIES, SOP_CLASS, SOP_INSTANCE, STUDY, check_bytes
 from storage.batching import KeptConnection, instance_batch
 from storage.db import make_engine
 from storage.jobstore import JobStore

@@ -202,8 +202,8 @@ def test_orphan_sweep_removes_only_old_unindexed_files(env: Env) -> None:
 
 
 def test_late_arrival_after_purge_runs_only_series_sent_again_whole(env: Env) -> None:
-    from dicom_node.assembly import Assembler
-    from dicom_node.routing import SeriesInfo
+    from dicom_node.jobs.assembly import Assembler
+    from dicom_node.jobs.routing import SeriesInfo
 
     series = env.study("1.12.1", n=4)
     env.run("1.12.1", series)

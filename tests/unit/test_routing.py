@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from dicom_node.config import Route
-from dicom_node.routing import SeriesInfo, not_selectable_reason, select_series, value_matches
+from dicom_node.jobs.routing import SeriesInfo, not_selectable_reason, select_series, value_matches
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ai_models.types import Detection, DetectionResult, ModelIdentity, SegmentationResult, Volume
-from dicom_node.worker import Worker
+from dicom_node.jobs.worker import Worker
 
 from .results_helpers import dciodvfy_errors, make_ct_series
 
@@ -37,7 +37,7 @@ def test_a_frame_of_reference_per_slice_gives_results_in_one_frame(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dicom_node.config import parse_config
-    from dicom_node.models import ModelCache
+    from dicom_node.jobs.model_cache import ModelCache
     from dicom_node.runtime import open_runtime
     from dicom_node.service import node_identity
     from storage.records import NewInstance, NewJob

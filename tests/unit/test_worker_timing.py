@@ -14,9 +14,9 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 
 from ai_models.types import ModelError, ModelIdentity, SegmentationResult
-from dicom_node import models as models_module
-from dicom_node import worker as worker_module
-from dicom_node.worker import Timings, Worker, collector_paused
+from dicom_node.jobs import model_cache as models_module
+from dicom_node.jobs import worker as worker_module
+from dicom_node.jobs.worker import Timings, Worker, collector_paused
 from storage.files import FileStore
 
 IDENT = ModelIdentity(name="m", version="1", task="segmentation", labels={1: "a"}, bundle_hash="0" * 64)
@@ -147,7 +147,7 @@ def test_a_job_cancelled_while_running_is_logged_as_such(tmp_path: Path, caplog:
     """`dicom-node cancel` on a running job takes its lease: the worker says it was cancelled, not that it
     lost its lease (the warning that means a worker too slow to renew it)."""
     from dicom_node.config import parse_config
-    from dicom_node.models import ModelCache
+    from dicom_node.jobs.model_cache import ModelCache
     from dicom_node.runtime import open_runtime
     from dicom_node.service import node_identity
     from storage.records import NewInstance, NewJob

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 from dicom_node.config import Config
 from dicom_node.logs import configure_logging, log_event
+from dicom_node.receive.listener import start_listener
+from dicom_node.receive.shared_counts import SharedCounts
 from dicom_node.runtime import open_runtime
-from dicom_node.scp import start_listener
-from dicom_node.shared_counts import SharedCounts
 
 log = logging.getLogger("dicom_node.listener")
 _PR_SET_PDEATHSIG = 1
@@ -41,7 +41,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dicom_node.listener_process")
+    ap = argparse.ArgumentParser(prog="dicom_node.receive.listener_process")
     ap.add_argument("--listen-fd", type=int, required=True)
     ap.add_argument("--counts-fd", type=int, required=True)
     ap.add_argument("--slots", type=int, required=True)

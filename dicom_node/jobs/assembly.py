@@ -17,8 +17,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import Config
+from dicom_node.jobs.routing import SeriesInfo, plan_jobs
 from dicom_node.logs import log_event
-from dicom_node.routing import SeriesInfo, plan_jobs
 from storage.files import FileStore
 from storage.jobstore import JobStore
 from storage.records import InstanceRecord, NewJob, StudyRecord

@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
-from dicom_node.dataset_check import (
+from dicom_node.receive.dataset_check import (
     SERIES,
     SOP_CLASS,
     SOP_INSTANCE,
@@ -26,7 +26,7 @@ from dicom_node.dataset_check import (
     check_and_find,
     inflate_into,
 )
-from dicom_node.upper_layer import file_meta
+from dicom_node.receive.upper_layer import file_meta
 from storage.files import FileStore, StorageFullError, UnsafeNameError, check_uid, start_writeback
 from storage.records import NewInstance
 

@@ -2,7 +2,7 @@
 
 Transfer syntaxes offered are those pydicom can decode here (uncompressed, deflated, JPEG family, JPEG-LS,
 JPEG 2000, RLE), so the worker can read whatever was accepted. Bytes are stored as received.
-pynetdicom's AE is used for what it describes (contexts, AE-title rules); receiver.py moves the bytes.
+pynetdicom's AE is used for what it describes (contexts, AE-title rules); server.py moves the bytes.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
-from dicom_node.group_commit import GroupCommitter
-from dicom_node.handlers import StoreSettings
 from dicom_node.housekeeping import Housekeeper, SpaceKeeper
+from dicom_node.jobs.routing import VOLUME_SOP_CLASSES
 from dicom_node.logs import log_event
-from dicom_node.receiver import Limits, ReceiveServer
-from dicom_node.routing import VOLUME_SOP_CLASSES
-from dicom_node.security import ListenerGuard
-from dicom_node.shared_counts import SharedCounts
+from dicom_node.receive.access import ListenerGuard
+from dicom_node.receive.group_commit import GroupCommitter
+from dicom_node.receive.incoming import StoreSettings
+from dicom_node.receive.server import Limits, ReceiveServer
+from dicom_node.receive.shared_counts import SharedCounts
 from storage.files import FileStore
 from storage.jobstore import JobStore
 from storage.retention import RetentionStore
@@ -104,7 +104,7 @@ def start_listener(
     """Start accepting associations in background threads; returns (ae, server).
 
     The AE holds the supported presentation contexts and AE-title rules used for negotiation; the
-    ReceiveServer does the transfer (see receiver.py for why it is not pynetdicom's own server). ``sock``
+    ReceiveServer does the transfer (see server.py for why it is not pynetdicom's own server). ``sock``
     and ``counts``: a listening socket and association counts shared with other listener processes.
     """
     ae = build_ae(cfg)

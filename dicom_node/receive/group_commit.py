@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.handlers import (
+from dicom_node.logs import log_event
+from dicom_node.receive.incoming import (
     OUT_OF_RESOURCES,
     OUT_OF_RESOURCES_DB,
     SUCCESS,
@@ -43,7 +44,6 @@ from dicom_node.handlers import (
     Pending,
     StoreSettings,
 )
-from dicom_node.logs import log_event
 from storage.batching import InstanceIndex
 from storage.files import FileStore
 

@@ -41,8 +41,8 @@ from ai_models.types import (
 from ai_models.volume import read_series
 from dicom_node import metrics
 from dicom_node.config import Config
+from dicom_node.jobs.model_cache import ModelCache
 from dicom_node.logs import log_event
-from dicom_node.models import ModelCache
 from dicom_node.results.equipment import NodeIdentity
 from dicom_node.results.rejection import build_rejection_note
 from dicom_node.results.seg import EmptySegmentationError, build_seg

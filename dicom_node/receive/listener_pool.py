@@ -25,8 +25,8 @@ import time
 
 from dicom_node.config import Config
 from dicom_node.logs import log_event
-from dicom_node.receiver import LISTEN_BACKLOG, bind_listener
-from dicom_node.shared_counts import SharedCounts
+from dicom_node.receive.server import LISTEN_BACKLOG, bind_listener
+from dicom_node.receive.shared_counts import SharedCounts
 
 log = logging.getLogger("dicom_node.listener")
 MAX_AUTO_PROCESSES = 4
@@ -114,7 +114,7 @@ class ListenerPool:
         cmd = [
             sys.executable,
             "-m",
-            "dicom_node.listener_process",
+            "dicom_node.receive.listener_process",
             "--listen-fd",
             str(self.sock.fileno()),
             "--counts-fd",

@@ -4,7 +4,7 @@ One thread per association does blocking reads: a P-DATA fragment goes from the 
 to the instance's temp file, and the response goes out as soon as the instance is durable. Negotiation
 (once per association) answers plain requests directly (association_rq, checked byte for byte against
 pynetdicom) and leaves the rest to pynetdicom's PDU classes and presentation-context negotiation against
-the AE built in scp.py, so what is accepted is exactly what that AE supports. The protocol version, AE
+the AE built in listener.py, so what is accepted is exactly what that AE supports. The protocol version, AE
 titles, access policy and association limit are checked from the request's fixed header first, so a refused
 peer costs no decoding.
 
@@ -41,24 +41,10 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import negotiate_as_acceptor
 
 from dicom_node import metrics
-from dicom_node import upper_layer as ul
-from dicom_node.association_rq import APPLICATION_CONTEXT
-from dicom_node.association_rq import accept as accept_plain_request
-from dicom_node.association_rq import parse as parse_plain_request
 from dicom_node.audit import AuditLog
-from dicom_node.group_commit import GroupCommitter
-from dicom_node.handlers import (
-    CANNOT_UNDERSTAND,
-    IMPLEMENTATION_UID,
-    IMPLEMENTATION_VERSION,
-    OUT_OF_RESOURCES,
-    SUCCESS,
-    IncomingInstance,
-    RejectedInstance,
-    StoreSettings,
-)
 from dicom_node.logs import log_event
-from dicom_node.security import (
+from dicom_node.receive import upper_layer as ul
+from dicom_node.receive.access import (
     REASON_CALLED_AE_NOT_RECOGNISED,
     REASON_CALLING_AE_NOT_RECOGNISED,
     REASON_PROTOCOL_VERSION,
@@ -68,7 +54,21 @@ from dicom_node.security import (
     ListenerGuard,
     ae_title,
 )
-from dicom_node.shared_counts import SharedCounts
+from dicom_node.receive.group_commit import GroupCommitter
+from dicom_node.receive.incoming import (
+    CANNOT_UNDERSTAND,
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    IncomingInstance,
+    RejectedInstance,
+    StoreSettings,
+)
+from dicom_node.receive.negotiation import APPLICATION_CONTEXT
+from dicom_node.receive.negotiation import accept as accept_plain_request
+from dicom_node.receive.negotiation import parse as parse_plain_request
+from dicom_node.receive.shared_counts import SharedCounts
 from storage.files import FileStore
 
 log = logging.getLogger("dicom_node.listener")
@@ -540,7 +540,7 @@ class _Association:
                 called_text,
             )
         refused = self.server.guard.check_association(calling, called, self.peer.rsplit(":", 1)[0])
-        if refused is not None:  # AE titles and host allow-list: see security.AccessPolicy
+        if refused is not None:  # AE titles and host allow-list: see access.AccessPolicy
             return self._refuse((refused.result, refused.source, refused.reason), refused.why, called)
         if not self.server.try_associate(self):
             return self._refuse((0x02, 0x03, 0x02), "too_many_associations", called)

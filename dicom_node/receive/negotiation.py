@@ -16,7 +16,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dicom_node import upper_layer as ul
+from dicom_node.receive import upper_layer as ul
 from storage.files import is_valid_uid
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"

@@ -5,7 +5,7 @@
   let whoever controls reverse DNS choose who is allowed.
 - ``build_tls_context`` makes a server context per PS3.15 BCP 195 (TLS 1.2 or newer, AEAD ciphers with
   forward secrecy, no compression or renegotiation), with optional client-certificate verification.
-- ``ListenerGuard`` bundles them with the transport limits the receive path (receiver.py) applies: a cap
+- ``ListenerGuard`` bundles them with the transport limits the receive path (server.py) applies: a cap
   on open connections, the TLS handshake under a timeout in the connection's thread, and a bound on the
   PDU length a peer may announce, checked before anything is allocated for it.
 - ``ae_title`` reads an AE title from its 16 bytes as the standard defines it: only spaces are insignificant,

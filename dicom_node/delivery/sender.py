@@ -17,8 +17,8 @@ import time
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.delivery.scu import Outcome, Peer, send_files
 from dicom_node.logs import log_event
-from dicom_node.scu import Outcome, Peer, send_files
 from storage.files import FileStore
 from storage.jobstore import REJECTION_KIND, JobStore
 from storage.records import DeliveryRecord
