@@ -8,7 +8,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ai_models.phantom import generate_phantom
 from dicom_node.synth import StudyIds, phantom_datasets, write_datasets
 from dicom_node.web.overlay import PALETTE
-from tests.browser import CHROMIUM, HEADLESS_FLAGS
+from tests.browser import CHROMEDRIVER, CHROMIUM, Browser
 from tests.fault_models import write_fault_bundle
 from tests.peers import (
     BUNDLES,
@@ -39,7 +38,6 @@ from tests.peers import (
 )
 
 ARTIFACTS = REPO / "test-artifacts" / "operator_view"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @dataclass
@@ -245,36 +243,15 @@ def test_rest_api_metrics_and_audit(running: Running) -> None:
         assert private not in text
 
 
-def _browser(tmp: Path):  # type: ignore[no-untyped-def]
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        *HEADLESS_FLAGS,
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp}",
-        "--window-size=1400,1800",
-    ):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-
-
-def _shot(driver, name: str) -> Path:  # type: ignore[no-untyped-def]
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(900, min(int(height) + 40, 4000)))
-    path = ARTIFACTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    return path
+def _shot(browser: Browser, name: str) -> Path:
+    return browser.screenshot(ARTIFACTS / f"{name}.png", full_page=True)
 
 
 @pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
     reason="Debian chromium and chromium-driver (tests/run.sh installs them)",
 )
-def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
+def test_dashboard_in_chromium(running: Running) -> None:
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait
@@ -284,7 +261,8 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         return WebDriverWait(driver, seconds, ignored_exceptions=reloading)
 
     r = running
-    driver = _browser(tmp_path / "chromium-profile")
+    browser = Browser(1400, 900).start()
+    driver = browser.driver
     try:
         # without the token every page is refused: the login form, not the page
         driver.get(r.base + "/studies")
@@ -292,13 +270,13 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         driver.find_element(By.ID, "token").send_keys("not-the-token-at-all")
         driver.find_element(By.ID, "login").click()  # the answer is a new page: wait for it, not for the click
         wait(15).until(lambda d: "not the node's token" in d.page_source)
-        _shot(driver, "login")
+        _shot(browser, "login")
         driver.find_element(By.ID, "token").send_keys(r.token)
         driver.find_element(By.ID, "login").click()
         wait(15).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Overview")
         assert driver.find_element(By.ID, "health").text.splitlines()[1] == "OK"
         assert r.bad.study_uid in driver.find_element(By.ID, "failures").text
-        _shot(driver, "overview")
+        _shot(browser, "overview")
 
         driver.get(r.base + "/studies")
         driver.find_element(By.ID, "q").send_keys("ACC-OV-GOOD")
@@ -306,7 +284,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         WebDriverWait(driver, 10).until(lambda d: "q=ACC-OV-GOOD" in d.current_url)
         rows = driver.find_elements(By.CSS_SELECTOR, "#studies tr")[1:]
         assert len(rows) == 1 and r.good.study_uid in rows[0].text and "ZZGOODPID" not in driver.page_source
-        _shot(driver, "studies")
+        _shot(browser, "studies")
         rows[0].find_element(By.CSS_SELECTOR, "a.uid").click()
         wait(30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "img.overlay"))
         imgs = driver.find_elements(By.CSS_SELECTOR, "img.overlay")
@@ -318,7 +296,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         )
         assert len(driver.find_elements(By.CSS_SELECTOR, "table.findings tr")) > 1
         assert str(r.good.patient_name) not in driver.page_source and "ZZGOODPID" not in driver.page_source
-        _shot(driver, "study")
+        _shot(browser, "study")
         cookies = {c["name"]: c["value"] for c in driver.get_cookies()}
         colours = set()
         for i in imgs:
@@ -344,7 +322,7 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
         driver.find_element(By.ID, f"retry-{failed['id']}").click()
         flash = f"job {failed['id']} queued again"
         wait(15).until(lambda d: flash in d.find_element(By.ID, "flash").text)
-        _shot(driver, "study_after_retry")
+        _shot(browser, "study_after_retry")
         after = r.job(failed["id"])
         assert after["state"] in ("queued", "running", "done") and after["error"] == ""
         wait_for(lambda: r.job(failed["id"])["state"] == "done", 30, "the retried job done")
@@ -358,10 +336,9 @@ def test_dashboard_in_chromium(running: Running, tmp_path: Path) -> None:
             for a in records
         )
         driver.get(f"{r.base}/studies/{r.bad.study_uid}")
-        _shot(driver, "study_retried_done")
+        _shot(browser, "study_retried_done")
     finally:
-        driver.quit()
-        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+        browser.stop()
 
 
 def test_https_with_the_dicom_tls_rules(tmp_path: Path) -> None:
