@@ -56,7 +56,6 @@ from ai_models.types import (
 )
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-WEIGHT_NAMES = ("model.pt", "model.ts")
 _LOAD_TARGETS = {"LoadImaged", "LoadImage"}
 _SAVE_TARGETS = {"SaveImaged", "SaveImage"}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

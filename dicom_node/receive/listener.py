@@ -68,15 +68,10 @@ def decodable_transfer_syntaxes() -> list[str]:
 
 
 def build_ae(cfg: Config) -> AE:
-    n = cfg.node
-    ae = AE(ae_title=n.ae_title)
-    ae.maximum_associations = n.max_associations
-    ae.maximum_pdu_size = n.max_pdu_size
-    ae.acse_timeout = n.acse_timeout
-    ae.dimse_timeout = n.dimse_timeout
-    ae.network_timeout = n.network_timeout
-    ae.require_called_aet = cfg.security.require_called_ae_title
-    ae.require_calling_aet = list(cfg.security.allowed_calling_ae_titles)
+    """The presentation contexts the node accepts, held on a pynetdicom AE for its negotiation code. The AE
+    never runs an association: ReceiveServer does, with limits and timeouts from ``Limits`` and AE-title
+    rules from ``ListenerGuard``."""
+    ae = AE(ae_title=cfg.node.ae_title)
     syntaxes = decodable_transfer_syntaxes()
     ae.add_supported_context(Verification, syntaxes[:2])
     for cx in AllStoragePresentationContexts:

@@ -125,7 +125,7 @@ class ReceiveServer:
         settings: StoreSettings,
         limits: Limits,
         *,
-        guard: ListenerGuard | None = None,
+        guard: ListenerGuard,
         sock: socket.socket | None = None,
         counts: SharedCounts | None = None,
         audit: AuditLog | None = None,
@@ -135,12 +135,7 @@ class ReceiveServer:
         ``audit``: where each association's record goes (one line when it ends)."""
         self.audit = audit
         self.ae = ae
-        self.guard = guard or ListenerGuard.from_ae(
-            ae,
-            max_pdu_size=limits.max_pdu_size,
-            max_associations=limits.max_associations,
-            acse_timeout=limits.acse_timeout,
-        )
+        self.guard = guard
         self.files = files
         self.committer = committer
         self.settings = settings
