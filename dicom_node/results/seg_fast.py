@@ -39,7 +39,7 @@ from pydicom.uid import (
     MRImageStorage,
     PositronEmissionTomographyImageStorage,
 )
-from pydicom.valuerep import DS, format_number_as_ds
+from pydicom.valuerep import DS, EXPLICIT_VR_LENGTH_32, format_number_as_ds
 
 from ai_models.volume import raw_values
 
@@ -53,7 +53,7 @@ _REFERENCED_SERIES = 0x00081115
 
 # ---- Explicit VR Little Endian encoding ----------------------------------------------------------------
 
-_LONG_VRS = {b"SQ", b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR"}
+_LONG_VRS = frozenset(str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32)  # 4-byte length after 2 reserved bytes
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
