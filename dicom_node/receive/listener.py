@@ -98,9 +98,9 @@ def start_listener(
 ) -> tuple[AE, ReceiveServer]:
     """Start accepting associations in background threads; returns (ae, server).
 
-    The AE holds the supported presentation contexts and AE-title rules used for negotiation; the
-    ReceiveServer does the transfer (see server.py for why it is not pynetdicom's own server). ``sock``
-    and ``counts``: a listening socket and association counts shared with other listener processes.
+    The AE holds the supported presentation contexts used for negotiation; the ReceiveServer does the
+    transfer (see server.py for why it is not pynetdicom's own server). ``sock`` and ``counts``: a listening
+    socket and association counts shared with other listener processes.
     """
     ae = build_ae(cfg)
     n = cfg.node
