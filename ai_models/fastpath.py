@@ -1,3 +1,4 @@
+# Replaces MONAI Spacingd 14x (4.0 -> 0.29 s), SlidingWindowInferer 1.9x (0.37 -> 0.20 s); reference: test_fastpath.py
 """Faster equivalents of the common MONAI bundle steps around a segmentation network.
 
 Most CT segmentation bundles (the shipped chest_ct_seg, the zoo's spleen and BTCV configs) share one

@@ -1,3 +1,4 @@
+# Replaces pynetdicom's PDU reactor: 6-10x (~100 -> 594-1046 instances/s); reference: tests/unit/test_receive_wire.py
 """DICOM Upper Layer and DIMSE wire format for the receive path (PS3.8 section 9, PS3.7 annex E).
 
 pynetdicom's reactor polls its sockets and queues with 1 ms sleeps and decodes every PDU into objects,

