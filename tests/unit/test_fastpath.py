@@ -15,6 +15,7 @@ from ai_models.bundle import load_model, source_affine_xyz, volume_to_metatensor
 from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, HeadActivation, head_activation
 from ai_models.phantom import generate_phantom, to_volume
 from tests.fixtures.phantom_training.common import dice, eval_seed
+from tests.unit.test_bundle import ZOO
 
 _ANGLE = np.deg2rad(12.0)
 GEOMETRIES = [
@@ -451,12 +452,9 @@ def test_slab_threads_give_the_same_labels(model, monkeypatch: pytest.MonkeyPatc
     assert np.array_equal(sliced, whole)
 
 
-ZOO = Path("/work/shared/bundles")
-if not ZOO.is_dir():  # the checked-out repo's sibling
-    ZOO = Path(__file__).resolve().parents[3] / "shared" / "bundles"
-
-
-@pytest.mark.skipif(not (ZOO / "spleen_ct_segmentation").is_dir(), reason="model-zoo configs not present")
+@pytest.mark.skipif(
+    not (ZOO / "spleen_ct_segmentation").is_dir(), reason="model-zoo configs not present (../shared/bundles)"
+)
 def test_zoo_spleen_bundle_fast_paths_equal_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The zoo's spleen config, unmodified (random weights): its windows (96³, overlap 0.5, 4 per batch),
     its 1.5 x 1.5 x 2 mm grid and its argmax after Invertd, fast paths vs its own MONAI path."""
