@@ -37,15 +37,7 @@ from ai_models.fastpath import (
     head_activation,
     linear_trace_padding,
 )
-from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public pieces lived here)
-    MAX_LABELS,
-    AxisTaps,
-    FastInvertPlan,
-    axis_aligned_maps,
-    build_plan,
-    invert_argmax_axis_aligned,
-    linear_taps,
-)
+from ai_models.grid import MAX_LABELS, FastInvertPlan, build_plan, invert_argmax_axis_aligned
 from ai_models.types import (
     ModelError,
     ModelIdentity,

@@ -107,7 +107,7 @@ def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
 
 # the key's elements, compared still encoded (raw_values; None once any is decoded or absent): slices of one
 # series carry byte-identical values, so each distinct encoding is decoded and compared once, not once per
-# slice (pydicom's decoding of 7 x 300 values was most of _plane_geometry's time)
+# slice (decoding all 7 x 300 values would be most of _plane_geometry's time)
 _SHARED_TAGS = (0x00080016, 0x0020000D, 0x0020000E, 0x00280010, 0x00280011, 0x00200052, 0x00200037)
 
 
