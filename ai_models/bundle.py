@@ -33,18 +33,11 @@ from ai_models.fastpath import (
     FastPreprocessing,
     FastSlidingWindow,
     ForwardClock,
+    HeadActivation,
     head_activation,
     linear_trace_padding,
 )
-from ai_models.grid import (  # noqa: F401  (re-exported: the inversion's public pieces lived here)
-    MAX_LABELS,
-    AxisTaps,
-    FastInvertPlan,
-    axis_aligned_maps,
-    build_plan,
-    invert_argmax_axis_aligned,
-    linear_taps,
-)
+from ai_models.grid import MAX_LABELS, FastInvertPlan, build_plan, invert_argmax_axis_aligned
 from ai_models.types import (
     ModelError,
     ModelIdentity,
@@ -56,7 +49,6 @@ from ai_models.types import (
 )
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-WEIGHT_NAMES = ("model.pt", "model.ts")
 _LOAD_TARGETS = {"LoadImaged", "LoadImage"}
 _SAVE_TARGETS = {"SaveImaged", "SaveImage"}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -398,7 +390,9 @@ class SegmentationRunner:
             )
         self.label_values = np.array(sorted(ctx.identity.labels), dtype=np.int64)
         self.fast_head = _fast_invert_head(transforms, self.preprocessing, self.image_key)
-        self.fast_activation = head_activation(self.fast_head) if self.fast_head is not None else False
+        self.fast_activation = (
+            head_activation(self.fast_head) if self.fast_head is not None else HeadActivation.UNSUPPORTED
+        )
         self.fast_pre = FastPreprocessing.of(self.preprocessing, self.image_key)
         self.fast_window = FastSlidingWindow.of(self.inferer)
         self.clock = ForwardClock(self.network, ctx.device)
@@ -424,10 +418,10 @@ class SegmentationRunner:
             if self.fast_head is not None:
                 shape = window.sums.shape if window is not None else pred.shape[1:]  # type: ignore[union-attr]
                 plan = _fast_invert_plan(image, shape, volume, batch.device)
-            if plan is not None and window is not None and self.fast_activation is not False:
+            if plan is not None and window is not None and self.fast_activation is not HeadActivation.UNSUPPORTED:
                 # window sums straight to labels: division and activation only where a boundary needs them
                 labels = invert_argmax_axis_aligned(
-                    window.sums, plan, counts=window.counts, activation=self.fast_activation or None
+                    window.sums, plan, counts=window.counts, activation=self.fast_activation.grid_name
                 )
                 mask = self._labels_to_mask(labels, window.sums.shape[0])
             else:

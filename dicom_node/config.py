@@ -382,8 +382,25 @@ def _check_database_url(url: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    """Section by section; the first error found stops the start with its key named."""
     _validate_series_numbers(cfg)
-    n = cfg.node
+    _validate_node(cfg.node)
+    for i, ae in enumerate(cfg.security.allowed_calling_ae_titles):
+        _check_ae(ae, f"security.allowed_calling_ae_titles[{i}]")
+    _validate_security(cfg)
+    _validate_jobs(cfg)
+    _validate_retention(cfg.retention)
+    _validate_http(cfg)
+    _validate_audit_and_logging(cfg)
+    _unique([d.name for d in cfg.destinations], "destinations")
+    _unique([m.name for m in cfg.models], "models")
+    _unique([r.name for r in cfg.routes], "routes")
+    _validate_destinations(cfg)
+    _validate_models(cfg)
+    _validate_routes(cfg)
+
+
+def _validate_node(n: NodeSection) -> None:
     _check_ae(n.ae_title, "node.ae_title")
     _check_port(n.port, "node.port")
     _check_database_url(n.database_url)
@@ -398,9 +415,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.min_free_mb: must not be negative")
     if not 0 <= n.listener_processes <= 64:
         raise ConfigError("node.listener_processes: expected 0 (one per CPU core) to 64")
-    for i, ae in enumerate(cfg.security.allowed_calling_ae_titles):
-        _check_ae(ae, f"security.allowed_calling_ae_titles[{i}]")
-    _validate_security(cfg)
+
+
+def _validate_jobs(cfg: Config) -> None:
+    """Completion, worker and sender: when a study is done and how often its job and deliveries are tried."""
     if cfg.completion.stable_seconds < 0:
         raise ConfigError("completion.stable_seconds: must not be negative")
     if cfg.completion.late_arrivals not in {"rerun", "ignore"}:
@@ -409,8 +427,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.max_attempts: must be at least 1")
     if cfg.sender.max_attempts < 1:
         raise ConfigError("sender.max_attempts: must be at least 1")
-    _validate_retention(cfg.retention)
-    _validate_http(cfg)
+
+
+def _validate_audit_and_logging(cfg: Config) -> None:
     if cfg.audit.max_bytes < 4096:
         raise ConfigError("audit.max_bytes: must be at least 4096")
     if not 0 <= cfg.audit.backups <= 1000:
@@ -419,21 +438,28 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"logging.level: expected DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}")
     if cfg.logging.format not in {"logfmt", "json"}:
         raise ConfigError(f"logging.format: expected logfmt or json, got {cfg.logging.format!r}")
-    _unique([d.name for d in cfg.destinations], "destinations")
-    _unique([m.name for m in cfg.models], "models")
-    _unique([r.name for r in cfg.routes], "routes")
+
+
+def _validate_destinations(cfg: Config) -> None:
     for i, d in enumerate(cfg.destinations):
         _check_ae(d.ae_title, f"destinations[{i}].ae_title")
         _check_port(d.port, f"destinations[{i}].port", lowest=1)
         if d.calling_ae_title:
             _check_ae(d.calling_ae_title, f"destinations[{i}].calling_ae_title")
-    model_names = {m.name for m in cfg.models}
-    dest_names = {d.name for d in cfg.destinations}
+
+
+def _validate_models(cfg: Config) -> None:
     for i, m in enumerate(cfg.models):
         if not (cfg.bundle_path(m.name) / "configs").is_dir():
             raise ConfigError(f"models[{i}].bundle: no MONAI bundle at {cfg.bundle_path(m.name)} (configs/ missing)")
         if m.min_score != -1.0 and not 0.0 <= m.min_score <= 1.0:
             raise ConfigError(f"models[{i}].min_score: must be between 0 and 1, or -1 for the bundle's own")
+
+
+def _validate_routes(cfg: Config) -> None:
+    """Routes name known models and destinations, and match on DICOM keywords with valid patterns."""
+    model_names = {m.name for m in cfg.models}
+    dest_names = {d.name for d in cfg.destinations}
     for i, r in enumerate(cfg.routes):
         for j, m in enumerate(r.models):
             if m not in model_names:
@@ -444,13 +470,17 @@ def _validate(cfg: Config) -> None:
         if r.series not in {"largest_axial"}:
             raise ConfigError(f"routes[{i}].series: expected 'largest_axial', got {r.series!r}")
         for kw, pattern in r.match.items():
-            if tag_for_keyword(kw) is None:
-                raise ConfigError(f"routes[{i}].match.{kw}: not a DICOM keyword")
-            if pattern.startswith("/") and pattern.endswith("/") and len(pattern) >= 2:
-                try:
-                    re.compile(pattern[1:-1])
-                except re.error as exc:
-                    raise ConfigError(f"routes[{i}].match.{kw}: invalid regex: {exc}") from exc
+            _check_match(f"routes[{i}].match.{kw}", kw, pattern)
+
+
+def _check_match(where: str, keyword: str, pattern: str) -> None:
+    if tag_for_keyword(keyword) is None:
+        raise ConfigError(f"{where}: not a DICOM keyword")
+    if pattern.startswith("/") and pattern.endswith("/") and len(pattern) >= 2:
+        try:
+            re.compile(pattern[1:-1])
+        except re.error as exc:
+            raise ConfigError(f"{where}: invalid regex: {exc}") from exc
 
 
 def _validate_retention(r: RetentionSection) -> None:

@@ -18,8 +18,6 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pynetdicom import AE
-
 from dicom_node import __version__
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config, ConfigError
@@ -111,7 +109,6 @@ class Node:
         self.sender = Sender(cfg, self.rt.files, self.rt.jobs, self.owner, audit=self.audit)
         self.housekeeper = Housekeeper(cfg, self.rt.files, RetentionStore(self.rt.jobs.engine, self.rt.files))
         self.server: ReceiveServer | None = None
-        self.ae: AE | None = None
         self.pool: ListenerPool | None = None
         self.threads: list[threading.Thread] = []
         self.wakes: list[threading.Event] = []
@@ -134,7 +131,7 @@ class Node:
             if processes > 1:
                 self.pool = ListenerPool(self.cfg, processes).start()
             else:
-                self.ae, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
+                _, self.server = start_listener(self.cfg, self.rt.files, self.rt.jobs)
         except OSError as exc:  # binding the port: in use (another node?), or a bind address not of this host
             n = self.cfg.node
             raise ConfigError(f"node.port: cannot listen on {n.bind}:{n.port}: {exc.strerror or exc}") from exc

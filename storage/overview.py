@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.jobstore import _study
 from storage.records import SeriesCount, StudyInfo, StudyRecord
-from storage.schema import DeliveryRow, InstanceRow, JobRow, StudyInfoRow, StudyRow
+from storage.schema import InstanceRow, JobRow, StudyInfoRow, StudyRow
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,3 @@ class Overview:
                     select(func.count()).select_from(InstanceRow).where(InstanceRow.received_at >= hour)
                 ),
             )
-
-    def failed_deliveries(self) -> dict[str, int]:
-        """Deliveries that failed for good, by destination."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(DeliveryRow.destination, func.count())
-                .where(DeliveryRow.state == "failed")
-                .group_by(DeliveryRow.destination)
-            ).all()
-            return {d: int(c) for d, c in rows}

@@ -1,8 +1,8 @@
 """The worker: claim a job, load its series, run its models, encode SEG and SR, record results.
 
-Result UIDs derive from (source series, model identity, the set of input instances), so a re-run after a
-crash writes the same objects again (the PACS keeps one copy), while a re-run after late arrivals changed
-the input makes new instances in the same result series that supersede the earlier ones.
+Result UIDs and numbers come from results/naming.py: a re-run after a crash writes the same objects again
+(the PACS keeps one copy), while a re-run after late arrivals changed the input makes new instances in the
+same result series that supersede the earlier ones.
 Every written object is read back and checked before its deliveries are recorded.
 """
 
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,10 +43,10 @@ from dicom_node.config import Config
 from dicom_node.jobs.model_cache import ModelCache
 from dicom_node.logs import log_event
 from dicom_node.results.equipment import NodeIdentity
+from dicom_node.results.naming import findings_sr_name, input_digest, rejection_name, seg_name, sr_name
 from dicom_node.results.rejection import build_rejection_note
 from dicom_node.results.seg import EmptySegmentationError, build_seg
 from dicom_node.results.sr import build_findings_sr, build_sr
-from dicom_node.results.uids import derive_uid
 from storage.files import FileStore
 from storage.jobstore import JobStore
 from storage.records import JobRecord, NewResult, ResultRecord
@@ -116,10 +115,6 @@ class Timings:
     def add(self, name: str, seconds: float) -> None:
         """Summed per stage (a route's models share the inference stages), to the millisecond."""
         self.stages[name] = round(self.stages.get(name, 0.0) + seconds, 3)
-
-
-def input_digest(sop_uids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()[:32]
 
 
 def _read_back(data: bytes, kind: str, sop_uid: str) -> None:
@@ -368,13 +363,9 @@ class Worker:
         earlier = self.jobs.earlier_results(job.study_uid, job.route, job.generation)
         for i, r in enumerate(segs):
             ident = r.identity
-            key = (volume.series_instance_uid, ident.name, ident.version, ident.bundle_hash)
-            series_uid, seg_uid = derive_uid("seg-series", *key), derive_uid("seg", *key, digest)
-            seg_number, follows = _succession(
-                [e for e in earlier if e.kind == "seg" and e.series_uid == series_uid], seg_uid, job.generation
+            name = seg_name(
+                volume.series_instance_uid, ident, digest, earlier, job.generation, rc.seg_series_number + i
             )
-            if follows:
-                seg_uid = derive_uid("seg", *key, digest, "number", str(seg_number))
             try:
                 ds = t.measure(
                     "seg_encode",
@@ -382,10 +373,10 @@ class Worker:
                         build_seg,
                         headers,
                         r,
-                        series_uid=series_uid,
-                        sop_uid=seg_uid,
-                        instance_number=seg_number,
-                        series_number=rc.seg_series_number + i,
+                        series_uid=name.series_uid,
+                        sop_uid=name.sop_uid,
+                        instance_number=name.instance_number,
+                        series_number=name.series_number,
                         node=self.node,
                         series_description=f"AI SEG {ident.name}"[:64],
                     ),
@@ -396,17 +387,10 @@ class Worker:
                 continue
             out.append(t.measure("write", lambda ds=ds, ident=ident: self._write(ds, "seg", ident.name)))
             reported.append((r, ds))
-        idents = sorted(f"{r.identity.name}:{r.identity.version}:{r.identity.bundle_hash}" for r in model_results)
-        sr_key = (volume.series_instance_uid, job.route, *idents)
-        sr_series = derive_uid("sr-series", *sr_key)
-        sop_uid = derive_uid("sr", *sr_key, digest)
-        number, superseded = _succession(
-            [e for e in earlier if e.kind == "sr" and e.series_uid == sr_series], sop_uid, job.generation
+        identities = [r.identity for r in model_results]
+        report = sr_name(
+            volume.series_instance_uid, job.route, identities, digest, earlier, job.generation, rc.sr_series_number
         )
-        if superseded:
-            sop_uid = derive_uid(
-                "sr", *sr_key, digest, "supersedes", str(number), *(r.sop_instance_uid for r in superseded)
-            )
         sr = t.measure(
             "sr_encode",
             lambda: build_sr(
@@ -415,20 +399,24 @@ class Worker:
                 segmentations=reported,
                 detections=dets,
                 classifications=clss,
-                series_uid=sr_series,
-                sop_uid=sop_uid,
-                series_number=rc.sr_series_number,
+                series_uid=report.series_uid,
+                sop_uid=report.sop_uid,
+                series_number=report.series_number,
                 node=self.node,
-                instance_number=number,
-                predecessors=[_reference(r) for r in superseded],
+                instance_number=report.instance_number,
+                predecessors=[_reference(r) for r in report.follows],
             ),
         )
         out.append(t.measure("write", lambda: self._write(sr, "sr", "")))
         # the findings with geometry again, alone, for viewers that cannot open the full report (OHIF)
-        findings_series = derive_uid("findings-sr-series", *sr_key)
-        findings_uid = derive_uid("findings-sr", sop_uid)  # one per report: follows it
-        number, superseded = _succession(
-            [e for e in earlier if e.kind == "sr" and e.series_uid == findings_series], findings_uid, job.generation
+        fname = findings_sr_name(
+            volume.series_instance_uid,
+            job.route,
+            identities,
+            report.sop_uid,
+            earlier,
+            job.generation,
+            rc.findings_sr_series_number,
         )
         findings = t.measure(
             "sr_encode",
@@ -436,13 +424,13 @@ class Worker:
                 headers,
                 volume,
                 detections=dets,
-                report_sop_uid=sop_uid,
-                series_uid=findings_series,
-                sop_uid=findings_uid,
-                series_number=rc.findings_sr_series_number,
+                report_sop_uid=report.sop_uid,
+                series_uid=fname.series_uid,
+                sop_uid=fname.sop_uid,
+                series_number=fname.series_number,
                 node=self.node,
-                instance_number=number,
-                predecessors=[_reference(r) for r in superseded],
+                instance_number=fname.instance_number,
+                predecessors=[_reference(r) for r in fname.follows],
             ),
         )
         if findings is not None:  # recorded under the detection models that found them (the report has none)
@@ -471,29 +459,17 @@ class Worker:
             return None
         uids = sorted(e.sop_instance_uid for e in rejected)
         log_event(log, "rejection_note_built", study_uid=job.study_uid, job_id=job.id, rejected=",".join(uids))
+        name = rejection_name(job.study_uid, job.route, uids, job.generation, self.cfg.results.rejection_series_number)
         return build_rejection_note(
             header,
             [_reference(e) for e in rejected],
-            series_uid=derive_uid("rejection-series", job.study_uid, job.route),
-            sop_uid=derive_uid("rejection", job.study_uid, job.route, *uids),
-            series_number=self.cfg.results.rejection_series_number,
-            instance_number=job.generation + 1,
+            series_uid=name.series_uid,
+            sop_uid=name.sop_uid,
+            series_number=name.series_number,
+            instance_number=name.instance_number,
             node=self.node,
             reason=f"Superseded by the AI results of job {job.id} (a re-run of route {job.route} after late arrivals)",
         )
-
-
-def _succession(earlier: list[ResultRecord], uid: str, generation: int) -> tuple[int, list[ResultRecord]]:
-    """(Instance Number, the earlier results it follows) for a result object about to get ``uid``.
-
-    A re-run after late arrivals follows the latest earlier run's objects in their series, and its SR names
-    that SR as predecessor. What it follows is content, so the caller puts it in the object's UID; a first
-    run's UID is as it always was. An earlier object with this very UID was made from the same instances:
-    this one is the same object again (number 1, following nothing). Retries of a job find the same earlier
-    results, so they rebuild the same UIDs and bytes."""
-    if not earlier or any(e.sop_instance_uid == uid for e in earlier):
-        return 1, []
-    return generation + 1, earlier
 
 
 def _reference(result: ResultRecord) -> Dataset:

@@ -172,20 +172,6 @@ class ListenerGuard:
             max_pdu_body=pdu_body_limit(n.max_pdu_size),
         )
 
-    @classmethod
-    def from_ae(cls, ae: Any, *, max_pdu_size: int, max_associations: int, acse_timeout: float) -> ListenerGuard:
-        """No TLS; AE-title rules as set on a pynetdicom AE (for callers that have no Config)."""
-        security = SecuritySection(
-            allowed_calling_ae_titles=tuple(ae.require_calling_aet), require_called_ae_title=bool(ae.require_called_aet)
-        )
-        return cls(
-            policy=AccessPolicy(str(ae.ae_title), security),
-            tls=None,
-            handshake_timeout=acse_timeout,
-            max_negotiating=connection_cap(max_associations),
-            max_pdu_body=pdu_body_limit(max_pdu_size),
-        )
-
     def admit(self, negotiating: int, peer: tuple[str, int]) -> bool:
         """Whether one more connection may negotiate; logs the refusal."""
         if negotiating < self.max_negotiating:

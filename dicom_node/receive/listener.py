@@ -68,15 +68,10 @@ def decodable_transfer_syntaxes() -> list[str]:
 
 
 def build_ae(cfg: Config) -> AE:
-    n = cfg.node
-    ae = AE(ae_title=n.ae_title)
-    ae.maximum_associations = n.max_associations
-    ae.maximum_pdu_size = n.max_pdu_size
-    ae.acse_timeout = n.acse_timeout
-    ae.dimse_timeout = n.dimse_timeout
-    ae.network_timeout = n.network_timeout
-    ae.require_called_aet = cfg.security.require_called_ae_title
-    ae.require_calling_aet = list(cfg.security.allowed_calling_ae_titles)
+    """The presentation contexts the node accepts, held on a pynetdicom AE for its negotiation code. The AE
+    never runs an association: ReceiveServer does, with limits and timeouts from ``Limits`` and AE-title
+    rules from ``ListenerGuard``."""
+    ae = AE(ae_title=cfg.node.ae_title)
     syntaxes = decodable_transfer_syntaxes()
     ae.add_supported_context(Verification, syntaxes[:2])
     for cx in AllStoragePresentationContexts:
@@ -103,9 +98,9 @@ def start_listener(
 ) -> tuple[AE, ReceiveServer]:
     """Start accepting associations in background threads; returns (ae, server).
 
-    The AE holds the supported presentation contexts and AE-title rules used for negotiation; the
-    ReceiveServer does the transfer (see server.py for why it is not pynetdicom's own server). ``sock``
-    and ``counts``: a listening socket and association counts shared with other listener processes.
+    The AE holds the supported presentation contexts used for negotiation; the ReceiveServer does the
+    transfer (see server.py for why it is not pynetdicom's own server). ``sock`` and ``counts``: a listening
+    socket and association counts shared with other listener processes.
     """
     ae = build_ae(cfg)
     n = cfg.node

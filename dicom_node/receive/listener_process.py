@@ -60,14 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = socket.socket(fileno=args.listen_fd)
     counts = SharedCounts(args.counts_fd, args.slots, args.slot)
     rt = open_runtime(cfg)
-    ae, server = start_listener(cfg, rt.files, rt.jobs, sock=sock, counts=counts)
+    _, server = start_listener(cfg, rt.files, rt.jobs, sock=sock, counts=counts)
     with contextlib.suppress(OSError):  # a restarted process has nobody waiting for it: EPIPE
         os.write(args.ready_fd, b"r")  # the pool makes the socket listen once every process has said so
     os.close(args.ready_fd)
     while not stop.wait(1.0):
         pass
     server.shutdown()
-    ae.shutdown()
     counts.publish(0, 0)
     counts.close()
     rt.jobs.engine.dispose()

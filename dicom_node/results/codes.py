@@ -19,7 +19,7 @@ Choices worth knowing:
 - "Anatomical Structure" is SCT 91723000 (current CID 7150); 123037004 is the retired code whose
   SNOMED meaning is now "Body structure".
 - Absent is SCT 272519000 (CID 240/241 Present-Absent; replaced the older 2667000). It is said of findings
-  (a nodule) only: an anatomical structure, or a label outside the table, that a model did not segment was
+  (a nodule) only: an anatomical structure, or a label outside the table, that a model did not segment is reported
   "Not detected" (SCT 260415000), for it may simply lie outside the scan.
 - Procedure Reported (TID 1500 row 4, DCID 100) follows the source modality: LOINC "CT / MRI / PET
   unspecified body region", else SCT 363679005 "Imaging procedure".

@@ -1,3 +1,4 @@
+# Replaces highdicom's SEG encoder: 11x (0.93 -> 0.085 s, 300x512²); reference: tests/unit/test_results_seg_fast.py
 """Binary SEG for a stack of single-frame images, built in tens of milliseconds instead of a second.
 
 highdicom spends its time on per-frame pydicom objects (a Dataset and DataElement for every reference,
@@ -39,7 +40,7 @@ from pydicom.uid import (
     MRImageStorage,
     PositronEmissionTomographyImageStorage,
 )
-from pydicom.valuerep import DS, format_number_as_ds
+from pydicom.valuerep import DS, EXPLICIT_VR_LENGTH_32, format_number_as_ds
 
 from ai_models.volume import raw_values
 
@@ -53,7 +54,7 @@ _REFERENCED_SERIES = 0x00081115
 
 # ---- Explicit VR Little Endian encoding ----------------------------------------------------------------
 
-_LONG_VRS = {b"SQ", b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR"}
+_LONG_VRS = frozenset(str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32)  # 4-byte length after 2 reserved bytes
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -106,7 +107,7 @@ def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
 
 # the key's elements, compared still encoded (raw_values; None once any is decoded or absent): slices of one
 # series carry byte-identical values, so each distinct encoding is decoded and compared once, not once per
-# slice (pydicom's decoding of 7 x 300 values was most of _plane_geometry's time)
+# slice (decoding all 7 x 300 values would be most of _plane_geometry's time)
 _SHARED_TAGS = (0x00080016, 0x0020000D, 0x0020000E, 0x00280010, 0x00280011, 0x00200052, 0x00200037)
 
 
@@ -173,52 +174,84 @@ def fast_binary_seg(
     if geometry is None or mask.ndim != 3 or mask.shape[0] != len(source):
         return None
     position_strings, positions, orientation = geometry
-    n_planes, rows, cols = mask.shape
+    _, rows, cols = mask.shape
     labels = sorted(numbers, key=numbers.__getitem__)
     if [numbers[label] for label in labels] != list(range(1, len(labels) + 1)) or rows * cols < len(labels):
         return None
+    plan = _frame_plan(positions, orientation, slice_counts[:, labels] > 0)
+    if plan is None:
+        return None
+    frames, included = plan
+    ds = _module_attributes(source[0], rows, cols, len(labels), hd_kwargs)
+    _set_spacing(ds, source[0], positions, included, len(labels))
+    ds.NumberOfFrames = len(frames)
+    ds[_PER_FRAME] = _raw(_PER_FRAME, "SQ", _per_frame_groups(source, position_strings, labels, frames))
+    _set_source_references(ds, source)
+    ds[0x7FE00010] = DataElement(0x7FE00010, "OB", pack_frames(mask, [(labels[s], z) for s, _, z in frames]))
+    # The raw elements above are Explicit VR Little Endian: declaring that as the dataset's encoding lets
+    # pydicom write them without decoding (it decodes them first for any other transfer syntax).
+    charset = ds.get("SpecificCharacterSet")
+    ds.set_original_encoding(False, True, convert_encodings(charset) if charset else default_encoding)
+    return ds
 
-    # Frame order as highdicom: segment by segment, planes sorted along the volume's normal; position
-    # index = rank among planes holding any segment.
+
+def _frame_plan(
+    positions: np.ndarray, orientation: list[float], present: np.ndarray
+) -> tuple[list[tuple[int, int, int]], np.ndarray] | None:
+    """The frames as (segment index, position index, slice), in highdicom's order: segment by segment,
+    planes sorted along the volume's normal, position index = rank among planes holding any segment; and
+    which slices hold any. ``present``: (planes, segments) non-empty. None for duplicate positions (highdicom
+    raises)."""
     normal = hd.spatial.get_normal_vector(orientation, index_convention=hd.spatial.VOLUME_INDEX_CONVENTION)
-    distances = positions @ normal
-    unique, sort_index = np.unique(distances, return_index=True)
-    if len(unique) != n_planes:
-        return None  # duplicate positions: highdicom raises
-    present = slice_counts[:, labels] > 0  # (planes, segments)
+    unique, sort_index = np.unique(positions @ normal, return_index=True)
+    if len(unique) != len(positions):
+        return None
     included = present.any(axis=1)
     sorted_planes = [int(z) for z in sort_index if included[z]]
+    frames = [
+        (seg_index, pos_index, z)
+        for seg_index in range(present.shape[1])
+        for pos_index, z in enumerate(sorted_planes, start=1)
+        if present[z, seg_index]
+    ]
+    return frames, included
 
-    template = _template(source[0], rows, cols, len(labels), hd_kwargs)
+
+def _module_attributes(
+    first: pydicom.Dataset, rows: int, cols: int, n_segments: int, hd_kwargs: Mapping[str, Any]
+) -> pydicom.Dataset:
+    """Every module attribute from the one-plane template, without the parts that grow with the frames."""
+    template = _template(first, rows, cols, n_segments, hd_kwargs)
     ds = pydicom.Dataset(template)
     ds.file_meta = template.file_meta
     for tag in (_PER_FRAME, _SOURCE_IMAGES, _REFERENCED_SERIES, 0x7FE00010):
         del ds[tag]
+    return ds
 
-    shared = ds.SharedFunctionalGroupsSequence[0]
-    measures = shared.PixelMeasuresSequence[0]
-    iop = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
-    if "SpacingBetweenSlices" not in source[0]:  # highdicom: from all source positions, before omission
+
+def _set_spacing(
+    ds: pydicom.Dataset, first: pydicom.Dataset, positions: np.ndarray, included: np.ndarray, n_segments: int
+) -> None:
+    """Spacing Between Slices and Dimension Organization Type as highdicom derives them from all source
+    positions, where the one-plane template could only guess."""
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    iop = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient]
+    if "SpacingBetweenSlices" not in first:  # highdicom: from all source positions, before omission
         spacing, _ = hd.spatial.get_volume_positions(image_positions=positions, image_orientation=iop)
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
         elif "SpacingBetweenSlices" in measures:  # the one-plane template's guess
             del measures.SpacingBetweenSlices
-    if len(labels) == 1 and len(sorted_planes) > 1:  # highdicom: "3D" for one segment on a regular grid
+    if n_segments == 1 and np.count_nonzero(included) > 1:  # highdicom: "3D" for one segment on a regular grid
         spacing, _ = hd.spatial.get_volume_positions(
             image_positions=positions[np.flatnonzero(included)], image_orientation=iop, sort=False
         )
         if spacing is not None and spacing > 0.0:
             ds.DimensionOrganizationType = "3D"
 
-    frames = [
-        (seg_index, pos_index, z)
-        for seg_index in range(len(labels))
-        for pos_index, z in enumerate(sorted_planes, start=1)
-        if present[z, seg_index]
-    ]
-    ds.NumberOfFrames = len(frames)
-    ds[_PER_FRAME] = _raw(_PER_FRAME, "SQ", _per_frame_groups(source, position_strings, labels, frames))
+
+def _set_source_references(ds: pydicom.Dataset, source: Sequence[pydicom.Dataset]) -> None:
+    """Source Image Sequence and Referenced Series Sequence, encoded as raw Explicit VR Little Endian."""
     references = [
         _element(0x00081150, b"UI", _uid(s.SOPClassUID)) + _element(0x00081155, b"UI", _uid(s.SOPInstanceUID))
         for s in source
@@ -226,12 +259,6 @@ def fast_binary_seg(
     ds[_SOURCE_IMAGES] = _raw(_SOURCE_IMAGES, "SQ", _items(references))
     series_item = _sequence(0x0008114A, references) + _element(0x0020000E, b"UI", _uid(source[0].SeriesInstanceUID))
     ds[_REFERENCED_SERIES] = _raw(_REFERENCED_SERIES, "SQ", _items([series_item]))
-    ds[0x7FE00010] = DataElement(0x7FE00010, "OB", pack_frames(mask, [(labels[s], z) for s, _, z in frames]))
-    # The raw elements above are Explicit VR Little Endian: declaring that as the dataset's encoding lets
-    # pydicom write them without decoding (it decodes them first for any other transfer syntax).
-    charset = ds.get("SpecificCharacterSet")
-    ds.set_original_encoding(False, True, convert_encodings(charset) if charset else default_encoding)
-    return ds
 
 
 def _template(

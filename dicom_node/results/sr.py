@@ -24,6 +24,7 @@ a re-run writes a new one). Evidence: the source images and every SEG the SR ref
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import highdicom as hd
@@ -397,42 +398,72 @@ def build_sr(
     they need only their Study/Series/SOP Instance and SOP Class UIDs."""
     if not source:
         raise ValueError("no source images")
+    found = _report_findings(source, volume_geometry, segmentations, detections, classifications, sop_uid, node)
+    if not found.groups:
+        raise ValueError("no results to report: give a segmentation, detections or classifications")
+    evidence = [*source, *(seg for _, seg in segmentations if seg is not None)]
+    document = _document_kwargs(series_uid, series_number, sop_uid, instance_number, predecessors, node, found.labels)
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=_measurement_report(source[0], node, found),
+        series_description=f"AI SR {_names(found.identities)}"[:64],
+        **document,
+    )
+
+
+@dataclass
+class _Found:
+    """The measurement groups of a report, the models behind them and every label they name."""
+
+    groups: list[Group] = field(default_factory=list)
+    identities: list[ModelIdentity] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+
+def _report_findings(
+    source: Sequence[pydicom.Dataset],
+    volume_geometry: Volume | None,
+    segmentations: Sequence[tuple[SegmentationResult, pydicom.Dataset | None]],
+    detections: Sequence[DetectionResult],
+    classifications: Sequence[ClassificationResult],
+    sop_uid: str,
+    node: NodeIdentity,
+) -> _Found:
+    """The full report's groups: segment volumes, detections (with their SCOORD3D) and classifications."""
     first = source[0]
     source_series_uid = str(first.SeriesInstanceUID)
     frame_uid = str(getattr(first, "FrameOfReferenceUID", "")) or (
         volume_geometry.frame_of_reference_uid if volume_geometry else ""
     )
     spacing = volume_geometry.spacing if volume_geometry is not None else None
-    groups: list[Group] = []
-    identities: list[ModelIdentity] = []
-    labels: list[str] = []
+    found = _Found()
     for segmentation, seg in segmentations:
-        identities.append(segmentation.identity)
-        labels += segmentation.identity.labels.values()
-        groups += _segmentation_groups(
+        found.identities.append(segmentation.identity)
+        found.labels += segmentation.identity.labels.values()
+        found.groups += _segmentation_groups(
             segmentation, seg, spacing or spacing_from_source(source), source_series_uid, node
         )
     sop_classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in source}
     for result in detections:
-        identities.append(result.identity)
-        labels += [*result.identity.labels.values(), *(d.label for d in result.detections)]
-        groups += _detection_groups(result, volume_geometry, source_series_uid, frame_uid, sop_uid, node, sop_classes)
+        found.identities.append(result.identity)
+        found.labels += [*result.identity.labels.values(), *(d.label for d in result.detections)]
+        found.groups += _detection_groups(
+            result, volume_geometry, source_series_uid, frame_uid, sop_uid, node, sop_classes
+        )
     for result in classifications:
-        identities.append(result.identity)
-        labels.append(result.label)
-        groups.append(_classification_group(result, source_series_uid, node))
-    if not groups:
-        raise ValueError("no results to report: give a segmentation, detections or classifications")
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer_context(node, identities),
+        found.identities.append(result.identity)
+        found.labels.append(result.label)
+        found.groups.append(_classification_group(result, source_series_uid, node))
+    return found
+
+
+def _measurement_report(first: pydicom.Dataset, node: NodeIdentity, found: _Found) -> hd.sr.MeasurementReport:
+    """TID 1500 around the groups, observed by the node's device for the models that made them."""
+    return hd.sr.MeasurementReport(
+        observation_context=_observer_context(node, found.identities),
         procedure_reported=procedure_reported(str(getattr(first, "Modality", ""))),
-        imaging_measurements=groups,
+        imaging_measurements=found.groups,
         title=codes.cid7021.ImagingMeasurementReport,
-    )
-    evidence = [*source, *(seg for _, seg in segmentations if seg is not None)]
-    document = _document_kwargs(series_uid, series_number, sop_uid, instance_number, predecessors, node, labels)
-    return hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report, series_description=f"AI SR {_names(identities)}"[:64], **document
     )
 
 
@@ -460,29 +491,23 @@ def build_findings_sr(
     if not source:
         raise ValueError("no source images")
     sop_classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in source}
-    groups: list[Group] = []
-    identities: list[ModelIdentity] = []
-    labels: list[str] = []
+    found = _Found()
     for result in detections:
         algorithm = sr_algorithm_identification(result.identity, node)
         for index, detection in enumerate(result.detections, start=1):
             common = _detection_common(detection, index, result.identity, algorithm, report_sop_uid)
-            groups.append(_viewer_group(detection, volume_geometry, sop_classes, common))
-            labels.append(detection.label)
+            found.groups.append(_viewer_group(detection, volume_geometry, sop_classes, common))
+            found.labels.append(detection.label)
         if result.detections:
-            identities.append(result.identity)
-    if not groups:
+            found.identities.append(result.identity)
+    if not found.groups:
         return None
-    first = source[0]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer_context(node, identities),
-        procedure_reported=procedure_reported(str(getattr(first, "Modality", ""))),
-        imaging_measurements=groups,
-        title=codes.cid7021.ImagingMeasurementReport,
-    )
-    document = _document_kwargs(series_uid, series_number, sop_uid, instance_number, predecessors, node, labels)
+    document = _document_kwargs(series_uid, series_number, sop_uid, instance_number, predecessors, node, found.labels)
     return hd.sr.ComprehensiveSR(
-        evidence=list(source), content=report, series_description=f"AI findings {_names(identities)}"[:64], **document
+        evidence=list(source),
+        content=_measurement_report(source[0], node, found),
+        series_description=f"AI findings {_names(found.identities)}"[:64],
+        **document,
     )
 
 

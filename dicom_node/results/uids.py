@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
 _ROOT = "2.25."
 
@@ -22,15 +21,3 @@ def derive_uid(*parts: str) -> str:
     payload = json.dumps(["dicom-node-uid-v1", *parts], ensure_ascii=False).encode("utf-8")
     digest = hashlib.sha256(payload).digest()
     return _ROOT + str(int.from_bytes(digest[:16], "big"))
-
-
-@dataclass(frozen=True)
-class ResultUids:
-    series_uid: str
-    sop_uid: str
-
-
-def result_uids(kind: str, source_series_uid: str, model_name: str, model_version: str) -> ResultUids:
-    """UIDs for one result object (``kind`` is e.g. "SEG" or "SR") of one model run on one series."""
-    base = (kind, source_series_uid, model_name, model_version)
-    return ResultUids(series_uid=derive_uid("series", *base), sop_uid=derive_uid("instance", *base))

@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom import uid as pduid
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pynetdicom import AE, _config
 
 from ai_models.phantom import generate_phantom
@@ -41,7 +42,7 @@ EXPLICIT = pduid.ExplicitVRLittleEndian
 DEFLATED = pduid.DeflatedExplicitVRLittleEndian
 STUDY = b"1.2.826.0.1.3680043.10.99.1"
 SERIES, SOP = STUDY + b".2", STUDY + b".2.3"
-_LONG = {b"OB", b"OW", b"SQ", b"UN", b"UT"}
+_LONG = frozenset(str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 def el(tag: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:

@@ -13,6 +13,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ai_models.types import ModelIdentity, Volume
 from dicom_node.results.equipment import NodeIdentity
+from dicom_node.results.naming import ResultName, input_digest, seg_name, sr_name
 
 NODE = NodeIdentity(software_version="0.1.0", device_serial_number="TEST-0001")
 
@@ -130,3 +131,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
     if proc.returncode != 0 and not errors:  # dciodvfy exits 1 on errors: never let a failure pass silently
         errors.append(f"dciodvfy exited {proc.returncode}: {out.strip()[-500:]}")
     return errors
+
+
+def seg_uids(source: list[pydicom.Dataset], model: ModelIdentity) -> ResultName:
+    """The worker's naming for a first run's SEG of ``model`` on ``source``."""
+    digest = input_digest([str(ds.SOPInstanceUID) for ds in source])
+    return seg_name(str(source[0].SeriesInstanceUID), model, digest, (), 0, 901)
+
+
+def sr_uids(source: list[pydicom.Dataset], route: str, models: list[ModelIdentity] | None = None) -> ResultName:
+    """The worker's naming for a first run's report of ``route``; distinct routes give distinct UIDs."""
+    digest = input_digest([str(ds.SOPInstanceUID) for ds in source])
+    return sr_name(str(source[0].SeriesInstanceUID), route, models or [], digest, (), 0, 902)

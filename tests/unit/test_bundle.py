@@ -22,10 +22,8 @@ from ai_models.bundle import (
 from ai_models.phantom import generate_phantom, to_volume
 from ai_models.types import ClassificationResult, ModelError, SegmentationResult, Volume
 
-ZOO = Path("/work/shared/bundles")
-if not ZOO.is_dir():  # the checked-out repo's sibling
-    ZOO = Path(__file__).resolve().parents[3] / "shared" / "bundles"
-needs_zoo = pytest.mark.skipif(not ZOO.is_dir(), reason="model-zoo configs not present")
+ZOO = Path(__file__).resolve().parents[2] / ".." / "shared" / "bundles"  # the checkout's sibling ../shared
+needs_zoo = pytest.mark.skipif(not ZOO.is_dir(), reason="model-zoo configs not present (../shared/bundles)")
 
 
 def _zoo_copy(name: str, tmp_path: Path, *, torchscript: bool = False) -> Path:

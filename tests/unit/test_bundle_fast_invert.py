@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ai_models.bundle import (
-    _fast_invert_head,
-    _fast_invert_plan,
-    axis_aligned_maps,
-    build_plan,
-    invert_argmax_axis_aligned,
-    volume_to_metatensor,
-)
+from ai_models.bundle import _fast_invert_head, _fast_invert_plan, volume_to_metatensor
+from ai_models.grid import axis_aligned_maps, build_plan, invert_argmax_axis_aligned
 from ai_models.phantom import generate_phantom, to_volume
 from tests.fixtures.phantom_training.common import eval_seed
 

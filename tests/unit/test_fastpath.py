@@ -12,9 +12,10 @@ import torch
 
 from ai_models import grid
 from ai_models.bundle import load_model, source_affine_xyz, volume_to_metatensor
-from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, head_activation
+from ai_models.fastpath import FastPreprocessing, FastSlidingWindow, ForwardClock, HeadActivation, head_activation
 from ai_models.phantom import generate_phantom, to_volume
 from tests.fixtures.phantom_training.common import dice, eval_seed
+from tests.unit.test_bundle import ZOO
 
 _ANGLE = np.deg2rad(12.0)
 GEOMETRIES = [
@@ -253,13 +254,22 @@ def test_sliding_window_steps_aside() -> None:
 def test_head_activation() -> None:
     from monai.transforms import Activationsd, Compose
 
-    assert head_activation(Compose([Activationsd(keys="pred", softmax=True)])) == "softmax"
-    assert head_activation(Compose([Activationsd(keys="pred", sigmoid=True)])) == "sigmoid"
-    assert head_activation(Compose([])) is None
-    assert head_activation(Compose([Activationsd(keys="pred", other=torch.tanh)])) is False
-    assert head_activation(Compose([Activationsd(keys="pred", softmax=True, dim=1)])) is False
-    two = Compose([Activationsd(keys="pred", softmax=True), Activationsd(keys="pred", sigmoid=True)])
-    assert head_activation(two) is False
+    assert head_activation(Compose([Activationsd(keys="pred", softmax=True)])) is HeadActivation.SOFTMAX
+    assert head_activation(Compose([Activationsd(keys="pred", sigmoid=True)])) is HeadActivation.SIGMOID
+    assert head_activation(Compose([])) is HeadActivation.NONE
+    unsupported = [
+        Compose([Activationsd(keys="pred", other=torch.tanh)]),
+        Compose([Activationsd(keys="pred", softmax=True, dim=1)]),
+        Compose([Activationsd(keys="pred", softmax=True), Activationsd(keys="pred", sigmoid=True)]),
+    ]
+    assert [head_activation(h) for h in unsupported] == [HeadActivation.UNSUPPORTED] * 3
+    assert [a.grid_name for a in (HeadActivation.NONE, HeadActivation.SOFTMAX, HeadActivation.SIGMOID)] == [
+        None,
+        "softmax",
+        "sigmoid",
+    ]
+    with pytest.raises(ValueError):
+        _ = HeadActivation.UNSUPPORTED.grid_name
 
 
 # ---------------------------------------------------------------------------------------------- inversion
@@ -310,7 +320,11 @@ def test_runner_fast_paths_equal_the_bundles_own(model, monkeypatch: pytest.Monk
     Invertd end to end: the same label map, voxel for voxel (Dice >= 0.999 per label allowed for float
     rounding at boundaries; on these phantoms it is exact). The fast run inverts once, axis-aligned."""
     runner = model._runner
-    assert runner.fast_pre is not None and runner.fast_window is not None and runner.fast_activation == "softmax"
+    assert (
+        runner.fast_pre is not None
+        and runner.fast_window is not None
+        and runner.fast_activation is HeadActivation.SOFTMAX
+    )
     assert runner.fast_head is not None
     ph, volume = _volume(930, shape, spacing, row, col, nodules=1)
     used: list[bool] = []
@@ -438,12 +452,9 @@ def test_slab_threads_give_the_same_labels(model, monkeypatch: pytest.MonkeyPatc
     assert np.array_equal(sliced, whole)
 
 
-ZOO = Path("/work/shared/bundles")
-if not ZOO.is_dir():  # the checked-out repo's sibling
-    ZOO = Path(__file__).resolve().parents[3] / "shared" / "bundles"
-
-
-@pytest.mark.skipif(not (ZOO / "spleen_ct_segmentation").is_dir(), reason="model-zoo configs not present")
+@pytest.mark.skipif(
+    not (ZOO / "spleen_ct_segmentation").is_dir(), reason="model-zoo configs not present (../shared/bundles)"
+)
 def test_zoo_spleen_bundle_fast_paths_equal_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The zoo's spleen config, unmodified (random weights): its windows (96³, overlap 0.5, 4 per batch),
     its 1.5 x 1.5 x 2 mm grid and its argmax after Invertd, fast paths vs its own MONAI path."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dicom_node.receive import dataset_check
 from dicom_node.receive.dataset_check import check_and_find, check_structure
@@ -29,7 +30,7 @@ EXPLICIT, IMPLICIT, DEFLATED = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.
 def _el(tag: int, vr: bytes, value: bytes) -> bytes:
     if len(value) % 2:
         value += b"\0" if vr == b"UI" else b" "
-    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+    if vr.decode() in EXPLICIT_VR_LENGTH_32:
         return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 

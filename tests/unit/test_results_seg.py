@@ -12,17 +12,27 @@ from pydicom.uid import UID
 
 from ai_models.bundle import read_metadata
 from ai_models.types import SegmentationResult
-from dicom_node.results import EmptySegmentationError, build_seg, derive_uid, result_uids
+from dicom_node.results import EmptySegmentationError, build_seg, derive_uid
 from dicom_node.results.codes import PRIVATE_SCHEME, normalise_label, segment_coding
 from tests.unit.test_bundle import ZOO
 
-from .results_helpers import NODE, dciodvfy_errors, identity, lung_nodule_mask, make_ct_series, sphere, write
+from .results_helpers import (
+    NODE,
+    dciodvfy_errors,
+    identity,
+    lung_nodule_mask,
+    make_ct_series,
+    seg_uids,
+    sphere,
+    sr_uids,
+    write,
+)
 
 SHAPE = (20, 64, 64)
 
 
 def _build(source: list[pydicom.Dataset], result: SegmentationResult, **kw: object) -> pydicom.Dataset:
-    uids = result_uids("SEG", source[0].SeriesInstanceUID, result.identity.name, result.identity.version)
+    uids = seg_uids(source, result.identity)
     return build_seg(
         source, result, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=901, node=NODE, **kw
     )
@@ -218,7 +228,7 @@ def test_seg_uids_repeat_for_same_inputs_and_change_with_model_version(source: l
     assert first.SegmentSequence[0].TrackingUID == again.SegmentSequence[0].TrackingUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
-    sr = result_uids("SR", source[0].SeriesInstanceUID, "chest-ct-seg", "1.0.0")
+    sr = sr_uids(source, "chest", [identity()])
     assert sr.sop_uid != first.SOPInstanceUID
 
 

@@ -12,10 +12,20 @@ import pydicom
 import pytest
 
 from ai_models.types import ClassificationResult, Detection, DetectionResult, SegmentationResult, Volume
-from dicom_node.results import build_seg, build_sr, result_uids, segment_volumes_ml
+from dicom_node.results import build_seg, build_sr, segment_volumes_ml
 from dicom_node.results.sr import spacing_from_source
 
-from .results_helpers import NODE, dciodvfy_errors, identity, lung_nodule_mask, make_ct_series, volume_of, write
+from .results_helpers import (
+    NODE,
+    dciodvfy_errors,
+    identity,
+    lung_nodule_mask,
+    make_ct_series,
+    seg_uids,
+    sr_uids,
+    volume_of,
+    write,
+)
 
 SHAPE = (20, 64, 64)
 ALGORITHM_NAME = "111001"
@@ -43,7 +53,7 @@ def _classifier(probability: float) -> ClassificationResult:
 
 
 def _sr(source: list[pydicom.Dataset], geometry: Volume | None, **kw: object) -> pydicom.Dataset:
-    uids = result_uids("SR", source[0].SeriesInstanceUID, "job", "1")
+    uids = sr_uids(source, "job")
     args: dict[str, object] = {"segmentations": (), "detections": (), "classifications": ()}
     args.update(kw)
     return build_sr(
@@ -70,9 +80,9 @@ def _evaluation(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> str:
 def full(tmp_path_factory: pytest.TempPathFactory, source: list[pydicom.Dataset], geometry: Volume) -> dict:
     directory = tmp_path_factory.mktemp("sr")
     segmentation = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
-    seg_uids = result_uids("SEG", source[0].SeriesInstanceUID, "chest-ct-seg", "1.0.0")
+    seg_name = seg_uids(source, segmentation.identity)
     seg = build_seg(
-        source, segmentation, series_uid=seg_uids.series_uid, sop_uid=seg_uids.sop_uid, series_number=901, node=NODE
+        source, segmentation, series_uid=seg_name.series_uid, sop_uid=seg_name.sop_uid, series_number=901, node=NODE
     )
     sr = _sr(
         source,
@@ -263,7 +273,7 @@ def test_sr_reports_every_segmentation_model_and_lists_each_seg_as_evidence(
     kidneys = _kidneys()
     segs = []
     for result in (lungs, kidneys):
-        uids = result_uids("SEG", source[0].SeriesInstanceUID, result.identity.name, "1.0.0")
+        uids = seg_uids(source, result.identity)
         segs.append(
             build_seg(source, result, series_uid=uids.series_uid, sop_uid=uids.sop_uid, series_number=901, node=NODE)
         )
@@ -296,7 +306,7 @@ def test_seg_and_sr_share_each_segments_tracking_uid_across_reruns(
     seen = []
     for run in ("1", "2"):  # a re-run after late arrivals: new SOP Instance UIDs
         seg = build_seg(source, lungs, series_uid="2.25.11", sop_uid=f"2.25.12{run}", series_number=901, node=NODE)
-        uids = result_uids("SR", source[0].SeriesInstanceUID, "job", run)
+        uids = sr_uids(source, f"job-{run}")
         sr = build_sr(
             source,
             geometry,
@@ -370,7 +380,7 @@ def test_results_carry_the_configured_institution(source: list[pydicom.Dataset],
     site = dataclasses.replace(NODE, institution_name="General Hospital")
     lungs = SegmentationResult(identity(), lung_nodule_mask(SHAPE))
     seg = build_seg(source, lungs, series_uid="2.25.31", sop_uid="2.25.32", series_number=901, node=site)
-    uids = result_uids("SR", source[0].SeriesInstanceUID, "job", "inst")
+    uids = sr_uids(source, "inst")
     sr = build_sr(
         source,
         geometry,
