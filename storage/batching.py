@@ -45,7 +45,7 @@ _REPLACE_INSTANCE = (
 
 def _in(column: str, values: Sequence[str]) -> tuple[str, dict[str, object]]:
     """``column IN (:p0, :p1, ...)`` and its parameters (named style works for SQLAlchemy and sqlite3)."""
-    params = {f"p{i}": v for i, v in enumerate(dict.fromkeys(values))}
+    params: dict[str, object] = {f"p{i}": v for i, v in enumerate(dict.fromkeys(values))}
     return f"{column} IN ({', '.join(':' + k for k in params)})", params
 
 
@@ -121,7 +121,7 @@ def _kept_executor(kept: Connection) -> Iterator[_Executor]:
     """Statements on a kept Connection: on its driver's own cursor where that takes pyformat parameters
     (psycopg), else through SQLAlchemy Core. Transactions stay the Connection's."""
     dbapi = kept.dialect.dbapi
-    if getattr(dbapi, "paramstyle", "") != "pyformat":
+    if dbapi is None or getattr(dbapi, "paramstyle", "") != "pyformat":
         yield _CoreExecutor(kept)
         return
     try:
@@ -229,8 +229,8 @@ def existing_paths(engine: Engine, sop_instance_uids: Sequence[str], *, raw: Any
         if raw is not None:  # a kept connection in autocommit mode: the SELECT is all that crosses the wire
             with _kept_executor(raw) as db:
                 return dict(db.rows(sql, params))
-        with engine.connect() as conn:
-            return {sop: path for sop, path in conn.execute(text(sql), params)}
+        with engine.connect() as core:
+            return {sop: path for sop, path in core.execute(text(sql), params)}
     # ``raw``: a kept connection, else one borrowed from the pool for this call. The pool's connections carry
     # the engine's pragmas and run in autocommit mode: the SELECT is its own read transaction.
     conn = raw if raw is not None else engine.raw_connection()

@@ -8,10 +8,13 @@ both read a job as free and then race to claim it.
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -30,7 +33,7 @@ def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
     level = synchronous.upper()
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new file: purged rows' pages go back
@@ -41,10 +44,18 @@ def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched. ``Session.execute`` is typed to return a plain ``Result``, though for
+    these statements it returns a ``CursorResult``, the class that carries the count."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"no row count: {type(result).__name__} is not the result of an UPDATE or DELETE")
+    return result.rowcount
 
 
 def sqlite_pragmas(engine: Engine) -> dict[str, str]:

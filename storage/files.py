@@ -73,7 +73,7 @@ def _libc(name: str, argtypes: tuple[type, ...]) -> Callable[..., int] | None:
         return None
     fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _sync_file_range = _libc("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))

@@ -14,12 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, exists, func, select, update
+from sqlalchemy import Engine, Select, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from storage.batching import reopens
+from storage.db import rowcount
 from storage.records import (
     DeliveryRecord,
     InstanceRecord,
@@ -146,6 +148,9 @@ def _new_job_row(study_uid: str, generation: int, job: NewJob, now: float) -> Jo
     )
 
 
+_Select = TypeVar("_Select", bound="Select[*tuple[Any, ...]]")  # keeps its row type through FOR UPDATE
+
+
 class JobStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -160,7 +165,7 @@ class JobStore:
         with self._sessions() as s, s.begin():
             yield s
 
-    def _locked(self, stmt):  # type: ignore[no-untyped-def]
+    def _locked(self, stmt: _Select) -> _Select:
         return stmt if self._sqlite else stmt.with_for_update(skip_locked=True)
 
     # ---- instances and studies -------------------------------------------------------------------------
@@ -346,7 +351,7 @@ class JobStore:
                 .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.state == "running")
                 .values(lease_expires_at=now + lease_seconds, updated_at=now)
             )
-            return res.rowcount == 1
+            return rowcount(res) == 1
 
     def _owned(self, s: Session, job_id: int, owner: str) -> JobRow | None:
         row = s.get(JobRow, job_id, with_for_update=True)  # a worker whose lease ran out races the new holder
@@ -649,7 +654,7 @@ class JobStore:
                 .where(DeliveryRow.state == "sending", DeliveryRow.lease_owner == owner)
                 .values(state="pending", lease_owner="", lease_expires_at=0.0)
             )
-            return res.rowcount
+            return rowcount(res)
 
     def deliveries_of_job(self, job_id: int) -> list[DeliveryRecord]:
         with self._tx() as s:
@@ -664,8 +669,8 @@ class JobStore:
                     not_before=r.not_before,
                     last_status=r.last_status,
                     error=r.error,
-                    result=_result(s.get(ResultRow, r.result_id)),
-                )  # type: ignore[arg-type]
+                    result=_result(s.get_one(ResultRow, r.result_id)),
+                )
                 for r in rows
             ]
 
@@ -710,8 +715,8 @@ class JobStore:
                 ).all()
                 if dead(r.lease_owner)
             ]
-            for r in dels:
-                r.state, r.lease_owner, r.lease_expires_at, r.updated_at = "pending", "", 0.0, now
+            for d in dels:
+                d.state, d.lease_owner, d.lease_expires_at, d.updated_at = "pending", "", 0.0, now
             return len(jobs), len(dels)
 
     # ---- overview --------------------------------------------------------------------------------------

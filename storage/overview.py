@@ -8,8 +8,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Engine, delete, func, or_, select, text
+from sqlalchemy import Engine, Select, delete, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.jobstore import _study
@@ -122,7 +123,7 @@ class Overview:
         hour = now - 3600
         with self._tx() as s:
 
-            def n(stmt) -> int:  # type: ignore[no-untyped-def]
+            def n(stmt: Select[Any]) -> int:
                 return int(s.scalar(stmt) or 0)
 
             jobs = select(func.count()).select_from(JobRow)

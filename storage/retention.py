@@ -20,15 +20,20 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, Select, delete, func, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
+from storage.db import rowcount
 from storage.files import TMP_PREFIX, FileStore
 from storage.schema import DeliveryRow, InstanceRow, JobRow, PurgeFileRow, ResultRow, StudyPurgeRow, StudyRow
 
 ACTIVE_JOB_STATES = ("queued", "running")
 ACTIVE_DELIVERY_STATES = ("pending", "sending")
+
+
+_Select = TypeVar("_Select", bound="Select[*tuple[Any, ...]]")  # keeps its row type through .where()
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class RetentionStore:
     def usage(self, study_uid: str | None = None) -> list[StudyUsage]:
         """Every study (or one), with its files and the state of its work."""
 
-        def only(stmt, col):  # type: ignore[no-untyped-def]
+        def only(stmt: _Select, col: InstrumentedAttribute[str]) -> _Select:
             return stmt if study_uid is None else stmt.where(col == study_uid)
 
         with self._tx() as s:
@@ -277,9 +282,9 @@ class RetentionStore:
             ):
                 return PurgeOutcome(study_uid, "history", 0, 0, skipped="files still stored")
             job_ids = select(JobRow.id).where(JobRow.study_uid == study_uid).scalar_subquery()
-            n = s.execute(delete(DeliveryRow).where(DeliveryRow.job_id.in_(job_ids))).rowcount
-            n += s.execute(delete(ResultRow).where(ResultRow.job_id.in_(job_ids))).rowcount
-            n += s.execute(delete(JobRow).where(JobRow.study_uid == study_uid)).rowcount
+            n = rowcount(s.execute(delete(DeliveryRow).where(DeliveryRow.job_id.in_(job_ids))))
+            n += rowcount(s.execute(delete(ResultRow).where(ResultRow.job_id.in_(job_ids))))
+            n += rowcount(s.execute(delete(JobRow).where(JobRow.study_uid == study_uid)))
             s.execute(delete(StudyPurgeRow).where(StudyPurgeRow.study_uid == study_uid))
             s.execute(delete(StudyRow).where(StudyRow.study_uid == study_uid))
         self._rmdirs([f"incoming/{study_uid}", f"results/{study_uid}"])
