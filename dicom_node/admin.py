@@ -116,11 +116,11 @@ def job_action_message(action: str, job: JobRecord) -> str:
 def echo_destination(cfg: Config, name: str, *, actor: str) -> EchoResult:
     """C-ECHO a configured destination (KeyError: no such destination), audited."""
     from dicom_node.delivery.scu import echo
-    from dicom_node.delivery.sender import Sender
+    from dicom_node.delivery.sender import destination_peer
 
     if name not in {d.name for d in cfg.destinations}:
         raise KeyError(name)
-    peer = Sender(cfg, None, None, "echo").peer(name)  # type: ignore[arg-type]
+    peer = destination_peer(cfg, name)
     ok, detail = echo(peer)
     audit = AuditLog.from_config(cfg)
     audit.record(

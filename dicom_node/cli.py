@@ -6,13 +6,18 @@ import argparse
 import datetime as dt
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node import admin
 from dicom_node.audit import cli_actor
 from dicom_node.config import Config, ConfigError, load_config
 from dicom_node.logs import configure_logging
+
+if TYPE_CHECKING:
+    from dicom_node.runtime import Runtime
+    from storage.records import JobRecord
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -85,13 +90,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{k}: " + (", ".join(f"{s}={n}" for s, n in sorted(counts[k].items())) or "none"))
     d, r = storage["disk"], cfg.retention
     print(
-        f"disk: {d['used_percent']}% used, {d['free_mb']} MiB free (evicts above {r.high_watermark_percent:g}% "  # type: ignore[index]
+        f"disk: {d['used_percent']}% used, {d['free_mb']} MiB free (evicts above {r.high_watermark_percent:g}% "
         f"or below {cfg.node.min_free_mb} MiB free, down to {r.low_watermark_percent:g}%)"
     )
     e = storage["eligible"]
     print(
-        f"eligible for purge now: {e['studies']} studies, {e['received_mb']} MiB received, "  # type: ignore[index]
-        f"{e['result_files']} result files, {e['history']} histories"  # type: ignore[index]
+        f"eligible for purge now: {e['studies']} studies, {e['received_mb']} MiB received, "
+        f"{e['result_files']} result files, {e['history']} histories"
         + ("" if r.enabled else " (retention.enabled = false: only `dicom-node purge` deletes)")
     )
     _print_jobs(rt, jobs)
@@ -148,13 +153,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_jobs(rt: object, jobs: Sequence[object]) -> None:
+def _print_jobs(rt: Runtime, jobs: Sequence[JobRecord]) -> None:
     if not jobs:
         print("no jobs")
         return
     print(f"{'job':>5}  {'state':<9} {'att':>3}  {'updated':<19}  {'route':<12} {'deliveries':<16} study / error")
     for j in jobs:
-        dels = rt.jobs.deliveries_of_job(j.id)  # type: ignore[attr-defined]
+        dels = rt.jobs.deliveries_of_job(j.id)
         done = sum(d.state == "done" for d in dels)
         failed = sum(d.state == "failed" for d in dels)
         refused = sum(d.state == "refused" for d in dels)  # rejection notes a destination would not take
@@ -259,8 +264,7 @@ def cmd_make_phantom(args: argparse.Namespace) -> int:
     from ai_models.phantom import generate_phantom
     from dicom_node.synth import StudyIds, localizer_datasets, phantom_datasets, write_datasets
 
-    shape = tuple(int(v) for v in args.shape.split("x")) if args.shape else None
-    ph = generate_phantom(args.seed, shape=shape, n_nodules=args.nodules)  # type: ignore[arg-type]
+    ph = generate_phantom(args.seed, shape=args.shape, n_nodules=args.nodules)
     ids = StudyIds.new(args.seed)
     ts = getattr(pduid, args.transfer_syntax)
     out = Path(args.out)
@@ -274,12 +278,21 @@ def cmd_make_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zyx(text: str) -> tuple[int, int, int]:
+    """A volume shape given as ZxYxX."""
+    try:
+        z, y, x = (int(v) for v in text.split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected ZxYxX (three whole numbers, e.g. 120x256x256): {text!r}") from exc
+    return z, y, x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node: receive, infer, send SEG and SR")
     p.add_argument("--config", default="config.toml", help="path to config.toml (default: ./config.toml)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", default=argparse.SUPPRESS, help="path to config.toml")
         sp.set_defaults(fn=fn)
@@ -317,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out")
     sp.add_argument("--seed", type=int, default=1)
     sp.add_argument("--nodules", type=int, default=None)
-    sp.add_argument("--shape", default="", help="ZxYxX, e.g. 120x256x256")
+    sp.add_argument("--shape", type=_zyx, default=None, help="ZxYxX, e.g. 120x256x256")
     sp.add_argument(
         "--transfer-syntax",
         default="ExplicitVRLittleEndian",

@@ -461,12 +461,12 @@ def _validate_routes(cfg: Config) -> None:
     model_names = {m.name for m in cfg.models}
     dest_names = {d.name for d in cfg.destinations}
     for i, r in enumerate(cfg.routes):
-        for j, m in enumerate(r.models):
-            if m not in model_names:
-                raise ConfigError(f"routes[{i}].models[{j}]: unknown model {m!r}")
-        for j, d in enumerate(r.send_to):
-            if d not in dest_names:
-                raise ConfigError(f"routes[{i}].send_to[{j}]: unknown destination {d!r}")
+        for j, model in enumerate(r.models):
+            if model not in model_names:
+                raise ConfigError(f"routes[{i}].models[{j}]: unknown model {model!r}")
+        for j, dest in enumerate(r.send_to):
+            if dest not in dest_names:
+                raise ConfigError(f"routes[{i}].send_to[{j}]: unknown destination {dest!r}")
         if r.series not in {"largest_axial"}:
             raise ConfigError(f"routes[{i}].series: expected 'largest_axial', got {r.series!r}")
         for kw, pattern in r.match.items():

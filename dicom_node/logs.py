@@ -16,8 +16,9 @@ from typing import Any
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
 
-def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event; ``fields`` become key=value pairs (None values dropped)."""
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, /, **fields: Any) -> None:
+    """Log one event; ``fields`` become key=value pairs (None values dropped). Positional-only parameters, so
+    a field may be named ``level`` or ``event`` and a dict of fields never binds to them."""
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
 

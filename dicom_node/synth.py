@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from ai_models.phantom import Phantom
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = pduid.CTImageStorage
 _PREFIX = "1.2.826.0.1.3680043.10.1234."  # generated test data only
 
 
@@ -73,13 +73,13 @@ def _finish(ds: Dataset, sop_uid: str, transfer_syntax: str) -> Dataset:
     ds.SOPInstanceUID = sop_uid
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = pduid.UID(sop_uid)
     meta.TransferSyntaxUID = pduid.ExplicitVRLittleEndian
     meta.ImplementationClassUID = pduid.PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     if transfer_syntax != pduid.ExplicitVRLittleEndian:
         if transfer_syntax in (pduid.ImplicitVRLittleEndian, pduid.DeflatedExplicitVRLittleEndian):
-            meta.TransferSyntaxUID = transfer_syntax
+            meta.TransferSyntaxUID = pduid.UID(transfer_syntax)
         else:
             ds.compress(transfer_syntax)
     return ds

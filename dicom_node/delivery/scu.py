@@ -21,7 +21,7 @@ from pydicom import uid as pduid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import, not declared
 
 log = logging.getLogger("dicom_node.scu")
 

@@ -30,6 +30,21 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempt - 1)))
 
 
+def destination_peer(cfg: Config, destination: str) -> Peer:
+    """A configured destination (by name) with the sender's timeouts."""
+    d = cfg.destination(destination)
+    s = cfg.sender
+    return Peer(
+        ae_title=d.ae_title,
+        host=d.host,
+        port=d.port,
+        calling_ae_title=d.calling_ae_title or cfg.node.ae_title,
+        acse_timeout=s.acse_timeout,
+        dimse_timeout=s.dimse_timeout,
+        network_timeout=s.network_timeout,
+    )
+
+
 class Sender:
     def __init__(
         self, cfg: Config, files: FileStore, jobs: JobStore, owner: str, audit: AuditLog | None = None
@@ -40,19 +55,6 @@ class Sender:
         self.jobs = jobs
         self.owner = owner
 
-    def peer(self, destination: str) -> Peer:
-        d = self.cfg.destination(destination)
-        s = self.cfg.sender
-        return Peer(
-            ae_title=d.ae_title,
-            host=d.host,
-            port=d.port,
-            calling_ae_title=d.calling_ae_title or self.cfg.node.ae_title,
-            acse_timeout=s.acse_timeout,
-            dimse_timeout=s.dimse_timeout,
-            network_timeout=s.network_timeout,
-        )
-
     def run_once(self) -> bool:
         """Send one batch (one destination, one association); False when nothing was due."""
         s = self.cfg.sender
@@ -62,7 +64,7 @@ class Sender:
             return False
         dest = batch[0].destination
         try:
-            peer = self.peer(dest)
+            peer = destination_peer(self.cfg, dest)
         except StopIteration:
             for d in batch:
                 self._record(d, Outcome.PERMANENT, "", f"destination {dest!r} is no longer configured")

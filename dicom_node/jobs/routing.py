@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from dicom_node.config import Route
 
@@ -39,8 +40,8 @@ class SeriesInfo:
 def _value_str(value: object) -> list[str]:
     if value is None:
         return [""]
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return ["\\".join(str(v) for v in value)] + [str(v) for v in value]  # type: ignore[union-attr]
+    if isinstance(value, list | tuple | MultiValue):
+        return ["\\".join(str(v) for v in value)] + [str(v) for v in value]
     return [str(value)]
 
 

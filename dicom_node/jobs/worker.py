@@ -289,9 +289,9 @@ class Worker:
         for name in job.models:
             if lost.is_set():
                 raise LeaseLostError("lease lost before inference")
-            model = t.measure("model_load", lambda name=name: self.models.get(name))
+            model = t.measure("model_load", functools.partial(self.models.get, name))
             started = time.perf_counter()
-            model_results.append(t.measure("inference", lambda m=model: self._infer(m, volume, t)))
+            model_results.append(t.measure("inference", functools.partial(self._infer, model, volume, t)))
             metrics.INFERENCE_SECONDS.labels(name).observe(time.perf_counter() - started)
         if lost.is_set():
             raise LeaseLostError("lease lost after inference")
@@ -385,7 +385,7 @@ class Worker:
                 log_event(log, "segmentation_empty", study_uid=job.study_uid, job_id=job.id, model=ident.name)
                 reported.append((r, None))
                 continue
-            out.append(t.measure("write", lambda ds=ds, ident=ident: self._write(ds, "seg", ident.name)))
+            out.append(t.measure("write", functools.partial(self._write, ds, "seg", ident.name)))
             reported.append((r, ds))
         identities = [r.identity for r in model_results]
         report = sr_name(

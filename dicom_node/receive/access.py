@@ -239,7 +239,8 @@ def _addr(peer: Any) -> str:
 def _subject(sock: ssl.SSLSocket) -> str | None:
     cert = sock.getpeercert()
     for rdn in (cert or {}).get("subject", ()):
-        for k, v in rdn:
+        # typeshed gives every key of the certificate dict one value type; a subject's RDNs hold (name, value)
+        for k, v in rdn:  # type: ignore[str-unpack]
             if k == "commonName":
                 return str(v)
     return None

@@ -186,9 +186,6 @@ class IncomingInstance:
             if len(self.head) < SNIFF_BYTES:
                 self.head += data[: SNIFF_BYTES - len(self.head)]
             self._write_all(data)
-            if self.file_size - self.written_back >= WRITEBACK_BYTES:
-                start_writeback(self.fd, self.written_back, self.file_size - self.written_back)
-                self.written_back = self.file_size
         except RejectedInstance as exc:
             self._fail(exc)
         except StorageFullError as exc:
@@ -197,16 +194,21 @@ class IncomingInstance:
             self._fail(RejectedInstance(OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"))
 
     def _write_all(self, view: memoryview) -> None:
-        assert self.fd is not None
+        """Append to the temp file; every WRITEBACK_BYTES, start writing what has arrived to disk."""
+        fd = self.fd
+        assert fd is not None
         while view:
             try:
-                n = os.write(self.fd, view)
+                n = os.write(fd, view)
             except OSError as exc:
                 if exc.errno == 28:
                     raise StorageFullError(28, "no space left on device") from exc
                 raise
             view = view[n:]
             self.file_size += n
+        if self.file_size - self.written_back >= WRITEBACK_BYTES:
+            start_writeback(fd, self.written_back, self.file_size - self.written_back)
+            self.written_back = self.file_size
 
     def _fail(self, exc: RejectedInstance) -> None:
         self.error = exc

@@ -15,7 +15,7 @@ from pydicom import uid as pduid
 from pydicom.pixels import get_decoder
 from pynetdicom import AE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import, not declared
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
@@ -75,7 +75,8 @@ def build_ae(cfg: Config) -> AE:
     syntaxes = decodable_transfer_syntaxes()
     ae.add_supported_context(Verification, syntaxes[:2])
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        if cx.abstract_syntax is not None:  # set in every one of pynetdicom's contexts; typed Optional
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
     return ae
 
 

@@ -109,7 +109,7 @@ class ListenerPool:
                 ready += len(os.read(ready_r, self.n))
         return ready
 
-    def _spawn(self, slot: int) -> None:
+    def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
         assert self.sock is not None and self.counts is not None
         cmd = [
             sys.executable,
@@ -139,6 +139,7 @@ class ListenerPool:
             pass  # it died at once; the monitor sees the exit and logs it
         self.procs[slot] = proc
         self._started_at[slot] = time.monotonic()
+        return proc
 
     def _watch(self) -> None:
         """Notice exits and restart each slot when its own pause is over: one child waiting out a long pause
@@ -167,8 +168,8 @@ class ListenerPool:
             for slot, when in sorted(due.items()):
                 if when <= time.monotonic() and not self._stop.is_set():
                     del due[slot]
-                    self._spawn(slot)
-                    log_event(log, "listener_process_restarted", slot=slot, pid=self.procs[slot].pid)  # type: ignore[union-attr]
+                    proc = self._spawn(slot)
+                    log_event(log, "listener_process_restarted", slot=slot, pid=proc.pid)
 
     def shutdown(self) -> None:
         """SIGTERM every child (each aborts its open associations), wait, then SIGKILL stragglers."""

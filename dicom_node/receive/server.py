@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import socket
@@ -25,7 +26,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from pynetdicom import AE
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
@@ -319,11 +319,13 @@ def pynetdicom_accept(rq: A_ASSOCIATE, ae: AE, max_pdu: int) -> tuple[bytes, dic
     roles = {
         item.sop_class_uid: (item.scu_role, item.scp_role)
         for item in rq.user_information
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
     }
     result, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, ae.supported_contexts, roles)
     contexts = {
-        int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in result if cx.result == 0x00
+        cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in result
+        if cx.result == 0x00 and cx.context_id is not None  # a context's ID is unset only before negotiation
     }
     ac = A_ASSOCIATE()
     ac.application_context_name = APPLICATION_CONTEXT_NAME
@@ -395,6 +397,8 @@ class _Association:
         self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn.settimeout(self.server.limits.acse_timeout)
         stream = self.conn.makefile("rb", buffering=1 << 16)
+        if not isinstance(stream, io.BufferedReader):  # typeshed says IOBase for a buffer size other than -1 or 1
+            raise TypeError(f"socket.makefile('rb') gave a {type(stream).__name__}, not a BufferedReader")
         try:
             pdu_type, length = ul.read_pdu_header(stream)
             if pdu_type != ul.A_ASSOCIATE_RQ or length > MAX_REQUEST_BYTES or length < 68:
@@ -563,7 +567,7 @@ class _Association:
 
     # ---- messages --------------------------------------------------------------------------------------
 
-    def _receive(self, stream: BinaryIO) -> None:
+    def _receive(self, stream: ul.Reader) -> None:
         command = bytearray()
         cmd: dict[int, bytes] | None = None
         cmd_ctx = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple, Protocol
 
 # PDU types
 A_ASSOCIATE_RQ = 0x01
@@ -41,18 +41,24 @@ class PeerClosed(ProtocolError):
     """The connection ended (closed, reset or timed out) before a whole PDU arrived."""
 
 
-def read_exact(stream: BinaryIO, view: memoryview) -> None:
+class Reader(Protocol):
+    """A stream PDUs are read from: the connection's buffered file (``socket.makefile("rb")``) or a BytesIO."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def read_exact(stream: Reader, view: memoryview) -> None:
     """Fill ``view`` from ``stream`` or raise PeerClosed."""
     got = 0
     size = len(view)
     while got < size:
-        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        n = stream.readinto(view[got:])
         if not n:
             raise PeerClosed("connection closed mid-PDU")
         got += n
 
 
-def read_pdu_header(stream: BinaryIO) -> tuple[int, int]:
+def read_pdu_header(stream: Reader) -> tuple[int, int]:
     """(pdu type, length) of the next PDU."""
     head = bytearray(6)
     read_exact(stream, memoryview(head))

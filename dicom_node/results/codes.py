@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 PRIVATE_SCHEME = "99DCMNODE"
 
@@ -110,7 +111,7 @@ class SegmentCoding:
         return f"{self.type.meaning}, {self.modifier.meaning}"
 
 
-def _anat(code: object, modifier: hd.sr.CodedConcept | None = None) -> SegmentCoding:
+def _anat(code: Code | hd.sr.CodedConcept, modifier: hd.sr.CodedConcept | None = None) -> SegmentCoding:
     concept = code if isinstance(code, hd.sr.CodedConcept) else hd.sr.CodedConcept.from_code(code)
     return SegmentCoding(ANATOMICAL_STRUCTURE, concept, modifier)
 
@@ -173,7 +174,7 @@ _TABLE: dict[str, SegmentCoding] = {
 }
 
 # Structures that come in pairs: "<name> left", "left <name>" (any word order) get the laterality modifier.
-_PAIRED: dict[str, object] = {
+_PAIRED: dict[str, Code] = {
     "kidney": codes.SCT.Kidney,
     "adrenal gland": codes.SCT.AdrenalGland,
     "lung": codes.SCT.Lung,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Required, TypedDict
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
@@ -57,9 +58,19 @@ def sr_algorithm_identification(
     )
 
 
-def equipment_kwargs(node: NodeIdentity) -> dict[str, str]:
+class EquipmentKeywords(TypedDict, total=False):
+    """General Equipment module attributes, as highdicom's constructors name them."""
+
+    manufacturer: Required[str]
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+    institution_name: str
+
+
+def equipment_kwargs(node: NodeIdentity) -> EquipmentKeywords:
     """General Equipment module attributes as highdicom constructor keywords."""
-    kwargs = {
+    kwargs: EquipmentKeywords = {
         "manufacturer": node.manufacturer[:_LO_MAX],
         "manufacturer_model_name": node.model_name[:_LO_MAX],
         "software_versions": node.software_version[:_LO_MAX],

@@ -73,7 +73,6 @@ def build_rejection_note(
         referenced_objects=evidence,
         description=reason[:1024],
     )
-    kwargs = equipment_kwargs(node)
     return hd.ko.KeyObjectSelectionDocument(
         evidence=evidence,
         content=content,
@@ -81,8 +80,6 @@ def build_rejection_note(
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
-        manufacturer=kwargs.pop("manufacturer"),
-        institution_name=kwargs.pop("institution_name", None),
         series_description="AI results rejected (superseded)",
-        **kwargs,
+        **equipment_kwargs(node),
     )

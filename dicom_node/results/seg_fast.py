@@ -149,7 +149,7 @@ def _plane_geometry(source: Sequence[pydicom.Dataset]) -> tuple[list[str], np.nd
             return None
         formatted = [DS(v, auto_format=True) for v in position]
         strings.append("\\".join(str(v) for v in formatted))
-        values.append([float(v) for v in formatted])
+        values.append([float(v) for v in position])  # formatting changes the text, not the value
     return strings, np.asarray(values, dtype=np.float64), [float(v) for v in first.ImageOrientationPatient]
 
 
@@ -206,7 +206,7 @@ def _frame_plan(
     unique, sort_index = np.unique(positions @ normal, return_index=True)
     if len(unique) != len(positions):
         return None
-    included = present.any(axis=1)
+    included = np.any(present, axis=1)
     sorted_planes = [int(z) for z in sort_index if included[z]]
     frames = [
         (seg_index, pos_index, z)
@@ -237,14 +237,19 @@ def _set_spacing(
     measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     iop = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient]
     if "SpacingBetweenSlices" not in first:  # highdicom: from all source positions, before omission
-        spacing, _ = hd.spatial.get_volume_positions(image_positions=positions, image_orientation=iop)
+        spacing, _ = hd.spatial.get_volume_positions(
+            image_positions=positions,  # type: ignore[arg-type]  # highdicom takes any array-like; typed Sequence
+            image_orientation=iop,
+        )
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
         elif "SpacingBetweenSlices" in measures:  # the one-plane template's guess
             del measures.SpacingBetweenSlices
     if n_segments == 1 and np.count_nonzero(included) > 1:  # highdicom: "3D" for one segment on a regular grid
         spacing, _ = hd.spatial.get_volume_positions(
-            image_positions=positions[np.flatnonzero(included)], image_orientation=iop, sort=False
+            image_positions=positions[np.flatnonzero(included)],  # type: ignore[arg-type]  # array-like, as above
+            image_orientation=iop,
+            sort=False,
         )
         if spacing is not None and spacing > 0.0:
             ds.DimensionOrganizationType = "3D"
@@ -286,7 +291,7 @@ def _per_frame_groups(
     """Value of the Per-frame Functional Groups Sequence, items in tag order as DICOM requires."""
     purpose, derivation_code = _code_items()
     derivation_tail = _sequence(0x00089215, [derivation_code])
-    planes: dict[int, bytes] = {}  # derivation image + plane position, shared by a plane's frames
+    planes: dict[int, tuple[bytes, bytes]] = {}  # derivation image + plane position, shared by a plane's frames
     segment_ids = [
         _sequence(0x0062000A, [_element(0x0062000B, b"US", struct.pack("<H", s + 1))]) if len(labels) > 1 else b""
         for s in range(len(labels))

@@ -450,10 +450,10 @@ def _report_findings(
         found.groups += _detection_groups(
             result, volume_geometry, source_series_uid, frame_uid, sop_uid, node, sop_classes
         )
-    for result in classifications:
-        found.identities.append(result.identity)
-        found.labels.append(result.label)
-        found.groups.append(_classification_group(result, source_series_uid, node))
+    for classification in classifications:
+        found.identities.append(classification.identity)
+        found.labels.append(classification.label)
+        found.groups.append(_classification_group(classification, source_series_uid, node))
     return found
 
 

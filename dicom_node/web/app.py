@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -124,12 +126,12 @@ def metrics_endpoint(ctx: WebContext) -> Callable[[Request], Response]:
     collector = NodeCollector(ctx.rt.jobs, ctx.overview, ctx.rt.files.root, ctx.node_state)
     both = CollectorRegistry()
 
-    class _Both:
-        def collect(self):  # type: ignore[no-untyped-def]
+    class _Both(Collector):
+        def collect(self) -> Iterator[Metric]:
             yield from registry.collect()
             yield from collector.collect()
 
-    both.register(_Both())  # type: ignore[arg-type]
+    both.register(_Both())
 
     def handler(_request: Request) -> Response:
         return Response(generate_latest(both), media_type=CONTENT_TYPE_LATEST)

@@ -49,14 +49,14 @@ class NodeCollector(Collector):
         usage = shutil.disk_usage(self.data_root)
         yield GaugeMetricFamily("dicom_node_disk_free_bytes", "Free space on the data volume", value=usage.free)
         yield GaugeMetricFamily("dicom_node_disk_total_bytes", "Size of the data volume", value=usage.total)
-        state = self.node_state()
+        node = self.node_state()
         yield GaugeMetricFamily(
             "dicom_node_associations_open",
             "DICOM associations open now, node-wide",
-            value=state.get("associations_open", 0),
+            value=node.get("associations_open", 0),
         )
         yield GaugeMetricFamily(
-            "dicom_node_listener_processes_alive", "Listener processes running", value=state.get("listeners_alive", 0)
+            "dicom_node_listener_processes_alive", "Listener processes running", value=node.get("listeners_alive", 0)
         )
         yield from _gpu_memory()
 

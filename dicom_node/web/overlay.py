@@ -8,6 +8,7 @@ fixed colour from PALETTE: a translucent fill and an opaque outline in exactly t
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def sr_findings(path: Path) -> list[Finding]:
     return rows
 
 
-def _walk(seq: pydicom.Sequence):  # type: ignore[no-untyped-def]
+def _walk(seq: Iterable[pydicom.Dataset]) -> Iterator[pydicom.Dataset]:
     for item in seq:
         yield item
         yield from _walk(item.get("ContentSequence", []))

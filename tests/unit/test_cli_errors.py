@@ -120,3 +120,13 @@ def test_with_a_database_url_admin_commands_need_no_local_data_dir(
     rc, out, err = _run(capsys, "--config", str(admin_side), "status")
     assert rc == 0 and "instances: 0" in out, err
     assert not (tmp_path / "b" / "nowhere").exists()  # and nothing was made on this host
+
+
+def test_make_phantom_names_a_malformed_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shape that is not ZxYxX is a usage error naming the option, not a traceback from inside the phantom."""
+    for shape in ("120x256", "120x256xA"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["make-phantom", str(tmp_path / "out"), "--shape", shape])
+        assert exit_info.value.code == 2
+        assert "--shape: expected ZxYxX" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
