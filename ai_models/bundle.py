@@ -207,7 +207,7 @@ def preprocess(volume: Volume, image_key: str, preprocessing: Any, fast: FastPre
         data = fast(source)
         if data is not None:
             return data
-    return preprocessing(source)  # type: ignore[no-any-return]
+    return preprocessing(source)
 
 
 def _target_name(item: Any) -> str:
@@ -436,9 +436,8 @@ class SegmentationRunner:
                     mask = self._labels_to_mask(invert_argmax_axis_aligned(scores, plan), scores.shape[0])
                 else:
                     data = self.postprocessing(data)
-                    if self.fallback_invert is not None:
-                        data = self.fallback_invert(data)
-                    mask = self._to_mask(data["pred"], volume)
+                    inverted = data if self.fallback_invert is None else self.fallback_invert(data)
+                    mask = self._to_mask(inverted["pred"], volume)
         t3 = time.perf_counter()
         forward = self.clock.seconds
         self.timings = {
@@ -601,7 +600,7 @@ def _make_parser(bundle_dir: Path, metadata: dict[str, Any], device: str) -> Any
     _drop_removed_args(parser)
     parser["bundle_root"] = str(bundle_dir)
     parser["device"] = f"$torch.device('{device}')"
-    if isinstance(parser.config.get("inferer"), dict) and "device" in parser["inferer"]:
+    if isinstance(parser.get("inferer"), dict) and "device" in parser["inferer"]:
         parser["inferer#device"] = "@device"  # the zoo hard-codes cuda:0 for stitching in some configs
     _drop_transforms(parser, "preprocessing", _LOAD_TARGETS)
     _drop_transforms(parser, "postprocessing", _SAVE_TARGETS)

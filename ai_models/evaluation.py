@@ -180,7 +180,7 @@ def classical_lung_mask(volume: Volume) -> np.ndarray:
     if count == 0:
         return opened
     sizes = np.bincount(labels.ravel())[1:]
-    keep = np.argsort(-sizes)[:2] + 1
-    keep = [k for k in keep if sizes[k - 1] >= 0.1 * sizes.max()]
+    largest = np.argsort(-sizes)[:2] + 1
+    keep = [k for k in largest if sizes[k - 1] >= 0.1 * sizes.max()]
     lungs = np.isin(labels, keep)
     return ndimage.binary_fill_holes(lungs) & inside | lungs

@@ -92,7 +92,7 @@ def _scale_in_place(image: torch.Tensor, scaler: Any) -> None:
 
 
 def _scaler_supported(transform: Any, key: str) -> bool:
-    scaler = getattr(transform, "scaler", None)
+    scaler: Any = getattr(transform, "scaler", None)
     return (
         _name(transform) == "ScaleIntensityRanged"
         and _keys_are(transform, key)

@@ -135,7 +135,10 @@ class LungUNet2D(nn.Module):
             from torch.nn.utils.fusion import fuse_conv_bn_eval
 
             # a fresh module with these weights (a deep copy would also copy hooks others put on this one)
-            fused = LungUNet2D(self.conv1[0].in_channels, self.final.out_channels, self.slices_per_batch)
+            first = self.conv1[0]  # nn.Sequential types its items as Module
+            if not isinstance(first, nn.Conv2d):
+                raise TypeError(f"conv1 starts with a {type(first).__name__}, not a Conv2d")
+            fused = LungUNet2D(first.in_channels, self.final.out_channels, self.slices_per_batch)
             fused.load_state_dict(self.state_dict())
             fused = fused.to(self.final.weight.device).eval()
             for name in ("conv1", "conv2", "conv3", "middle", "upconv3", "upconv2", "upconv1"):
@@ -147,7 +150,7 @@ class LungUNet2D(nn.Module):
                         fuse_conv_bn_eval(block[0], block[1]), block[2], fuse_conv_bn_eval(block[3], block[4]), block[5]
                     ),
                 )
-            fused = fused.to(memory_format=torch.channels_last)
+            fused = fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
             if not self.training:
                 self.__dict__["_fused"] = fused  # not a submodule: no state_dict entry, no .to() of its own
         return fused
@@ -231,9 +234,9 @@ def lung_sides(mask: np.ndarray) -> np.ndarray:
         else:
             cut, split = junction, main
             part = labels == main
-            right = np.arange(mask.shape[0])[:, None, None] < cut
-            out[part & right] = RIGHT_LUNG
-            out[part & ~right] = LEFT_LUNG
+            right_side = np.arange(mask.shape[0])[:, None, None] < cut
+            out[part & right_side] = RIGHT_LUNG
+            out[part & ~right_side] = LEFT_LUNG
     lut = np.zeros(count + 1, dtype=np.uint8)  # part -> side, then one pass over the volume
     for p in keep:
         if p != split:

@@ -203,7 +203,7 @@ class NoduleMapModel:
         self.image_key = str(ctx.parsed("image_key", "image"))
         self.network = ctx.load_network()
         if ctx.device.type == "cpu":
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
+            self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs omit it
         self.preprocessing = ctx.required("preprocessing")
         self.fast_pre = FastPreprocessing.of(self.preprocessing, self.image_key)
         self.settings = MapSettings.of(ctx.parsed("map"))

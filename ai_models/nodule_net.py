@@ -44,7 +44,7 @@ DIVISOR = 4  # H and W must be multiples of this (two poolings of 2)
 
 
 def _conv(cin: int, cout: int, kernel: tuple[int, int, int]) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, kernel, padding=tuple(k // 2 for k in kernel))
+    return nn.Conv3d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2, kernel[2] // 2))
 
 
 class DSB2017NoduleNet(nn.Module):

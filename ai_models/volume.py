@@ -60,7 +60,7 @@ _SHARED_TAGS = (
     0x00200037,  # ImageOrientationPatient
     0x0020000E,  # SeriesInstanceUID
 )
-_NATIVE = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # syntax -> explicit VR
+_NATIVE: dict[str, bool] = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # syntax -> explicit VR
 
 
 def raw_values(ds: Dataset, tags: Sequence[int], *, missing_ok: bool = True) -> tuple[object, ...] | None:

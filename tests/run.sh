@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite on a fresh Debian machine (the README's second command; CI runs it).
 # Installs the real peers the tests use (DCMTK, dicom3tools, Orthanc, PostgreSQL), a venv with the CPU build of
-# torch, then runs ruff and pytest. Every service a test needs is started by that test, on 127.0.0.1 only
+# torch, then runs ruff, mypy and pytest. Every service a test needs is started by that test, on 127.0.0.1 only
 # (PostgreSQL on a Unix socket in a temp folder, no TCP port at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +35,5 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test]'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/python -m mypy  # what it checks and how: [tool.mypy] in pyproject.toml
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
