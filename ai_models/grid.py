@@ -48,11 +48,11 @@ class AxisTaps:
     i1: torch.Tensor
     w0: torch.Tensor
     w1: torch.Tensor
+    w0_64: torch.Tensor  # float64 weights, for interpolating scores as MONAI does (in float64)
+    w1_64: torch.Tensor
     identity: bool  # out == in (same size, integer taps): nothing to do
     outside: torch.Tensor | None = None  # bool per output index: every tap fell outside ("zeros" padding)
     zeroed: bool = False  # some tap fell outside and lost its weight: w0 + w1 < 1 there
-    w0_64: torch.Tensor | None = None  # float64 weights, for interpolating scores as MONAI does (in float64)
-    w1_64: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,15 @@ def linear_taps(scale: float, offset: float, n_out: int, n_in: int, padding: str
         return torch.as_tensor(a, dtype=dtype, device=device)
 
     return AxisTaps(
-        tensor(i0, torch.int64),
-        tensor(i1, torch.int64),
-        tensor(w0, torch.float32),
-        tensor(w1, torch.float32),
-        identity,
-        outside,
-        zeroed,
-        tensor(w0, torch.float64),
-        tensor(w1, torch.float64),
+        i0=tensor(i0, torch.int64),
+        i1=tensor(i1, torch.int64),
+        w0=tensor(w0, torch.float32),
+        w1=tensor(w1, torch.float32),
+        w0_64=tensor(w0, torch.float64),
+        w1_64=tensor(w1, torch.float64),
+        identity=identity,
+        outside=outside,
+        zeroed=zeroed,
     )
 
 
@@ -307,7 +307,7 @@ def _positions(flat: torch.Tensor, value: int) -> torch.Tensor:
 
 def _stacked(taps: AxisTaps) -> tuple[torch.Tensor, torch.Tensor]:
     """(2, n) first/second tap indices and their float64 weights."""
-    return torch.stack([taps.i0, taps.i1]), torch.stack([taps.w0_64, taps.w1_64])  # type: ignore[list-item]
+    return torch.stack([taps.i0, taps.i1]), torch.stack([taps.w0_64, taps.w1_64])
 
 
 class _Inverter:

@@ -38,6 +38,7 @@ from ai_models.types import (
     ModelError,
     SegmentationResult,
     Volume,
+    int3,
 )
 
 
@@ -136,8 +137,8 @@ def find_candidates(nodule_map: NoduleMap, settings: CandidateSettings) -> tuple
         mean = total / count
         candidates.append(
             Candidate(
-                box_min=tuple(int(v) for v in lo[members].min(axis=0)),  # type: ignore[arg-type]
-                box_max=tuple(int(v) for v in hi[members].max(axis=0)),  # type: ignore[arg-type]
+                box_min=int3(lo[members].min(axis=0)),
+                box_max=int3(hi[members].max(axis=0)),
                 labels=tuple(int(m) + 1 for m in members),
                 voxels=count,
                 soft_volume_mm3=soft,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ai_models.types import Volume
+from ai_models.types import Volume, float3
 
 LABELS: dict[int, str] = {1: "lung", 2: "nodule"}
 
@@ -251,7 +251,7 @@ def to_volume(
 ) -> Volume:
     """The Volume load_series would return for this phantom written as an axial series (no DICOM
     round trip), so training and tests see exactly what the node sees."""
-    normal = tuple(float(v) for v in np.cross(row_cosines, column_cosines))
+    normal = float3(np.cross(row_cosines, column_cosines))
     nz = phantom.hu.shape[0]
     return Volume(
         array=phantom.hu.astype(np.float32),
@@ -259,7 +259,7 @@ def to_volume(
         origin=origin,
         row_cosines=row_cosines,
         column_cosines=column_cosines,
-        normal=normal,  # type: ignore[arg-type]
+        normal=normal,
         sop_instance_uids=tuple(f"{uid_prefix}.3.{i + 1}" for i in range(nz)),
         series_instance_uid=f"{uid_prefix}.2",
         study_instance_uid=f"{uid_prefix}.1",

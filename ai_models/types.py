@@ -7,12 +7,29 @@ placed back on the source grid and frame of reference without knowing anything a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, SupportsFloat, SupportsInt
 
 import numpy as np
 
 Task = Literal["segmentation", "detection", "classification"]
+
+
+def float3(values: Iterable[SupportsFloat]) -> tuple[float, float, float]:
+    """Three numbers (a position, a direction) as the 3-tuple the records hold; ValueError for any other count."""
+    out = tuple(float(v) for v in values)
+    if len(out) != 3:
+        raise ValueError(f"expected 3 values, got {len(out)}")
+    return out[0], out[1], out[2]
+
+
+def int3(values: Iterable[SupportsInt]) -> tuple[int, int, int]:
+    """Three voxel indices as a 3-tuple; ValueError for any other count."""
+    out = tuple(int(v) for v in values)
+    if len(out) != 3:
+        raise ValueError(f"expected 3 values, got {len(out)}")
+    return out[0], out[1], out[2]
 
 
 class ModelError(Exception):

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ai_models.types import InvalidGeometryError, Volume
+from ai_models.types import InvalidGeometryError, Volume, float3
 
 MAX_MATRIX = 8192  # rows or columns beyond this are not CT
 MAX_SLICES = 20_000
@@ -258,10 +258,10 @@ def read_series(paths: Sequence[str | Path], *, max_voxels: int = 1_500_000_000)
     volume = Volume(
         array=_decode(headers, grid.rows, grid.cols),
         spacing=(step, float(grid.pixel_spacing[0]), float(grid.pixel_spacing[1])),
-        origin=tuple(float(v) for v in headers[0].position),  # type: ignore[arg-type]
-        row_cosines=tuple(float(v) for v in grid.row_cos),  # type: ignore[arg-type]
-        column_cosines=tuple(float(v) for v in grid.col_cos),  # type: ignore[arg-type]
-        normal=tuple(float(v) for v in grid.normal),  # type: ignore[arg-type]
+        origin=float3(headers[0].position),
+        row_cosines=float3(grid.row_cos),
+        column_cosines=float3(grid.col_cos),
+        normal=float3(grid.normal),
         sop_instance_uids=tuple(h.sop_instance_uid for h in headers),
         series_instance_uid=grid.series_uid,
         study_instance_uid=grid.study_uid,
